@@ -1,0 +1,118 @@
+"""Every difference between Megatron-core versions lives here, and nowhere else.
+
+Supported: megatron-core 0.16.1 (the newest wheel for Python 3.11, tested in CI) through 0.20
+(NGC PyTorch images, Python 3.12). Differences are feature-detected with ``hasattr``/imports rather
+than version-string comparisons, so a backport or a dev build does the right thing.
+
+What differs, and where we handle it:
+    optional GPU dependencies      HAVE_TE / HAVE_APEX (a half-installed TE raises RuntimeError)
+    MoE layer spec shape           ModuleSpec (0.16/0.17) vs functools.partial (0.18+):
+                                   moe_submodules(), replace_moe_submodules()
+    per-layer metric tracker       save_to_aux_losses_tracker (0.16/0.17) vs MoEMetricsTracker
+                                   (0.18+): record_router_metric()
+    default process groups         get_default_pg_collection() (moved between modules)
+    pretrain() signature           pretrain_kwargs() (added with the entry point)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import inspect
+from typing import Any, Optional
+
+import torch
+
+
+def _optional_import(name: str):
+    """Import ``name`` or return None. Catches more than ImportError on purpose: a
+    transformer-engine whose CUDA libraries are missing raises RuntimeError or OSError at import."""
+    try:
+        return importlib.import_module(name)
+    except (ImportError, RuntimeError, OSError, AttributeError):
+        return None
+
+
+transformer_engine = _optional_import("transformer_engine")
+HAVE_TE = transformer_engine is not None
+HAVE_APEX = _optional_import("apex.normalization") is not None  # NVIDIA apex, not PyPI's "apex"
+
+import megatron.core  # noqa: E402  (after the defensive TE import: mcore probes TE itself)
+
+MCORE_VERSION: str = getattr(megatron.core, "__version__", "unknown")
+
+
+# --------------------------------------------------------------------------------------------
+# Process groups
+# --------------------------------------------------------------------------------------------
+def get_default_pg_collection():
+    """Megatron's default MoE process-group collection (from parallel_state)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if hasattr(moe_utils, "get_default_pg_collection"):
+        return moe_utils.get_default_pg_collection()
+    from megatron.core.process_groups_config import ProcessGroupCollection  # pragma: no cover
+
+    return ProcessGroupCollection.use_mpu_process_groups()  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------
+# MoE layer spec shape
+# --------------------------------------------------------------------------------------------
+def is_partial_spec(spec: Any) -> bool:
+    """True for the 0.18+ shape ``functools.partial(MoELayer, submodules=...)``."""
+    return isinstance(spec, functools.partial)
+
+
+def moe_layer_class(spec: Any) -> type:
+    """The module class of an MoE spec in either shape."""
+    if is_partial_spec(spec):
+        return spec.func
+    return spec.module
+
+
+def moe_submodules(spec: Any):
+    """``MoESubmodules`` of an MoE spec in either shape."""
+    if is_partial_spec(spec):
+        return spec.keywords["submodules"]
+    return spec.submodules
+
+
+def replace_moe_submodules(spec: Any, *, module: Optional[type] = None, **changes):
+    """A copy of an MoE spec with ``MoESubmodules`` fields replaced (``router=...``) and
+    optionally the layer class replaced; the spec's shape is preserved."""
+    submodules = dataclasses.replace(moe_submodules(spec), **changes)
+    if is_partial_spec(spec):
+        keywords = dict(spec.keywords, submodules=submodules)
+        return functools.partial(module or spec.func, *spec.args, **keywords)
+    return dataclasses.replace(spec, module=module or spec.module, submodules=submodules)
+
+
+# --------------------------------------------------------------------------------------------
+# Router metrics (Megatron's per-layer tracker)
+# --------------------------------------------------------------------------------------------
+def record_router_metric(
+    name: str,
+    value: torch.Tensor,
+    layer_number: Optional[int],
+    num_layers: int,
+    reduce_group: Optional[torch.distributed.ProcessGroup] = None,
+) -> None:
+    """Record a per-layer scalar in Megatron's MoE tracker so the stock training loop can log it.
+
+    0.16/0.17: ``moe_utils.save_to_aux_losses_tracker``. 0.18+: ``MoEMetricsTracker.record``
+    (the old function stays as a deprecated shim there; we prefer the new owner when present).
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    tracker_cls = getattr(moe_utils, "MoEMetricsTracker", None)
+    if tracker_cls is not None and hasattr(tracker_cls, "record"):  # pragma: no cover (0.18+)
+        record = tracker_cls.record
+        params = inspect.signature(record).parameters
+        kwargs = {"reduce_group": reduce_group} if "reduce_group" in params else {}
+        record(name, value, layer_number, num_layers, **kwargs)
+        return
+    moe_utils.save_to_aux_losses_tracker(
+        name, value, layer_number, num_layers, reduce_group=reduce_group
+    )
