@@ -32,3 +32,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def megatron_world1():
+    """This pytest process as a one-rank gloo world with Megatron's parallel state initialised
+    (Megatron's aux-loss path needs process groups even at world size 1)."""
+    import torch.distributed as dist
+
+    from tests.dist_pool import _free_port
+    from tests.megatron_cpu import init_parallel
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        )
+    init_parallel(ep=1)
+    yield

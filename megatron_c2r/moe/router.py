@@ -1,0 +1,425 @@
+"""``C2RRouter``: Megatron-core's ``TopKRouter`` with collaboration-constrained routing.
+
+Naming contract (Megatron's): logits -> scores -> probs, routing_map. Ours, once: collaboration
+(co-activation counts), top-T list, group, placement.
+
+The routing math lives in ``megatron_c2r.routing`` (pure functions); this class adapts it to
+Megatron:
+    * ``gating`` is device-agnostic (the stock one moves CPU weights to CUDA).
+    * mode 'topk' delegates to ``TopKRouter.routing`` -> identical probs/routing_map, bit for bit.
+    * modes 'c2r'/'group' replace only the expert *selection*; probs are computed from the chosen
+      experts exactly as Megatron computes them, then capacity dropping, the aux losses (on the
+      constrained routing map) and the expert-bias update run as in ``TopKRouter``.
+    * the collaboration tracker, the penalty, warm-up and list refresh sit around that.
+
+Select it through the layer spec: ``MoESubmodules(router=functools.partial(C2RRouter,
+c2r_config=C2RRouterConfig(...)))``. Call ``step_routers(model, iteration)`` once per training
+iteration on every rank (it is collective when a warm-up ends or lists are refreshed).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, Iterable, Optional
+
+import torch
+
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,  # noqa: F401  (re-exported for users attaching their own losses)
+    apply_router_token_dropping,
+    compute_routing_scores_for_aux_loss,
+)
+from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_c2r import compat
+from megatron_c2r.collaboration import CollaborationTracker
+from megatron_c2r.routing.config import C2RRouterConfig
+from megatron_c2r.routing.functional import (
+    allowed_from_top_t,
+    c2r_topk,
+    group_topk,
+    probs_from_selection,
+    selection_scores,
+    validate_groups,
+    validate_top_t_lists,
+)
+from megatron_c2r.routing.penalty import collaboration_penalty, group_allowed
+
+
+class _GatingLinear(torch.autograd.Function):
+    """logits = input @ weight.T (+ bias) computed in ``router_dtype``; gradients returned in the
+    input's and weight's dtypes (the same math as Megatron's non-TE router gating, on any device)."""
+
+    @staticmethod
+    def forward(ctx, inp, weight, bias, router_dtype):
+        ctx.save_for_backward(inp, weight, bias)
+        ctx.router_dtype = router_dtype
+        inp_2d = inp.reshape(-1, inp.shape[-1]).to(router_dtype)
+        if bias is None:
+            out = torch.mm(inp_2d, weight.to(router_dtype).t())
+        else:
+            out = torch.addmm(bias.to(router_dtype), inp_2d, weight.to(router_dtype).t())
+        return out.view(*inp.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inp, weight, bias = ctx.saved_tensors
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        inp_2d = inp.reshape(-1, inp.shape[-1])
+        grad_inp = torch.mm(grad_2d, weight.to(ctx.router_dtype)).to(inp.dtype).view_as(inp)
+        grad_w = torch.mm(grad_2d.t(), inp_2d.to(ctx.router_dtype)).to(weight.dtype)
+        grad_b = grad_2d.sum(dim=0).to(bias.dtype) if bias is not None else None
+        return grad_inp, grad_w, grad_b, None
+
+
+class C2RRouter(TopKRouter):
+    """Top-k router with the C2R rule, the group-aligned rule, a collaboration penalty and a
+    co-activation tracker. See the module docstring and ``C2RRouterConfig``.
+
+    Persistent state (in ``state_dict``, so ``--load`` resumes with identical routing):
+        tracker.counts/pending/...   co-activation counts (CollaborationTracker)
+        top_t_lists  int64 [E, T]    collaborator lists (c2r mode)
+        expert_to_group int64 [E]    the group partition (group mode / penalty)
+        constraint_active bool []    False during warm-up
+        steps_seen   int64 []        iterations seen by ``step``
+    """
+
+    def __init__(self, config, pg_collection=None, *, c2r_config: Optional[C2RRouterConfig] = None):
+        if pg_collection is None:
+            pg_collection = compat.get_default_pg_collection()
+        self._init_topk_router(config, pg_collection)
+        c2r_config = c2r_config if c2r_config is not None else C2RRouterConfig()
+        ep_size = pg_collection.ep.size() if getattr(pg_collection, "ep", None) is not None else 1
+        self.c2r_config = c2r_config.resolve(
+            num_experts=config.num_moe_experts, topk=config.moe_router_topk, ep_size=ep_size
+        )
+        self._check_megatron_features()
+        num_experts, device = config.num_moe_experts, self.weight.device
+        cfg = self.c2r_config
+
+        if cfg.expert_to_group is not None:
+            expert_to_group = torch.tensor(cfg.expert_to_group, dtype=torch.int64)
+        else:  # contiguous blocks = the EP ranks' expert sets (after any placement relabelling)
+            expert_to_group = torch.arange(num_experts) // (num_experts // cfg.num_groups)
+        validate_groups(expert_to_group, cfg.num_groups, self.topk, cfg.max_groups if cfg.mode == "group" else 1)
+        self.register_buffer("expert_to_group", expert_to_group.to(device))
+        top_t = cfg.top_t if cfg.top_t is not None else 0
+        self.register_buffer(
+            "top_t_lists", torch.zeros(num_experts, top_t, dtype=torch.int64, device=device)
+        )
+        # c2r with no warm-up needs lists before the first step (set_top_t_lists / a plan file).
+        self.register_buffer(
+            "constraint_active",
+            torch.tensor(cfg.mode == "group" and cfg.warmup_steps == 0, device=device),
+        )
+        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.int64, device=device))
+        self.tracker = CollaborationTracker(num_experts).to(device)
+        self._allowed_cache: Optional[torch.Tensor] = None
+        self._last: Dict[str, torch.Tensor] = {}
+        # Host-side mirror of ``constraint_active`` so routing never syncs with the device.
+        self._active = bool(self.constraint_active)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    # ------------------------------------------------------------------------------------------
+    # Construction helpers
+    # ------------------------------------------------------------------------------------------
+    def _init_topk_router(self, config, pg_collection) -> None:
+        """``TopKRouter.__init__`` allocates expert-bias / global-aux buffers on
+        ``torch.cuda.current_device()``. Without CUDA, build it with those features off and
+        register the same buffers on the weight's device ourselves."""
+        needs_cuda = config.moe_router_enable_expert_bias or _global_aux_coeff(config) > 0
+        if torch.cuda.is_available() or not needs_cuda:
+            super().__init__(config=config, pg_collection=pg_collection)
+            return
+        init_config = copy.copy(config)
+        init_config.moe_router_enable_expert_bias = False
+        init_config.moe_router_load_balancing_type = "none"
+        super().__init__(config=init_config, pg_collection=pg_collection)
+        self.config = config
+        self.routing_type = config.moe_router_load_balancing_type
+        self.enable_expert_bias = config.moe_router_enable_expert_bias
+        device, num_experts = self.weight.device, config.num_moe_experts
+        zeros = torch.zeros(num_experts, dtype=torch.float32, device=device)
+        if self.enable_expert_bias:
+            del self.local_tokens_per_expert, self.expert_bias  # TopKRouter set them to None
+            self.register_buffer("local_tokens_per_expert", zeros.clone(), persistent=False)
+            self.register_buffer("expert_bias", zeros.clone())
+        if self.get_aux_loss_coeff("global_aux_loss") > 0:
+            del self.global_tokens_per_expert, self.ga_steps
+            self.register_buffer("global_tokens_per_expert", zeros.clone(), persistent=False)
+            self.register_buffer(
+                "ga_steps", torch.tensor(0, dtype=torch.float32, device=device), persistent=False
+            )
+
+    def _check_megatron_features(self) -> None:
+        """Reject Megatron options that contradict a constrained mode (one-line errors)."""
+        cfg, mc = self.c2r_config, self.config
+        if cfg.mode == "topk":
+            return
+        if self.routing_type == "sinkhorn":
+            raise ValueError(
+                f"c2r.mode={cfg.mode!r} cannot be combined with moe_router_load_balancing_type="
+                "'sinkhorn': use aux_loss/seq_aux_loss/global_aux_loss/none"
+            )
+        if mc.moe_router_num_groups or mc.moe_router_group_topk:
+            raise ValueError(
+                f"c2r.mode={cfg.mode!r} replaces Megatron's group-limited routing: unset "
+                f"moe_router_num_groups={mc.moe_router_num_groups} and moe_router_group_topk="
+                f"{mc.moe_router_group_topk} (use c2r.mode='group', c2r.group_selection="
+                "'group_score' for the same rule)"
+            )
+        if getattr(mc, "moe_router_fusion", False):
+            raise ValueError(
+                f"c2r.mode={cfg.mode!r} selects experts in PyTorch: set moe_router_fusion=False"
+            )
+        if getattr(mc, "moe_enable_routing_replay", False):
+            raise ValueError(
+                f"c2r.mode={cfg.mode!r} does not support moe_enable_routing_replay=True"
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # Lists, groups, schedule
+    # ------------------------------------------------------------------------------------------
+    def set_top_t_lists(self, top_t_lists_EL: torch.Tensor) -> None:
+        """Install [E, T] collaborator lists (from a file or the tracker); validated first."""
+        top_t_lists_EL = torch.as_tensor(top_t_lists_EL)
+        validate_top_t_lists(top_t_lists_EL, self.config.num_moe_experts, self.topk)
+        if self.c2r_config.top_t is not None and top_t_lists_EL.shape[1] != self.c2r_config.top_t:
+            raise ValueError(
+                f"top_t_lists has T={top_t_lists_EL.shape[1]} but c2r.top_t="
+                f"{self.c2r_config.top_t}: regenerate the lists or change c2r.top_t"
+            )
+        self.top_t_lists = top_t_lists_EL.to(self.expert_to_group.device, torch.int64).clone()
+        self._allowed_cache = None
+        if self.c2r_config.mode == "c2r" and self.c2r_config.warmup_steps == 0:
+            self._set_active(True)
+
+    def _set_active(self, active: bool) -> None:
+        self.constraint_active.fill_(active)
+        self._active = active
+        self._allowed_cache = None
+
+    def activate(self, reduce_group=None) -> None:
+        """End the warm-up: sum the tracker over ``reduce_group`` (collective), derive the top-T
+        lists (c2r) and turn the constraint on."""
+        self.tracker.reduce_(reduce_group if reduce_group is not None else self.tp_dp_cp_group)
+        if self.c2r_config.mode == "c2r":
+            self.top_t_lists = self.tracker.top_t_lists(self.c2r_config.top_t)
+            self._allowed_cache = None
+        self._set_active(self.c2r_config.mode != "topk")
+
+    def step(self, iteration: int) -> None:
+        """Advance the schedule after training iteration ``iteration`` (0-based, all ranks)."""
+        cfg = self.c2r_config
+        self.steps_seen.fill_(iteration + 1)
+        done = iteration + 1
+        if cfg.mode == "topk" or not cfg.track_collaboration:
+            return
+        if not self._active and done >= cfg.warmup_steps:
+            self.activate()
+        elif cfg.refresh_interval and cfg.mode == "c2r" and done > cfg.warmup_steps:
+            if (done - cfg.warmup_steps) % cfg.refresh_interval == 0:
+                self.activate()
+
+    def relabel_experts_(self, order: torch.Tensor) -> None:
+        """Apply a placement: new expert i is old expert ``order[i]``. Permutes router weight
+        rows (and bias, expert bias), the tracker and the top-T lists. Groups stay the
+        contiguous blocks (that is the point of relabelling) unless explicitly given."""
+        order = torch.as_tensor(order, dtype=torch.int64, device=self.weight.device)
+        num_experts = self.config.num_moe_experts
+        if sorted(order.tolist()) != list(range(num_experts)):
+            raise ValueError(f"order must be a permutation of 0..{num_experts - 1}")
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(num_experts, device=order.device)
+        with torch.no_grad():
+            self.weight.copy_(self.weight.index_select(0, order))
+            if self.bias is not None:
+                self.bias.copy_(self.bias.index_select(0, order))
+            if getattr(self, "expert_bias", None) is not None:
+                self.expert_bias.copy_(self.expert_bias.index_select(0, order))
+                self.local_tokens_per_expert.copy_(self.local_tokens_per_expert.index_select(0, order))
+            if self.top_t_lists.numel():
+                self.top_t_lists = inverse[self.top_t_lists.index_select(0, order)]
+            if self.c2r_config.expert_to_group is not None:
+                self.expert_to_group = self.expert_to_group.index_select(0, order)
+        self.tracker.permute_(order)
+        self._allowed_cache = None
+
+    def _allowed(self) -> torch.Tensor:
+        """bool [E, E]: the anchored allowed set of each expert (lists in c2r, else group)."""
+        if self._allowed_cache is None or self._allowed_cache.device != self.weight.device:
+            if self.c2r_config.mode == "c2r" and self._active:
+                self._allowed_cache = allowed_from_top_t(self.top_t_lists, self.config.num_moe_experts)
+            else:
+                self._allowed_cache = group_allowed(self.expert_to_group)
+        return self._allowed_cache
+
+    # ------------------------------------------------------------------------------------------
+    # Forward
+    # ------------------------------------------------------------------------------------------
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        """Device-agnostic router linear: logits [S, B, E] in the router dtype."""
+        router_dtype = input.dtype
+        if self.config.moe_router_dtype == "fp32":
+            router_dtype = torch.float32
+        elif self.config.moe_router_dtype == "fp64":
+            router_dtype = torch.float64
+        return _GatingLinear.apply(input, self.weight, self.bias, router_dtype)
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """logits [S, B, E] -> (probs [S*B, E], routing_map [S*B, E]); see the class docstring."""
+        logits_TE = logits.view(-1, self.config.num_moe_experts)
+        padding_T = padding_mask.reshape(-1) if padding_mask is not None else None
+        if self.c2r_config.check_finite_logits and not bool(torch.isfinite(logits_TE).all()):
+            bad = int((~torch.isfinite(logits_TE)).any(dim=1).sum())
+            raise ValueError(
+                f"router logits of layer {self.layer_number} hold NaN/Inf for {bad} of "
+                f"{logits_TE.shape[0]} tokens: check the input activations / lower the LR"
+            )
+        if self._active and self.c2r_config.mode != "topk":
+            probs, routing_map = self._constrained_routing(logits, padding_mask)
+        else:
+            probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        if self.training and torch.is_grad_enabled():
+            if self.c2r_config.track_collaboration:
+                self.tracker.record(routing_map, padding_T)
+            probs = self._apply_collaboration_penalty(probs, logits_TE, padding_T)
+        self._record_stats(probs, routing_map, padding_T)
+        return probs, routing_map
+
+    def _constrained_routing(self, logits, padding_mask):
+        """TopKRouter.routing with the constrained selection in place of plain top-k."""
+        cfg, mc = self.c2r_config, self.config
+        seq_length, bsz = logits.shape[:2]
+        logits_TE = logits.view(-1, mc.num_moe_experts)
+        padding_T = padding_mask.reshape(-1) if padding_mask is not None else None
+        logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_T)
+
+        # 1. Select experts under the constraint, on the tensor Megatron would run top-k on.
+        scores_TE = selection_scores(
+            logits_TE,
+            score_function=self.score_function,
+            use_pre_softmax=mc.moe_router_pre_softmax,
+            expert_bias_E=self.expert_bias if self.score_function == "sigmoid" else None,
+        )
+        if cfg.mode == "c2r":
+            _, indices_TK = c2r_topk(scores_TE, self.topk, self._allowed())
+        else:
+            _, indices_TK = group_topk(
+                scores_TE,
+                self.topk,
+                self.expert_to_group,
+                cfg.num_groups,
+                cfg.max_groups,
+                anchored=cfg.group_selection == "anchored",
+            )
+        # 2. Megatron's probs for that selection.
+        probs, routing_map = probs_from_selection(
+            logits_TE,
+            indices_TK,
+            score_function=self.score_function,
+            use_pre_softmax=mc.moe_router_pre_softmax,
+            scaling_factor=mc.moe_router_topk_scaling_factor,
+        )
+        # 3. Capacity dropping, as TopKRouter does.
+        if mc.moe_expert_capacity_factor is not None:
+            probs, routing_map = apply_router_token_dropping(
+                probs,
+                routing_map,
+                router_topk=self.topk,
+                capacity_factor=mc.moe_expert_capacity_factor,
+                drop_policy=mc.moe_token_drop_policy,
+                pad_to_capacity=mc.moe_pad_expert_input_to_capacity,
+            )
+        # 4. Aux losses on the *constrained* routing map (the load the experts actually get).
+        if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
+            _, scores_for_aux = compute_routing_scores_for_aux_loss(
+                logits_TE, self.topk, self.score_function, fused=False, padding_mask=padding_T
+            )
+            aux_map = routing_map if padding_T is None else routing_map & ~padding_T.unsqueeze(-1)
+            masked = padding_T is not None
+            probs = self._apply_aux_loss(probs, scores_for_aux, aux_map, with_padding_mask=masked)
+            probs = self._apply_seq_aux_loss(
+                probs, scores_for_aux, aux_map, seq_length, bsz, with_padding_mask=masked
+            )
+            probs = self._apply_global_aux_loss(
+                probs, scores_for_aux, aux_map, with_padding_mask=masked
+            )
+        # 5. Expert-bias token counts (the bias itself is updated by the training loop).
+        if self.enable_expert_bias and torch.is_grad_enabled():
+            with torch.no_grad():
+                counted = routing_map if padding_T is None else routing_map & ~padding_T.unsqueeze(-1)
+                self.local_tokens_per_expert += counted.sum(dim=0)
+        return probs, routing_map
+
+    def _apply_collaboration_penalty(self, probs, logits_TE, padding_T):
+        coeff = self.c2r_config.penalty_coeff
+        if coeff == 0 or (self.c2r_config.mode == "c2r" and not self._active):
+            return probs
+        penalty = collaboration_penalty(
+            logits_TE, self._allowed(), score_function=self.score_function, padding_mask_T=padding_T
+        )
+        self._last["penalty"] = penalty.detach()
+        valid = None if padding_T is None else (~padding_T).sum()
+        return self.attach_and_log_load_balancing_loss(
+            probs, coeff, coeff * penalty, "c2r_penalty", self.tp_cp_group, valid_token_count=valid
+        )
+
+    @torch.no_grad()
+    def _record_stats(self, probs_TE, routing_map_TE, padding_T) -> None:
+        """Cheap per-step statistics, kept as tensors (no host sync) until ``c2r_metrics``."""
+        used_TG = torch.zeros(
+            routing_map_TE.shape[0], self.c2r_config.num_groups, dtype=torch.int32,
+            device=routing_map_TE.device,
+        ).index_add_(1, self.expert_to_group, routing_map_TE.to(torch.int32)) > 0
+        groups_T = used_TG.sum(dim=1).float()
+        if self.c2r_config.mode == "c2r" and self._active:
+            # c2r constraint: every expert inside {top-1} U top_t(top-1); top-1 = largest prob.
+            anchor_T = (probs_TE.detach()).argmax(dim=-1)
+            violated_T = (routing_map_TE & ~self._allowed().index_select(0, anchor_T)).any(dim=1)
+        else:
+            limit = self.c2r_config.max_groups if self.c2r_config.mode == "group" else 1
+            violated_T = groups_T > limit
+        if padding_T is not None:
+            groups_T, violated_T = groups_T[~padding_T], violated_T[~padding_T]
+        self._last["groups_per_token"] = groups_T.mean()
+        self._last["violation_rate"] = violated_T.float().mean()
+        self._last["constraint_active"] = torch.tensor(float(self._active))
+
+    def c2r_metrics(self) -> Dict[str, float]:
+        """Per-layer metrics of the last forward (host sync happens here, at logging time).
+        groups_per_token: distinct groups (= EP ranks by default) per token; violation_rate:
+        share of tokens using more groups than the mode allows (0 in hard modes, and with the
+        1-group reference in topk/c2r modes); penalty: the collaboration penalty (no coeff)."""
+        return {k: float(v) for k, v in self._last.items()}
+
+
+def _refresh_after_load(module: "C2RRouter", incompatible_keys) -> None:
+    module._active = bool(module.constraint_active)
+    module._allowed_cache = None
+
+
+def _global_aux_coeff(config) -> float:
+    types = config.moe_router_load_balancing_type
+    coeffs = config.moe_aux_loss_coeff
+    if isinstance(types, str):
+        return coeffs if types == "global_aux_loss" else 0.0
+    if isinstance(types, (list, tuple)) and "global_aux_loss" in types:
+        return coeffs[types.index("global_aux_loss")]
+    return 0.0
+
+
+def c2r_routers(model: torch.nn.Module) -> Iterable[C2RRouter]:
+    """All C2R routers of a model (or a list of model chunks), in module order."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, C2RRouter):
+                yield module
+
+
+def step_routers(model, iteration: int) -> None:
+    """Call once per training iteration, after the optimizer step, on every rank: ends the
+    warm-up (derives lists, turns the constraint on) and refreshes lists on schedule."""
+    for router in c2r_routers(model):
+        router.step(iteration)

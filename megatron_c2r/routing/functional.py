@@ -1,0 +1,219 @@
+"""Constrained top-k selection: the C2R rule and the group-aligned rule.
+
+Both functions take the same ``scores_TE`` tensor Megatron's ``topk_routing_with_score_function``
+hands to its top-k step (logits for softmax without pre-softmax, softmax scores with pre-softmax,
+sigmoid scores plus expert bias for sigmoid), and return ``(values_TK, indices_TK)`` like
+``torch.topk``. ``probs_from_selection`` then turns a selection into Megatron's ``probs``
+exactly the way Megatron does, so the constrained router differs from ``TopKRouter`` only in
+*which* experts are chosen.
+
+Shape legend: T tokens, E experts, K top-k, G groups, N experts per group, L top-T list length.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation (one-line errors naming field, value and fix; called at construction time)
+# ------------------------------------------------------------------------------------------------
+def validate_top_t_lists(top_t_lists_EL: torch.Tensor, num_experts: int, topk: int) -> None:
+    """Check a [E, T] table of collaborator ids: right shape, ids in range, no self entries, no
+    duplicates in a row, T >= k-1 and T <= E-1."""
+    if top_t_lists_EL.dim() != 2 or top_t_lists_EL.shape[0] != num_experts:
+        raise ValueError(
+            f"top_t_lists has shape {tuple(top_t_lists_EL.shape)}, expected [num_experts="
+            f"{num_experts}, T]: give one list of T collaborator ids per expert"
+        )
+    t = top_t_lists_EL.shape[1]
+    if t < topk - 1 or t > num_experts - 1:
+        raise ValueError(
+            f"top_t={t} must satisfy topk-1={topk - 1} <= top_t <= num_experts-1={num_experts - 1}"
+        )
+    if top_t_lists_EL.dtype.is_floating_point:
+        raise ValueError(f"top_t_lists has dtype {top_t_lists_EL.dtype}: expert ids must be ints")
+    if t == 0:
+        return
+    lo, hi = int(top_t_lists_EL.min()), int(top_t_lists_EL.max())
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(
+            f"top_t_lists holds expert id {lo if lo < 0 else hi} outside [0, {num_experts - 1}]"
+        )
+    experts_E1 = torch.arange(num_experts, device=top_t_lists_EL.device).unsqueeze(1)
+    self_rows = (top_t_lists_EL == experts_E1).any(dim=1).nonzero().flatten()
+    if self_rows.numel():
+        e = int(self_rows[0])
+        raise ValueError(f"top_t_lists[{e}] contains expert {e} itself: lists hold other experts")
+    sorted_EL = top_t_lists_EL.sort(dim=1).values
+    dup_rows = (sorted_EL[:, 1:] == sorted_EL[:, :-1]).any(dim=1).nonzero().flatten()
+    if dup_rows.numel():
+        e = int(dup_rows[0])
+        raise ValueError(
+            f"top_t_lists[{e}] = {top_t_lists_EL[e].tolist()} has duplicate ids: each collaborator "
+            "may appear once"
+        )
+
+
+def validate_groups(
+    expert_to_group_E: torch.Tensor, num_groups: int, topk: int, max_groups: int
+) -> None:
+    """Check an expert->group map: a balanced partition into ``num_groups`` groups of E/G experts,
+    1 <= max_groups <= G, and k <= max_groups * E/G (enough experts under the constraint)."""
+    num_experts = expert_to_group_E.numel()
+    if num_groups < 1 or num_experts % num_groups:
+        raise ValueError(
+            f"num_groups={num_groups} must divide num_experts={num_experts} (groups are balanced)"
+        )
+    if not 1 <= max_groups <= num_groups:
+        raise ValueError(f"max_groups={max_groups} must be in [1, num_groups={num_groups}]")
+    per_group = num_experts // num_groups
+    if topk > max_groups * per_group:
+        raise ValueError(
+            f"topk={topk} exceeds the {max_groups} group(s) x {per_group} experts available "
+            f"under the constraint: raise max_groups or lower topk"
+        )
+    if expert_to_group_E.dtype.is_floating_point:
+        raise ValueError(f"expert_to_group has dtype {expert_to_group_E.dtype}: group ids are ints")
+    counts_G = torch.bincount(expert_to_group_E.long().clamp(min=0), minlength=num_groups)
+    bad = int(expert_to_group_E.min()) < 0 or int(expert_to_group_E.max()) >= num_groups
+    if bad or counts_G.numel() != num_groups or bool((counts_G != per_group).any()):
+        raise ValueError(
+            f"expert_to_group={expert_to_group_E.tolist()} is not a balanced partition into "
+            f"{num_groups} groups of {per_group}: each group id in [0, {num_groups - 1}] must "
+            f"appear exactly {per_group} times"
+        )
+
+
+def groups_from_expert_to_group(expert_to_group_E: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """[E] group id per expert -> [G, N] expert ids per group (ascending)."""
+    order_E = torch.sort(expert_to_group_E, stable=True).indices
+    return order_E.view(num_groups, -1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Selection rules
+# ------------------------------------------------------------------------------------------------
+def c2r_topk(
+    scores_TE: torch.Tensor, topk: int, allowed_EE: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The C2R rule: top-1 free, the other k-1 experts from the top-1 expert's top-T list.
+
+    Args:
+        scores_TE: selection scores (higher is better), any float dtype.
+        topk: k.
+        allowed_EE: bool [E, E]; row e = {e} U top_t(e). Built once from the lists
+            (``allowed_from_top_t``), so routing is one gather, one masked_fill and one topk.
+    Returns:
+        (values_TK, indices_TK) like torch.topk; column 0 is the top-1 expert.
+    """
+    top1_T = scores_TE.argmax(dim=-1)
+    allowed_TE = allowed_EE.index_select(0, top1_T)
+    masked_TE = scores_TE.masked_fill(~allowed_TE, float("-inf"))
+    return torch.topk(masked_TE, k=topk, dim=-1)
+
+
+def allowed_from_top_t(top_t_lists_EL: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E, L] top-T lists -> bool [E, E] allowed sets {e} U top_t(e)."""
+    allowed_EE = torch.eye(num_experts, dtype=torch.bool, device=top_t_lists_EL.device)
+    allowed_EE.scatter_(1, top_t_lists_EL.long(), True)
+    return allowed_EE
+
+
+def group_topk(
+    scores_TE: torch.Tensor,
+    topk: int,
+    expert_to_group_E: torch.Tensor,
+    num_groups: int,
+    max_groups: int,
+    anchored: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Hard group-aligned routing: each token uses at most ``max_groups`` groups (M).
+
+    Group score = sum of the top-(k // M) scores inside the group (Megatron's group-limited
+    score, but over an arbitrary balanced partition, e.g. a collaboration-aware placement).
+    ``anchored=True`` (the flagship rule): the top-1 expert's group is always kept and the best
+    M-1 *other* groups by group score are added. ``anchored=False``: the best M groups by group
+    score (Megatron's rule). The k experts are then the top-k inside the kept groups.
+
+    Returns (values_TK, indices_TK) like torch.topk.
+    """
+    num_tokens, num_experts = scores_TE.shape
+    per_group = num_experts // num_groups
+    order_E = torch.sort(expert_to_group_E, stable=True).indices  # experts in group order
+    scores_TGN = scores_TE.index_select(1, order_E).view(num_tokens, num_groups, per_group)
+    take = max(1, min(per_group, topk // max_groups))
+    group_scores_TG = scores_TGN.topk(take, dim=-1).values.sum(dim=-1)
+    if anchored:
+        anchor_T = expert_to_group_E.index_select(0, scores_TE.argmax(dim=-1))
+        group_scores_TG = group_scores_TG.scatter(
+            1, anchor_T.unsqueeze(1), float("inf")
+        )
+    if max_groups == num_groups:
+        kept_TG = torch.ones_like(group_scores_TG, dtype=torch.bool)
+    else:
+        kept_idx_TM = group_scores_TG.topk(max_groups, dim=-1).indices
+        kept_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, kept_idx_TM, True)
+    allowed_TE = kept_TG.index_select(1, expert_to_group_E.long())
+    masked_TE = scores_TE.masked_fill(~allowed_TE, float("-inf"))
+    return torch.topk(masked_TE, k=topk, dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Selection -> Megatron probs
+# ------------------------------------------------------------------------------------------------
+def probs_from_selection(
+    logits_TE: torch.Tensor,
+    indices_TK: torch.Tensor,
+    *,
+    score_function: str,
+    use_pre_softmax: bool,
+    scaling_factor: Optional[float],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Megatron's probs for a given expert selection, computed the way
+    ``topk_routing_with_score_function`` computes them for its own selection:
+
+        softmax, pre-softmax:  softmax over all E, gathered at the selection (no renormalising)
+        softmax:               softmax over the k selected logits
+        sigmoid:               sigmoid at the selection, renormalised over k when k > 1
+    then times ``scaling_factor``. Returns dense (probs_TE, routing_map_TE).
+    """
+    topk = indices_TK.shape[1]
+    if score_function == "softmax":
+        if use_pre_softmax:
+            scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32).type_as(logits_TE)
+            probs_TK = scores_TE.gather(1, indices_TK)
+        else:
+            probs_TK = torch.softmax(
+                logits_TE.gather(1, indices_TK), dim=-1, dtype=torch.float32
+            ).type_as(logits_TE)
+    elif score_function == "sigmoid":
+        scores_TK = torch.sigmoid(logits_TE.float()).type_as(logits_TE).gather(1, indices_TK)
+        probs_TK = scores_TK / (scores_TK.sum(dim=-1, keepdim=True) + 1e-20) if topk > 1 else scores_TK
+    else:
+        raise ValueError(f"score_function={score_function!r} must be 'softmax' or 'sigmoid'")
+    if scaling_factor:
+        probs_TK = probs_TK * scaling_factor
+    probs_TE = torch.zeros_like(logits_TE).scatter(1, indices_TK, probs_TK)
+    routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(1, indices_TK, True)
+    return probs_TE, routing_map_TE
+
+
+def selection_scores(
+    logits_TE: torch.Tensor,
+    *,
+    score_function: str,
+    use_pre_softmax: bool,
+    expert_bias_E: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """The tensor Megatron runs its top-k on, for each score function (see module docstring)."""
+    if score_function == "softmax":
+        if use_pre_softmax:
+            return torch.softmax(logits_TE, dim=-1, dtype=torch.float32).type_as(logits_TE)
+        return logits_TE
+    if score_function == "sigmoid":
+        scores_TE = torch.sigmoid(logits_TE.float()).type_as(logits_TE)
+        return scores_TE + expert_bias_E if expert_bias_E is not None else scores_TE
+    raise ValueError(f"score_function={score_function!r} must be 'softmax' or 'sigmoid'")

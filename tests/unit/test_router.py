@@ -1,0 +1,265 @@
+"""C2RRouter against Megatron-core's TopKRouter, and its own invariants, on CPU."""
+
+import functools
+
+import pytest
+import torch
+
+from megatron_c2r.moe.router import C2RRouter, step_routers
+from megatron_c2r.routing.config import C2RRouterConfig
+from tests.megatron_cpu import megatron_cpu, moe_config
+
+pytestmark = pytest.mark.usefixtures("megatron_world1")
+
+E, K, H = 16, 4, 32
+
+TOPK_FEATURES = {
+    "softmax": {},
+    "pre_softmax": dict(moe_router_pre_softmax=True),
+    "sigmoid_bias_scaling": dict(
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=2.5,
+    ),
+    "group_limited": dict(moe_router_num_groups=4, moe_router_group_topk=2),
+    "aux_and_z_loss": dict(moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3),
+    "seq_aux_loss": dict(moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=1e-2),
+    "global_aux_loss": dict(moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=1e-2),
+    "aux_loss_list": dict(
+        moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"], moe_aux_loss_coeff=[1e-2, 2e-2]
+    ),
+    "capacity_probs": dict(moe_expert_capacity_factor=1.0, moe_token_drop_policy="probs"),
+    "capacity_position": dict(moe_expert_capacity_factor=0.5, moe_token_drop_policy="position"),
+    "fp64_router": dict(moe_router_dtype="fp64"),
+    "fp32_router": dict(moe_router_dtype="fp32"),
+}
+
+
+def make_config(**overrides):
+    base = dict(num_moe_experts=E, moe_router_topk=K, hidden_size=H)
+    base.update(overrides)
+    return moe_config(**base)
+
+
+def make_pair(config, c2r_config):
+    torch.manual_seed(0)
+    with megatron_cpu():
+        from megatron.core.transformer.moe.router import TopKRouter
+        from megatron_c2r.compat import get_default_pg_collection
+
+        stock = TopKRouter(config, pg_collection=get_default_pg_collection())
+    ours = C2RRouter(config, c2r_config=c2r_config)
+    ours.load_state_dict(stock.state_dict(), strict=False)
+    for r in (stock, ours):
+        r.set_layer_number(1)
+        r.train()
+    return stock, ours
+
+
+@pytest.mark.parametrize("padding", [False, True], ids=["no_padding", "padding"])
+@pytest.mark.parametrize("feature", sorted(TOPK_FEATURES))
+def test_topk_mode_is_bit_identical_to_megatron_topk_router(feature, padding):
+    overrides = TOPK_FEATURES[feature]
+    if padding and overrides.get("moe_router_enable_expert_bias"):
+        pytest.skip("stock 0.16.1 TopKRouter cannot combine expert bias with a padding mask")
+    config = make_config(**overrides)
+    stock, ours = make_pair(config, C2RRouterConfig(mode="topk"))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 2, H, generator=gen)
+    mask = (torch.rand(24, 2, generator=gen) < 0.2) if padding else None
+    for step in range(2):  # the second step exercises global aux-loss accumulation
+        outs = []
+        for router in (stock, ours):
+            router.zero_grad()
+            xi = x.clone().requires_grad_(True)
+            with megatron_cpu() if router is stock else _nothing():
+                probs, routing_map = router(xi, padding_mask=mask)
+                (probs * torch.arange(E, dtype=probs.dtype)).sum().backward()
+            outs.append((probs.detach(), routing_map, xi.grad, router.weight.grad.clone()))
+        (p0, m0, gx0, gw0), (p1, m1, gx1, gw1) = outs
+        assert torch.equal(m0, m1), f"routing_map differs at step {step}"
+        assert torch.equal(p0, p1), f"probs differ at step {step}"
+        torch.testing.assert_close(gx0, gx1, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(gw0, gw1, rtol=1e-6, atol=1e-7)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _route(router, x, mask=None):
+    probs, routing_map = router(x, padding_mask=mask)
+    return probs, routing_map
+
+
+def test_c2r_mode_routes_inside_the_top_t_list_of_each_top1_expert():
+    config = make_config()
+    router = C2RRouter(config, c2r_config=C2RRouterConfig(mode="c2r", top_t=3))
+    gen = torch.Generator().manual_seed(0)
+    lists = torch.stack([torch.tensor([(e + d) % E for d in (1, 2, 5)]) for e in range(E)])
+    router.set_top_t_lists(lists)
+    probs, routing_map = _route(router, torch.randn(64, 2, H, generator=gen))
+    logits = router.gating(torch.zeros(1, 1, H))  # noqa: F841 - gating works on CPU
+    top1 = probs.argmax(dim=1)
+    for t in range(probs.shape[0]):
+        chosen = set(routing_map[t].nonzero().flatten().tolist())
+        assert len(chosen) == K
+        assert chosen - {int(top1[t])} <= set(lists[top1[t]].tolist())
+    assert torch.all(probs[~routing_map] == 0)
+    assert router.c2r_metrics()["violation_rate"] == 0.0
+
+
+@pytest.mark.parametrize("selection", ["anchored", "group_score"])
+@pytest.mark.parametrize("max_groups", [1, 2])
+def test_group_mode_never_uses_more_than_max_groups(selection, max_groups):
+    config = make_config(moe_aux_loss_coeff=1e-2)
+    e2g = tuple(int(g) for g in torch.randperm(E, generator=torch.Generator().manual_seed(4)) % 4)
+    cfg = C2RRouterConfig(mode="group", num_groups=4, max_groups=max_groups,
+                          group_selection=selection, expert_to_group=e2g)
+    router = C2RRouter(config, c2r_config=cfg)
+    router.set_layer_number(1)
+    probs, routing_map = _route(router, torch.randn(100, 2, H))
+    groups = torch.tensor(e2g)
+    for t in range(routing_map.shape[0]):
+        experts = routing_map[t].nonzero().flatten()
+        assert experts.numel() == K
+        assert len(set(groups[experts].tolist())) <= max_groups
+    metrics = router.c2r_metrics()
+    assert metrics["violation_rate"] == 0.0 and metrics["groups_per_token"] <= max_groups
+
+
+@pytest.mark.parametrize(
+    "c2r_config,overrides",
+    [
+        (C2RRouterConfig(mode="group"), dict(moe_aux_loss_coeff=0.0)),
+        (C2RRouterConfig(mode="c2r", top_t=5, warmup_steps=0), dict(moe_aux_loss_coeff=0.0)),
+        (C2RRouterConfig(mode="topk"), dict(moe_aux_loss_coeff=0.0)),
+    ],
+    ids=["group", "c2r", "topk"],
+)
+def test_router_weight_grad_is_nonzero_iff_a_loss_coefficient_is_nonzero(c2r_config, overrides):
+    import dataclasses
+
+    for aux, penalty in [(0.0, 0.0), (1e-2, 0.0), (0.0, 1e-2)]:
+        config = make_config(**dict(overrides, moe_aux_loss_coeff=aux))
+        cfg = dataclasses.replace(c2r_config, penalty_coeff=penalty, num_groups=4)
+        router = C2RRouter(config, c2r_config=cfg)
+        router.set_layer_number(1)
+        if cfg.mode == "c2r":
+            router.set_top_t_lists(torch.stack([torch.tensor([(e + d) % E for d in range(1, 6)]) for e in range(E)]))
+        probs, _ = _route(router, torch.randn(32, 2, H))
+        probs.sum().mul_(0).backward()
+        nonzero = bool(router.weight.grad.abs().sum() > 0)
+        assert nonzero == (aux > 0 or penalty > 0), (cfg.mode, aux, penalty)
+
+
+def test_collaboration_penalty_gradient_pulls_mass_into_the_anchor_group():
+    config = make_config()
+    router = C2RRouter(config, c2r_config=C2RRouterConfig(mode="group", num_groups=4, penalty_coeff=1.0))
+    router.set_layer_number(1)
+    x = torch.randn(64, 2, H, generator=torch.Generator().manual_seed(5))
+    opt = torch.optim.SGD(router.parameters(), lr=50.0)
+    penalties = []
+    for _ in range(6):
+        opt.zero_grad()
+        probs, _ = _route(router, x)
+        penalties.append(router.c2r_metrics()["penalty"])
+        probs.sum().mul_(0).backward()  # only the attached penalty produces a gradient
+        opt.step()
+    assert all(b < a for a, b in zip(penalties, penalties[1:])), penalties
+    assert penalties[-1] < 0.8 * penalties[0], penalties
+
+
+def test_warmup_routes_plain_topk_then_derives_lists_from_the_tracker_and_resumes_identically():
+    config = make_config()
+    cfg = C2RRouterConfig(mode="c2r", top_t=3, warmup_steps=2)
+    router = C2RRouter(config, c2r_config=cfg)
+    stock_like = C2RRouter(config, c2r_config=C2RRouterConfig(mode="topk"))
+    stock_like.load_state_dict({"weight": router.weight.detach()}, strict=False)
+    x = torch.randn(64, 2, H, generator=torch.Generator().manual_seed(6))
+    for it in range(2):
+        _, m_warm = _route(router, x)
+        _, m_topk = _route(stock_like, x)
+        assert torch.equal(m_warm, m_topk), "warm-up must be plain top-k"
+        step_routers(router, it)
+    assert bool(router.constraint_active)
+    from megatron_c2r.collaboration import top_t_lists
+    assert torch.equal(router.top_t_lists, top_t_lists(router.tracker.counts, 3))
+    assert int(router.tracker.tokens) == 2 * 128
+
+    state = {k: v.clone() for k, v in router.state_dict().items()}
+    resumed = C2RRouter(config, c2r_config=cfg)
+    resumed.load_state_dict(state)
+    router.eval(), resumed.eval()
+    with torch.no_grad():
+        assert torch.equal(_route(router, x)[1], _route(resumed, x)[1])
+
+
+def test_relabelling_experts_permutes_routing_consistently():
+    config = make_config()
+    router = C2RRouter(config, c2r_config=C2RRouterConfig(mode="c2r", top_t=3))
+    router.set_top_t_lists(torch.stack([torch.tensor([(e + d) % E for d in (1, 2, 5)]) for e in range(E)]))
+    x = torch.randn(50, 2, H)
+    router.eval()
+    with torch.no_grad():
+        p_before, m_before = _route(router, x)
+        order = torch.randperm(E, generator=torch.Generator().manual_seed(7))
+        router.relabel_experts_(order)
+        p_after, m_after = _route(router, x)
+    assert torch.equal(m_after, m_before[:, order])
+    assert torch.equal(p_after, p_before[:, order])
+
+
+@pytest.mark.parametrize(
+    "cfg,overrides,match",
+    [
+        (dict(mode="c2r", top_t=2), {}, r"c2r.top_t=2 must satisfy moe_router_topk-1=3"),
+        (dict(mode="c2r", top_t=16), {}, r"c2r.top_t=16 must satisfy .* num_moe_experts-1=15"),
+        (dict(mode="group", num_groups=3), {}, r"c2r.num_groups=3 must divide num_moe_experts=16"),
+        (dict(mode="group", num_groups=4, max_groups=5), {}, r"c2r.max_groups=5 must be in \[1, num_groups=4\]"),
+        (dict(mode="group", num_groups=8, max_groups=1), {}, r"moe_router_topk=4 exceeds c2r.max_groups=1 x 2"),
+        (dict(mode="c2r"), {}, r"c2r.top_t is required"),
+        (dict(mode="bogus"), {}, r"c2r.mode='bogus' must be one of"),
+        (dict(mode="group"), dict(moe_router_num_groups=4, moe_router_group_topk=1), r"unset moe_router_num_groups=4"),
+    ],
+)
+def test_bad_router_options_fail_at_construction_with_one_line_errors(cfg, overrides, match):
+    with pytest.raises(ValueError, match=match) as err:
+        C2RRouter(make_config(**overrides), c2r_config=C2RRouterConfig(**cfg))
+    assert "\n" not in str(err.value)
+
+
+def test_nan_logits_raise_before_any_collective():
+    router = C2RRouter(make_config(moe_aux_loss_coeff=1e-2), c2r_config=C2RRouterConfig(mode="group", num_groups=4))
+    x = torch.randn(8, 2, H)
+    x[3, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"router logits of layer .* hold NaN/Inf for 1 of 16 tokens"):
+        _route(router, x)
+
+
+def test_router_in_a_real_megatron_moe_layer_runs_forward_and_backward_on_cpu():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron_c2r.compat import moe_submodules
+
+    config = make_config(moe_aux_loss_coeff=1e-2)
+    spec = get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False).submodules.mlp
+    submodules = moe_submodules(spec)
+    import dataclasses
+
+    submodules = dataclasses.replace(
+        submodules, router=functools.partial(C2RRouter, c2r_config=C2RRouterConfig(mode="group", num_groups=4))
+    )
+    with megatron_cpu():  # for the stock alltoall dispatcher only
+        layer = MoELayer(config, submodules, layer_number=1)
+        assert isinstance(layer.router, C2RRouter)
+        x = torch.randn(16, 2, H, requires_grad=True)
+        out, _ = layer(x)
+        out.sum().backward()
+    assert out.shape == x.shape
+    assert x.grad.abs().sum() > 0 and layer.router.weight.grad.abs().sum() > 0
+    assert layer.router.c2r_metrics()["groups_per_token"] == 1.0
