@@ -16,6 +16,7 @@ What differs, and where we handle it:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -116,3 +117,31 @@ def record_router_metric(
     moe_utils.save_to_aux_losses_tracker(
         name, value, layer_number, num_layers, reduce_group=reduce_group
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Building an MoELayer subclass with its own token dispatcher
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def cheap_stock_dispatcher(config):
+    """While active, ``MoELayer.__init__`` builds the stock *allgather* dispatcher (cheap, CPU-safe)
+    whatever ``config.moe_token_dispatcher_type`` says, so a subclass can replace it afterwards.
+
+    Needed because 0.16-0.20 pick the dispatcher from a fixed string list inside ``__init__`` and
+    the alltoall/flex ones touch CUDA (streams, DeepEP buffers) on construction. The field is
+    restored on exit, also on error.
+    """
+    original = config.moe_token_dispatcher_type
+    config.moe_token_dispatcher_type = "allgather"
+    try:
+        yield
+    finally:
+        config.moe_token_dispatcher_type = original
+
+
+def with_moe_layer_params(spec: Any, module: type, **params):
+    """A copy of an MoE spec that builds ``module`` with extra constructor keywords ``params``:
+    ``ModuleSpec.params`` (0.16/0.17) or the partial's keywords (0.18+); submodules kept."""
+    if is_partial_spec(spec):
+        return functools.partial(module, *spec.args, **dict(spec.keywords, **params))
+    return dataclasses.replace(spec, module=module, params=dict(spec.params or {}, **params))
