@@ -145,3 +145,68 @@ def with_moe_layer_params(spec: Any, module: type, **params):
     if is_partial_spec(spec):
         return functools.partial(module, *spec.args, **dict(spec.keywords, **params))
     return dataclasses.replace(spec, module=module, params=dict(spec.params or {}, **params))
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer layer specs (the layer itself stays a ModuleSpec through 0.20; accept both shapes)
+# --------------------------------------------------------------------------------------------
+def layer_submodules(spec: Any):
+    """``TransformerLayerSubmodules`` of a layer spec (ModuleSpec, or a partial if one appears)."""
+    if is_partial_spec(spec):  # pragma: no cover (not produced by 0.16-0.20)
+        return spec.keywords.get("submodules")
+    return getattr(spec, "submodules", None)
+
+
+def replace_layer_submodules(spec: Any, **changes):
+    """A copy of a layer spec with ``TransformerLayerSubmodules`` fields replaced (``mlp=...``)."""
+    submodules = dataclasses.replace(layer_submodules(spec), **changes)
+    if is_partial_spec(spec):  # pragma: no cover
+        return functools.partial(spec.func, *spec.args, **dict(spec.keywords, submodules=submodules))
+    return dataclasses.replace(spec, submodules=submodules)
+
+
+# --------------------------------------------------------------------------------------------
+# Megatron-LM's pretrain() (lives in a Megatron-LM checkout, not in the 0.16 wheel)
+# --------------------------------------------------------------------------------------------
+def run_megatron_pretrain(
+    *,
+    train_valid_test_dataset_provider,
+    model_provider,
+    model_type,
+    forward_step_func,
+    extra_args_provider=None,
+    args_defaults: Optional[dict] = None,
+    **optional,
+):
+    """Call ``megatron.training.pretrain`` with whichever signature the checkout has.
+
+    0.16/0.17: ``pretrain(datasets, model_provider, model_type, forward_step,
+    extra_args_provider=..., args_defaults=..., ...)`` parses the command line itself.
+    0.18+: ``pretrain(cfg_container, datasets, ..., model_provider=..., ...)``; the caller parses
+    first with ``arguments.parse_and_validate_args(extra_args_provider, args_defaults=...)`` and
+    converts with ``argument_utils.pretrain_cfg_container_from_args(args)``. Feature-detected by
+    the ``cfg_container`` parameter. ``optional`` keywords (``store``, ``get_embedding_ranks``...)
+    are passed only when this ``pretrain`` accepts them.
+    """
+    from megatron.training import training
+
+    pretrain = training.pretrain
+    params = inspect.signature(pretrain).parameters
+    kwargs = {k: v for k, v in optional.items() if k in params and v is not None}
+    kwargs.update(
+        train_valid_test_dataset_provider=train_valid_test_dataset_provider,
+        model_provider=model_provider,
+        model_type=model_type,
+        forward_step_func=forward_step_func,
+    )
+    if "cfg_container" not in params:
+        return pretrain(
+            extra_args_provider=extra_args_provider, args_defaults=args_defaults or {}, **kwargs
+        )
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args  # pragma: no cover
+    from megatron.training.arguments import parse_and_validate_args  # pragma: no cover
+
+    args = parse_and_validate_args(  # pragma: no cover (0.18+)
+        extra_args_provider=extra_args_provider, args_defaults=args_defaults or {}
+    )
+    return pretrain(pretrain_cfg_container_from_args(args), **kwargs)  # pragma: no cover
