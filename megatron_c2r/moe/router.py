@@ -27,7 +27,6 @@ import torch
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,  # noqa: F401  (re-exported for users attaching their own losses)
     apply_router_token_dropping,
-    compute_routing_scores_for_aux_loss,
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
@@ -38,12 +37,13 @@ from megatron_c2r.routing.functional import (
     allowed_from_top_t,
     c2r_topk,
     group_topk,
+    groups_from_expert_to_group,
     probs_from_selection,
     selection_scores,
     validate_groups,
     validate_top_t_lists,
 )
-from megatron_c2r.routing.penalty import collaboration_penalty, group_allowed
+from megatron_c2r.routing.penalty import collaboration_penalty, full_scores
 
 
 class _GatingLinear(torch.autograd.Function):
@@ -244,15 +244,24 @@ class C2RRouter(TopKRouter):
                 self.expert_to_group = self.expert_to_group.index_select(0, order)
         self.tracker.permute_(order)
         self._allowed_cache = None
+        self._groups_cache = None
 
     def _allowed(self) -> torch.Tensor:
-        """bool [E, E]: the anchored allowed set of each expert (lists in c2r, else group)."""
+        """bool [E, E]: {e} U top_t(e) per expert (c2r violation statistics)."""
         if self._allowed_cache is None or self._allowed_cache.device != self.weight.device:
-            if self.c2r_config.mode == "c2r" and self._active:
-                self._allowed_cache = allowed_from_top_t(self.top_t_lists, self.config.num_moe_experts)
-            else:
-                self._allowed_cache = group_allowed(self.expert_to_group)
+            self._allowed_cache = allowed_from_top_t(self.top_t_lists, self.config.num_moe_experts)
         return self._allowed_cache
+
+    def _groups_GN(self) -> torch.Tensor:
+        """[G, N] expert ids per group, cached (groups change only through relabelling)."""
+        cached = getattr(self, "_groups_cache", None)
+        if cached is None or cached.device != self.expert_to_group.device:
+            cached = groups_from_expert_to_group(self.expert_to_group, self.c2r_config.num_groups)
+            self._groups_cache = cached
+            self._contiguous_groups = bool(
+                (cached.flatten() == torch.arange(cached.numel(), device=cached.device)).all()
+            )
+        return cached
 
     # ------------------------------------------------------------------------------------------
     # Forward
@@ -270,7 +279,8 @@ class C2RRouter(TopKRouter):
         """logits [S, B, E] -> (probs [S*B, E], routing_map [S*B, E]); see the class docstring."""
         logits_TE = logits.view(-1, self.config.num_moe_experts)
         padding_T = padding_mask.reshape(-1) if padding_mask is not None else None
-        if self.c2r_config.check_finite_logits and not bool(torch.isfinite(logits_TE).all()):
+        # NaN/Inf propagate into the sum: one reduction instead of an elementwise isfinite pass.
+        if self.c2r_config.check_finite_logits and not bool(torch.isfinite(logits_TE.sum())):
             bad = int((~torch.isfinite(logits_TE)).any(dim=1).sum())
             raise ValueError(
                 f"router logits of layer {self.layer_number} hold NaN/Inf for {bad} of "
@@ -303,7 +313,7 @@ class C2RRouter(TopKRouter):
             expert_bias_E=self.expert_bias if self.score_function == "sigmoid" else None,
         )
         if cfg.mode == "c2r":
-            _, indices_TK = c2r_topk(scores_TE, self.topk, self._allowed())
+            _, indices_TK = c2r_topk(scores_TE, self.topk, self.top_t_lists)
         else:
             _, indices_TK = group_topk(
                 scores_TE,
@@ -312,6 +322,7 @@ class C2RRouter(TopKRouter):
                 cfg.num_groups,
                 cfg.max_groups,
                 anchored=cfg.group_selection == "anchored",
+                groups_GN=self._groups_GN(),
             )
         # 2. Megatron's probs for that selection.
         probs, routing_map = probs_from_selection(
@@ -333,9 +344,11 @@ class C2RRouter(TopKRouter):
             )
         # 4. Aux losses on the *constrained* routing map (the load the experts actually get).
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
-            _, scores_for_aux = compute_routing_scores_for_aux_loss(
-                logits_TE, self.topk, self.score_function, fused=False, padding_mask=padding_T
-            )
+            # Megatron's compute_routing_scores_for_aux_loss also runs a plain top-k whose map
+            # we would discard; only its full score distribution is needed here.
+            scores_for_aux = full_scores(logits_TE, self.score_function)
+            if padding_T is not None:
+                scores_for_aux = scores_for_aux * (~padding_T).unsqueeze(-1)
             aux_map = routing_map if padding_T is None else routing_map & ~padding_T.unsqueeze(-1)
             masked = padding_T is not None
             probs = self._apply_aux_loss(probs, scores_for_aux, aux_map, with_padding_mask=masked)
@@ -356,8 +369,12 @@ class C2RRouter(TopKRouter):
         coeff = self.c2r_config.penalty_coeff
         if coeff == 0 or (self.c2r_config.mode == "c2r" and not self._active):
             return probs
+        if self.c2r_config.mode == "c2r":
+            where = dict(top_t_lists_EL=self.top_t_lists)
+        else:
+            where = dict(expert_to_group_E=self.expert_to_group, num_groups=self.c2r_config.num_groups)
         penalty = collaboration_penalty(
-            logits_TE, self._allowed(), score_function=self.score_function, padding_mask_T=padding_T
+            logits_TE, score_function=self.score_function, padding_mask_T=padding_T, **where
         )
         self._last["penalty"] = penalty.detach()
         valid = None if padding_T is None else (~padding_T).sum()
@@ -368,11 +385,12 @@ class C2RRouter(TopKRouter):
     @torch.no_grad()
     def _record_stats(self, probs_TE, routing_map_TE, padding_T) -> None:
         """Cheap per-step statistics, kept as tensors (no host sync) until ``c2r_metrics``."""
-        used_TG = torch.zeros(
-            routing_map_TE.shape[0], self.c2r_config.num_groups, dtype=torch.int32,
-            device=routing_map_TE.device,
-        ).index_add_(1, self.expert_to_group, routing_map_TE.to(torch.int32)) > 0
-        groups_T = used_TG.sum(dim=1).float()
+        num_tokens, groups_GN = routing_map_TE.shape[0], self._groups_GN()
+        if self._contiguous_groups:
+            map_TGN = routing_map_TE.view(num_tokens, *groups_GN.shape)
+        else:
+            map_TGN = routing_map_TE.index_select(1, groups_GN.flatten()).view(num_tokens, *groups_GN.shape)
+        groups_T = map_TGN.any(dim=2).sum(dim=1).float()
         if self.c2r_config.mode == "c2r" and self._active:
             # c2r constraint: every expert inside {top-1} U top_t(top-1); top-1 = largest prob.
             anchor_T = (probs_TE.detach()).argmax(dim=-1)

@@ -97,22 +97,26 @@ def groups_from_expert_to_group(expert_to_group_E: torch.Tensor, num_groups: int
 # Selection rules
 # ------------------------------------------------------------------------------------------------
 def c2r_topk(
-    scores_TE: torch.Tensor, topk: int, allowed_EE: torch.Tensor
+    scores_TE: torch.Tensor, topk: int, top_t_lists_EL: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The C2R rule: top-1 free, the other k-1 experts from the top-1 expert's top-T list.
+
+    Only the L = T candidate columns are ranked (one gather + a top-(k-1) over L), so this costs
+    less than a plain top-k over all E experts.
 
     Args:
         scores_TE: selection scores (higher is better), any float dtype.
         topk: k.
-        allowed_EE: bool [E, E]; row e = {e} U top_t(e). Built once from the lists
-            (``allowed_from_top_t``), so routing is one gather, one masked_fill and one topk.
+        top_t_lists_EL: int64 [E, L]; row e = the collaborators of e (validated, no self entry).
     Returns:
-        (values_TK, indices_TK) like torch.topk; column 0 is the top-1 expert.
+        (values_TK, indices_TK) like torch.topk (descending); column 0 is the top-1 expert.
     """
-    top1_T = scores_TE.argmax(dim=-1)
-    allowed_TE = allowed_EE.index_select(0, top1_T)
-    masked_TE = scores_TE.masked_fill(~allowed_TE, float("-inf"))
-    return torch.topk(masked_TE, k=topk, dim=-1)
+    top1_values_T1, top1_T1 = scores_TE.max(dim=-1, keepdim=True)
+    cand_TL = top_t_lists_EL.index_select(0, top1_T1.squeeze(1))
+    rest_values_TR, rest_pos_TR = scores_TE.gather(1, cand_TL).topk(topk - 1, dim=-1)
+    indices_TK = torch.cat([top1_T1, cand_TL.gather(1, rest_pos_TR)], dim=1)
+    values_TK = torch.cat([top1_values_T1, rest_values_TR], dim=1)
+    return values_TK, indices_TK
 
 
 def allowed_from_top_t(top_t_lists_EL: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -129,6 +133,7 @@ def group_topk(
     num_groups: int,
     max_groups: int,
     anchored: bool = True,
+    groups_GN: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Hard group-aligned routing: each token uses at most ``max_groups`` groups (M).
 
@@ -138,27 +143,31 @@ def group_topk(
     M-1 *other* groups by group score are added. ``anchored=False``: the best M groups by group
     score (Megatron's rule). The k experts are then the top-k inside the kept groups.
 
-    Returns (values_TK, indices_TK) like torch.topk.
+    Only the kept groups' M*N candidate columns are ranked; anchored M=1 needs no group scores at
+    all (argmax -> its group -> top-k over N columns), which is cheaper than plain top-k.
+
+    Args:
+        groups_GN: [G, N] expert ids per group (``groups_from_expert_to_group``); pass it to avoid
+            recomputing it every call.
+    Returns (values_TK, indices_TK) like torch.topk (descending).
     """
     num_tokens, num_experts = scores_TE.shape
-    per_group = num_experts // num_groups
-    order_E = torch.sort(expert_to_group_E, stable=True).indices  # experts in group order
-    scores_TGN = scores_TE.index_select(1, order_E).view(num_tokens, num_groups, per_group)
-    take = max(1, min(per_group, topk // max_groups))
-    group_scores_TG = scores_TGN.topk(take, dim=-1).values.sum(dim=-1)
-    if anchored:
-        anchor_T = expert_to_group_E.index_select(0, scores_TE.argmax(dim=-1))
-        group_scores_TG = group_scores_TG.scatter(
-            1, anchor_T.unsqueeze(1), float("inf")
-        )
-    if max_groups == num_groups:
-        kept_TG = torch.ones_like(group_scores_TG, dtype=torch.bool)
+    if groups_GN is None:
+        groups_GN = groups_from_expert_to_group(expert_to_group_E, num_groups)
+    per_group = groups_GN.shape[1]
+    if anchored and max_groups == 1:
+        kept_TM = expert_to_group_E.index_select(0, scores_TE.argmax(dim=-1)).unsqueeze(1)
     else:
-        kept_idx_TM = group_scores_TG.topk(max_groups, dim=-1).indices
-        kept_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, kept_idx_TM, True)
-    allowed_TE = kept_TG.index_select(1, expert_to_group_E.long())
-    masked_TE = scores_TE.masked_fill(~allowed_TE, float("-inf"))
-    return torch.topk(masked_TE, k=topk, dim=-1)
+        scores_TGN = scores_TE.index_select(1, groups_GN.flatten()).view(num_tokens, num_groups, per_group)
+        take = max(1, min(per_group, topk // max_groups))
+        group_scores_TG = scores_TGN.topk(take, dim=-1).values.sum(dim=-1)
+        if anchored:
+            anchor_T1 = expert_to_group_E.index_select(0, scores_TE.argmax(dim=-1)).unsqueeze(1)
+            group_scores_TG = group_scores_TG.scatter(1, anchor_T1, float("inf"))
+        kept_TM = group_scores_TG.topk(max_groups, dim=-1).indices
+    cand_TC = groups_GN.index_select(0, kept_TM.flatten()).view(num_tokens, -1)  # C = M*N
+    values_TK, pos_TK = scores_TE.gather(1, cand_TC).topk(topk, dim=-1)
+    return values_TK, cand_TC.gather(1, pos_TK)
 
 
 # ------------------------------------------------------------------------------------------------

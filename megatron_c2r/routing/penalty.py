@@ -37,23 +37,30 @@ def full_scores(logits_TE: torch.Tensor, score_function: str) -> torch.Tensor:
 
 def collaboration_penalty(
     logits_TE: torch.Tensor,
-    allowed_EE: torch.Tensor,
     *,
+    expert_to_group_E: Optional[torch.Tensor] = None,
+    num_groups: Optional[int] = None,
+    top_t_lists_EL: Optional[torch.Tensor] = None,
     score_function: str = "softmax",
     padding_mask_T: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mean over valid tokens of the probability mass outside the anchor's allowed set (see the
     module docstring). Returns a 0-d fp32 tensor (without the coefficient).
 
-    Args:
-        logits_TE: router logits.
-        allowed_EE: bool [E, E]; row e is the allowed set of anchor e.
-        score_function: 'softmax' or 'sigmoid'.
-        padding_mask_T: bool, True marks padding (Megatron's convention); those tokens are excluded.
+    Give either ``top_t_lists_EL`` (c2r: allowed = {anchor} U top_t(anchor)) or
+    ``expert_to_group_E`` + ``num_groups`` (group: allowed = the anchor's group).
+    ``padding_mask_T``: bool, True marks padding (Megatron's convention); excluded.
     """
     p_TE = full_scores(logits_TE, score_function)
-    anchor_T = p_TE.detach().argmax(dim=-1)
-    inside_T = (p_TE * allowed_EE.index_select(0, anchor_T)).sum(dim=-1)
+    anchor_T1 = p_TE.detach().argmax(dim=-1, keepdim=True)
+    if top_t_lists_EL is not None:
+        cand_TL = top_t_lists_EL.index_select(0, anchor_T1.squeeze(1))
+        inside_T = p_TE.gather(1, anchor_T1).squeeze(1) + p_TE.gather(1, cand_TL).sum(dim=1)
+    elif expert_to_group_E is not None and num_groups is not None:
+        mass_TG = p_TE.new_zeros(p_TE.shape[0], num_groups).index_add_(1, expert_to_group_E, p_TE)
+        inside_T = mass_TG.gather(1, expert_to_group_E.index_select(0, anchor_T1.squeeze(1)).unsqueeze(1)).squeeze(1)
+    else:
+        raise ValueError("collaboration_penalty needs top_t_lists_EL or expert_to_group_E + num_groups")
     outside_T = 1.0 - inside_T
     if padding_mask_T is not None:
         valid_T = (~padding_mask_T).to(outside_T.dtype)

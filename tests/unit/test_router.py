@@ -263,3 +263,26 @@ def test_router_in_a_real_megatron_moe_layer_runs_forward_and_backward_on_cpu():
     assert out.shape == x.shape
     assert x.grad.abs().sum() > 0 and layer.router.weight.grad.abs().sum() > 0
     assert layer.router.c2r_metrics()["groups_per_token"] == 1.0
+
+
+def test_aux_loss_in_a_constrained_mode_is_computed_on_the_constrained_routing_map():
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+        switch_load_balancing_loss_func,
+    )
+
+    coeff = 1e-2
+    router = C2RRouter(make_config(moe_aux_loss_coeff=coeff), c2r_config=C2RRouterConfig(mode="group", num_groups=4))
+    router.set_layer_number(1)
+    clear_aux_losses_tracker()
+    x = torch.randn(40, 2, H)
+    probs, routing_map = _route(router, x)
+    logged = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"][0]
+    scores = torch.softmax(router.gating(x).view(-1, E), dim=-1)
+    expected = switch_load_balancing_loss_func(
+        probs=scores, tokens_per_expert=routing_map.sum(0), total_num_tokens=80, topk=K,
+        num_experts=E, moe_aux_loss_coeff=coeff,
+    ) / coeff
+    torch.testing.assert_close(logged, expected.detach())
+    clear_aux_losses_tracker()

@@ -5,14 +5,13 @@ import torch
 
 from megatron_c2r.collaboration import coactivation_counts, top_t_lists
 from megatron_c2r.routing.functional import (
-    allowed_from_top_t,
     c2r_topk,
     group_topk,
     probs_from_selection,
     validate_groups,
     validate_top_t_lists,
 )
-from megatron_c2r.routing.penalty import collaboration_penalty, group_allowed
+from megatron_c2r.routing.penalty import collaboration_penalty
 
 SHAPES = [(8, 2, 5), (16, 4, 3), (16, 4, 15), (64, 8, 12), (60, 4, 30)]  # E, k, T
 
@@ -31,7 +30,7 @@ def test_tokens_never_leave_the_top_t_list_of_their_top1_expert(num_experts, top
         gen = torch.Generator().manual_seed(seed)
         lists = random_lists(num_experts, top_t, gen)
         scores = torch.randn(257, num_experts, generator=gen)
-        values, idx = c2r_topk(scores, topk, allowed_from_top_t(lists, num_experts))
+        values, idx = c2r_topk(scores, topk, lists)
         assert torch.equal(idx[:, 0], scores.argmax(dim=-1)), "top-1 must be unconstrained"
         for t in range(scores.shape[0]):
             assert set(idx[t, 1:].tolist()) <= set(lists[idx[t, 0]].tolist())
@@ -45,7 +44,7 @@ def test_c2r_with_the_full_list_is_plain_topk():
     gen = torch.Generator().manual_seed(0)
     scores = torch.randn(500, 16, generator=gen)
     lists = top_t_lists(torch.ones(16, 16, dtype=torch.int64), 15)
-    _, idx = c2r_topk(scores, 4, allowed_from_top_t(lists, 16))
+    _, idx = c2r_topk(scores, 4, lists)
     assert torch.equal(idx.sort(1).values, scores.topk(4, dim=1).indices.sort(1).values)
 
 
@@ -112,11 +111,13 @@ def test_top_t_lists_rank_partners_by_count_and_break_ties_by_id():
 
 def test_penalty_is_the_mass_outside_the_anchor_group():
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.1, 0.1, 0.2, 0.6]]))
-    allowed = group_allowed(torch.tensor([0, 0, 1, 1]))
-    p = collaboration_penalty(logits, allowed)
+    groups = dict(expert_to_group_E=torch.tensor([0, 0, 1, 1]), num_groups=2)
+    p = collaboration_penalty(logits, **groups)
     assert torch.allclose(p, torch.tensor((0.3 + 0.2) / 2))
     padding = torch.tensor([False, True])
-    assert torch.allclose(collaboration_penalty(logits, allowed, padding_mask_T=padding), torch.tensor(0.3))
+    assert torch.allclose(collaboration_penalty(logits, padding_mask_T=padding, **groups), torch.tensor(0.3))
+    lists = torch.tensor([[2], [0], [1], [2]])  # c2r: allowed = {anchor} U list(anchor)
+    assert torch.allclose(collaboration_penalty(logits, top_t_lists_EL=lists), torch.tensor((0.3 + 0.2) / 2))
 
 
 @pytest.mark.parametrize(
