@@ -15,7 +15,16 @@ from typing import Optional, Sequence
 from megatron_c2r import __version__
 
 # name -> (module, one-line help)
-_SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+_SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": (
+        "megatron_c2r.pretrain",
+        "run one process of Megatron-LM GPT pretraining with C2R from a YAML config",
+    ),
+    "render": (
+        "megatron_c2r.render",
+        "print the exact command line and environment a YAML config runs",
+    ),
+}
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -210,3 +210,13 @@ def run_megatron_pretrain(
         extra_args_provider=extra_args_provider, args_defaults=args_defaults or {}
     )
     return pretrain(pretrain_cfg_container_from_args(args), **kwargs)  # pragma: no cover
+
+
+def supported_kwargs(fn: Any, kwargs: dict) -> dict:
+    """The subset of ``kwargs`` that ``fn`` (a function or class) accepts: constructor keywords
+    such as ``GPTModel(vp_stage=..., pg_collection=...)`` appeared across releases."""
+    target = fn.__init__ if isinstance(fn, type) else fn
+    params = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k in params}

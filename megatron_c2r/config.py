@@ -14,7 +14,6 @@ YAML schema (every section optional; unknown keys are errors)::
       mode: group                 # topk | c2r | group          (C2RRouterConfig)
       max_groups: 1               # ... every C2RRouterConfig field, same names
       dispatcher: dedup           # dedup (ours: one row per destination rank) | megatron
-      plan: null                  # placement plan JSON (megatron-c2r plan); applied to the router
       metrics_csv: null           # also append moe/c2r/* metrics to this CSV (long format)
     launch:                       # what the SLURM scripts and `pretrain` need to start processes
       nodes: 1
@@ -63,14 +62,15 @@ class C2ROptions:
     router: the C2RRouterConfig every MoE layer shares (field names are the YAML keys).
     dispatcher: 'dedup' -> our MoE layer ships one row per (token, destination rank);
         'megatron' -> Megatron's dispatcher from --moe-token-dispatcher-type.
-    plan: a placement plan file; its groups become ``router.expert_to_group``.
+    (A placement plan is applied to a checkpoint offline, ``megatron-c2r convert --plan``, then
+    loaded with ``--load``: Megatron loads weights after the model is built, so relabelling at
+    build time would be overwritten.)
     metrics_csv: append per-log-interval metrics here (written by the last rank).
     """
 
     enabled: bool = True
     router: C2RRouterConfig = field(default_factory=C2RRouterConfig)
     dispatcher: str = "dedup"
-    plan: Optional[str] = None
     metrics_csv: Optional[str] = None
 
 
@@ -201,7 +201,7 @@ def _c2r_flags() -> Dict[str, Tuple[str, str]]:
 
 
 # YAML key -> (flag, kind), derived from the dataclasses so a new router option gets a flag:
-# every C2RRouterConfig field, then dispatcher, plan, metrics_csv. Booleans that default to
+# every C2RRouterConfig field, then dispatcher, metrics_csv. Booleans that default to
 # True get a --c2r-no-<name> flag. ``--c2r-disable`` (enabled: false) is added separately.
 C2R_FLAGS: Dict[str, Tuple[str, str]] = _c2r_flags()
 
@@ -212,7 +212,7 @@ def c2r_argv(options: C2ROptions) -> List[str]:
     if not options.enabled:
         argv.append("--c2r-disable")
     values = dataclasses.asdict(options.router)
-    values.update(dispatcher=options.dispatcher, plan=options.plan, metrics_csv=options.metrics_csv)
+    values.update(dispatcher=options.dispatcher, metrics_csv=options.metrics_csv)
     for key, (flag, kind) in C2R_FLAGS.items():
         value = values[key]
         if kind in ("bool_on", "bool_off"):

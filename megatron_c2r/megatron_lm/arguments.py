@@ -10,7 +10,7 @@ the same table ``render`` writes argv from, so the two cannot drift apart.
     --c2r-group-selection anchored|group_score     --c2r-expert-to-group 0,0,1,1,...
     --c2r-penalty-coeff F          --c2r-warmup-steps N   --c2r-refresh-interval R
     --c2r-no-track-collaboration   --c2r-dispatcher dedup|megatron
-    --c2r-plan PLAN.json           --c2r-metrics-csv PATH
+    --c2r-metrics-csv PATH
     (one flag per C2RRouterConfig field; booleans that default to true get --c2r-no-<name>)
 """
 
@@ -35,7 +35,6 @@ _HELP = {
     "refresh_interval": "re-derive top-T lists every R iterations after warm-up (0 = never)",
     "track_collaboration": "do not count expert co-activation",
     "dispatcher": "dedup (one row per destination rank) or megatron (--moe-token-dispatcher-type)",
-    "plan": "placement plan JSON from `megatron-c2r plan`",
     "metrics_csv": "also append moe/c2r/* metrics to this CSV file",
 }
 

@@ -1,0 +1,114 @@
+"""``megatron-c2r render CONFIG.yaml [--set k=v ...] [--format FMT]``: what a run would execute.
+
+Prints, deterministically (same file + overrides -> same bytes; golden-tested), the command ONE
+training process runs and the environment it needs. Launchers (srun, torchrun, the SLURM
+scripts) wrap that command; they never rebuild it. Formats:
+
+    shell   (default) ``export K=V`` lines, then the command, one flag per line; paste-runnable
+    json    {"command": [...], "env": {...}, "world_size": N, "launch": {...}, "slurm": {...}}
+    args    the command, one argv element per line
+    args0   the command, each argv element followed by NUL (safe for any characters)
+    env     the environment, ``KEY=VALUE`` lines, values shell-quoted
+    launch  launch/SLURM knobs as ``KEY=VALUE`` lines, values shell-quoted: NNODES GPUS_PER_NODE
+            WORLD_SIZE PARTITION ACCOUNT QOS TIME_LIMIT JOB_NAME CONTAINER_IMAGE CONTAINER_MOUNTS
+            (comma-joined, pyxis syntax) EXCLUSIVE (1/0); unset ones are empty
+
+In a script::
+
+    eval "$(megatron-c2r render "$CONFIG" --format launch)"            # NNODES, PARTITION, ...
+    mapfile -d '' -t CMD < <(megatron-c2r render "$CONFIG" --format args0)
+    set -a; eval "$(megatron-c2r render "$CONFIG" --format env)"; set +a
+    srun ... "${CMD[@]}"        # or: torchrun ... -m megatron_c2r.megatron_lm "${CMD[@]:3}"
+
+``env`` and ``launch`` lines are ``KEY=VALUE`` with the value shell-quoted only when it needs
+quoting, so ``eval``/``source`` read them back exactly. The command always starts with ``<python> -m
+megatron_c2r.megatron_lm``. Exit status 2 and one line on stderr for a bad config.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+FORMATS = ("shell", "json", "args", "args0", "env", "launch")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", help="run config YAML (see megatron_c2r/config.py)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a value, e.g. --set c2r.max_groups=2 --set megatron.train-iters=10",
+    )  # fmt: skip
+    parser.add_argument("--format", choices=FORMATS, default="shell", help="output format")
+
+
+def run(args) -> int:
+    from megatron_c2r.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    cfg.check_megatron_lm()
+    sys.stdout.write(render(cfg, args.format))
+    return 0
+
+
+def render(cfg, fmt: str) -> str:
+    """The text ``render`` prints for a validated RunConfig."""
+    command, env = cfg.program_argv(), cfg.environment()
+    if fmt == "args0":
+        return "".join(f"{a}\0" for a in command)
+    if fmt == "args":
+        bad = [a for a in command if "\n" in a]
+        if bad:
+            raise ValueError(f"argument {bad[0]!r} contains a newline: use --format args0")
+        return "".join(f"{a}\n" for a in command)
+    if fmt == "env":
+        return "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items())
+    if fmt == "launch":
+        return "".join(f"{k}={shlex.quote(v)}\n" for k, v in launch_vars(cfg).items())
+    if fmt == "json":
+        doc = {
+            "command": command,
+            "env": env,
+            "world_size": cfg.launch.world_size,
+            "launch": launch_vars(cfg),
+        }
+        return json.dumps(doc, indent=2) + "\n"
+    return _shell(cfg, command, env)
+
+
+def launch_vars(cfg) -> dict:
+    """Launch and SLURM knobs as strings (empty when unset), in a fixed order."""
+    launch, slurm = cfg.launch, cfg.slurm
+    return {
+        "NNODES": str(launch.nodes),
+        "GPUS_PER_NODE": str(launch.gpus_per_node),
+        "WORLD_SIZE": str(launch.world_size),
+        "PARTITION": slurm.partition or "",
+        "ACCOUNT": slurm.account or "",
+        "QOS": slurm.qos or "",
+        "TIME_LIMIT": slurm.time or "",
+        "JOB_NAME": slurm.job_name,
+        "CONTAINER_IMAGE": slurm.container_image or "",
+        "CONTAINER_MOUNTS": ",".join(slurm.container_mounts),
+        "EXCLUSIVE": "1" if slurm.exclusive else "0",
+    }
+
+
+def _shell(cfg, command, env) -> str:
+    lines = [
+        f"# {cfg.source}: one process of {cfg.launch.world_size} "
+        f"({cfg.launch.nodes} nodes x {cfg.launch.gpus_per_node})",
+    ]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    # Group each flag with its values: "--flag v1 v2".
+    groups, current = [], command[:3]
+    for arg in command[3:]:
+        if arg.startswith("--"):
+            groups.append(current)
+            current = [arg]
+        else:
+            current.append(arg)
+    groups.append(current)
+    body = " \\\n    ".join(" ".join(shlex.quote(a) for a in g) for g in groups)
+    return "\n".join(lines) + "\n" + body + "\n"
