@@ -24,6 +24,10 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "megatron_c2r.render",
         "print the exact command line and environment a YAML config runs",
     ),
+    "plan": (
+        "megatron_c2r.placement.cli_plan",
+        "plan a collaboration-aware expert placement (and Top-T lists) from routing statistics",
+    ),
 }
 
 

@@ -1,0 +1,201 @@
+"""The plan file: JSON contract, atomic writing, validated reading.
+
+    {"num_experts": E, "ep_size": P, "top_k": K,
+     "layers": [{"layer": 0,                                  # 0-based, in file order
+                 "groups": [[expert ids on rank 0], [rank 1], ...],   # P groups of E/P
+                 "expert_to_rank": [rank of expert 0, ...],           # E entries
+                 "top_t_lists": [[T partners of expert 0], ...],      # only when T was given
+                 "predicted_ranks_per_token": {"identity": x, "random": y, "planned": z}},
+                ...]}
+
+All expert ids in the file are in the labelling of the collaboration source (before relabelling).
+Applying layer l relabels experts with ``order = concat(groups)``: NEW expert i is OLD expert
+``order[i]``, so group g becomes EP rank g's contiguous block. ``top_t_lists_relabelled`` gives
+the lists in the new ids, the form a router loaded after relabelling needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Any, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanLayer:
+    layer: int
+    groups: list[list[int]]
+    expert_to_rank: list[int]
+    predicted_ranks_per_token: dict[str, float]
+    top_t_lists: Optional[list[list[int]]] = None
+
+    @property
+    def order(self) -> list[int]:
+        """NEW expert i is OLD expert order[i]."""
+        return [e for group in self.groups for e in group]
+
+    def top_t_lists_relabelled(self) -> Optional[list[list[int]]]:
+        """Top-T lists in the new ids: row i = partners of new expert i, as new ids."""
+        if self.top_t_lists is None:
+            return None
+        order = self.order
+        new_id = {old: new for new, old in enumerate(order)}
+        return [[new_id[p] for p in self.top_t_lists[old]] for old in order]
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "layer": self.layer,
+            "groups": self.groups,
+            "expert_to_rank": self.expert_to_rank,
+        }
+        if self.top_t_lists is not None:
+            out["top_t_lists"] = self.top_t_lists
+        out["predicted_ranks_per_token"] = self.predicted_ranks_per_token
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    num_experts: int
+    ep_size: int
+    top_k: int
+    layers: list[PlanLayer]
+
+    def __post_init__(self):
+        validate_plan(self)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "num_experts": self.num_experts,
+            "ep_size": self.ep_size,
+            "top_k": self.top_k,
+            "layers": [layer.to_json() for layer in self.layers],
+        }
+
+    def check_matches(self, *, num_experts: int, num_layers: Optional[int] = None,
+                      ep_size: Optional[int] = None, what: str = "the model") -> None:
+        """Raise a one-line ValueError if this plan is for another E / layer count / EP size."""
+        if num_experts != self.num_experts:
+            raise ValueError(
+                f"plan is for num_experts={self.num_experts} but {what} has {num_experts}: "
+                "re-plan from this model's collaboration data"
+            )
+        if num_layers is not None and num_layers != len(self.layers):
+            raise ValueError(
+                f"plan has {len(self.layers)} layers but {what} has {num_layers} MoE layers: "
+                "re-plan from this model's collaboration data"
+            )
+        if ep_size is not None and ep_size != self.ep_size:
+            raise ValueError(
+                f"plan is for ep_size={self.ep_size} but {what} runs with EP={ep_size}: "
+                f"re-plan with --ep {ep_size}"
+            )
+
+
+def validate_plan(plan: Plan) -> None:
+    """Groups form a balanced partition of range(E) consistent with expert_to_rank; top-T lists
+    hold other experts' ids. One-line ValueError naming the field otherwise."""
+    E, P = plan.num_experts, plan.ep_size
+    if E < 1 or P < 1 or E % P:
+        raise ValueError(f"num_experts={E} must be a positive multiple of ep_size={P}")
+    if not 1 <= plan.top_k <= E:
+        raise ValueError(f"top_k={plan.top_k} must be in [1, num_experts={E}]")
+    for i, layer in enumerate(plan.layers):
+        where = f"layers[{i}]"
+        if layer.layer != i:
+            raise ValueError(f"{where}.layer={layer.layer}: layers are 0-based in file order, "
+                             f"expected {i}")
+        if len(layer.groups) != P or any(len(g) != E // P for g in layer.groups):
+            sizes = [len(g) for g in layer.groups]
+            raise ValueError(f"{where}.groups has sizes {sizes}: expected {P} groups of {E // P}")
+        flat = sorted(e for g in layer.groups for e in g)
+        if flat != list(range(E)):
+            raise ValueError(f"{where}.groups is not a partition of experts 0..{E - 1}: every "
+                             "expert must appear exactly once")
+        e2r = [None] * E
+        for g, members in enumerate(layer.groups):
+            for e in members:
+                e2r[e] = g
+        if list(layer.expert_to_rank) != e2r:
+            raise ValueError(f"{where}.expert_to_rank disagrees with groups: expected {e2r}")
+        if layer.top_t_lists is not None:
+            lists = layer.top_t_lists
+            if len(lists) != E or len({len(r) for r in lists}) > 1:
+                raise ValueError(f"{where}.top_t_lists must be {E} rows of equal length T")
+            for e, row in enumerate(lists):
+                if any(not 0 <= p < E or p == e for p in row) or len(set(row)) != len(row):
+                    raise ValueError(f"{where}.top_t_lists[{e}]={row}: ids must be distinct "
+                                     f"experts in [0, {E}) other than {e}")
+
+
+def _require(obj: dict, key: str, where: str):
+    if key not in obj:
+        raise ValueError(f"{where} has no {key!r}: not a megatron-c2r plan file")
+    return obj[key]
+
+
+def plan_from_json(obj: Any, where: str = "plan") -> Plan:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where} is a {type(obj).__name__}: expected a JSON object")
+    layers = []
+    for i, lo in enumerate(_require(obj, "layers", where)):
+        w = f"{where}.layers[{i}]"
+        if not isinstance(lo, dict):
+            raise ValueError(f"{w} is a {type(lo).__name__}: expected an object")
+        try:
+            groups = [[int(e) for e in g] for g in _require(lo, "groups", w)]
+            e2r = [int(r) for r in _require(lo, "expert_to_rank", w)]
+            top_t = lo.get("top_t_lists")
+            top_t = None if top_t is None else [[int(e) for e in row] for row in top_t]
+            layer_idx = int(_require(lo, "layer", w))
+        except (TypeError, ValueError) as exc:
+            if str(exc).startswith(w):
+                raise
+            raise ValueError(f"{w} has a non-integer expert id ({exc}): ids are ints") from None
+        pred = {k: float(v) for k, v in lo.get("predicted_ranks_per_token", {}).items()}
+        layers.append(PlanLayer(layer_idx, groups, e2r, pred, top_t))
+    try:
+        return Plan(
+            num_experts=int(_require(obj, "num_experts", where)),
+            ep_size=int(_require(obj, "ep_size", where)),
+            top_k=int(_require(obj, "top_k", where)),
+            layers=layers,
+        )
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def write_plan(plan: Plan, path: str) -> None:
+    """Write atomically (temp file in the same directory + os.replace): readers never see a
+    half-written plan, and a failure leaves any previous file untouched."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"output directory {directory!r} does not exist")
+    obj = plan.to_json()
+    # One layer per line: readable with grep/diff, and small for E=256.
+    head = ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in obj.items() if k != "layers")
+    body = ",\n".join("  " + json.dumps(layer) for layer in obj["layers"])
+    text = "{\n" + head + ',\n "layers": [\n' + body + "\n ]\n}"
+    fd, tmp = tempfile.mkstemp(prefix=".plan-", suffix=".json.tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_plan(path: str) -> Plan:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"plan file {path!r} does not exist")
+    with open(path) as f:
+        try:
+            obj = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"plan file {path!r} is not JSON ({exc.msg} at line {exc.lineno})"
+                             ) from None
+    return plan_from_json(obj, where=path)
