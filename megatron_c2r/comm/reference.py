@@ -40,7 +40,9 @@ def reference_send_rows(
     return rows
 
 
-def reference_expand(received: Sequence[Row], num_local_experts: int) -> list[list[tuple[int, float]]]:
+def reference_expand(
+    received: Sequence[Row], num_local_experts: int
+) -> list[list[tuple[int, float]]]:
     """For each local expert, the (received row index, prob) pairs it processes, in row order."""
     per_expert: list[list[tuple[int, float]]] = [[] for _ in range(num_local_experts)]
     for q, (_, _, experts) in enumerate(received):
@@ -49,7 +51,9 @@ def reference_expand(received: Sequence[Row], num_local_experts: int) -> list[li
     return per_expert
 
 
-def reference_precombine(y_NH: torch.Tensor, row_idx_N: Sequence[int], num_rows: int) -> torch.Tensor:
+def reference_precombine(
+    y_NH: torch.Tensor, row_idx_N: Sequence[int], num_rows: int
+) -> torch.Tensor:
     """Sum expert output rows that came from the same received row (loop)."""
     out = torch.zeros(num_rows, y_NH.shape[1], dtype=y_NH.dtype)
     for n, q in enumerate(row_idx_N):

@@ -52,8 +52,8 @@ def validate_dedup_config(config, ep_size: int, expert_tp_size: int) -> None:
 
     Supported: any EP size dividing ``num_moe_experts``, dropless routing and capacity-factor
     dropping without padding (both are just a routing map), shared experts computed by the MoE
-    layer, attention TP with or without sequence parallel (like Megatron's alltoall with expert TP 1,
-    the dispatcher only talks to the EP group), fp32/bf16/fp16.
+    layer, fp32/bf16/fp16. With expert TP 1 the dispatcher talks only to the EP group, as
+    Megatron's alltoall does, so attention TP (with sequence parallel) needs nothing extra here.
     """
     alt = "or build the layer with dispatcher='megatron'"
     if expert_tp_size != 1:
@@ -130,8 +130,12 @@ class DedupAlltoAllTokenDispatcher(MoETokenDispatcher):
         validate_dedup_config(config, ep_size, utils.get_pg_size(pg_collection.expt_tp))
         super().__init__(config=config, pg_collection=pg_collection)
         self.ep_rank = utils.get_pg_rank(self.ep_group)
-        expected = list(range(self.ep_rank * num_local_experts, (self.ep_rank + 1) * num_local_experts))
-        if num_local_experts * ep_size != config.num_moe_experts or list(local_expert_indices) != expected:
+        first = self.ep_rank * num_local_experts
+        expected = list(range(first, first + num_local_experts))
+        if (
+            num_local_experts * ep_size != config.num_moe_experts
+            or list(local_expert_indices) != expected
+        ):
             raise ValueError(
                 f"local_expert_indices={list(local_expert_indices)} must be the contiguous block "
                 f"{expected[0]}..{expected[-1]} of EP rank {self.ep_rank} "
@@ -188,8 +192,8 @@ class DedupAlltoAllTokenDispatcher(MoETokenDispatcher):
             [send_counts_PC.flatten(), recv_counts_PC.flatten(), send.routed_tokens.view(1)]
         ).tolist()  # the one device->host sync of the forward pass
         C = send_counts_PC.shape[1]
-        send_table = [host[p * C : (p + 1) * C] for p in range(self.ep_size)]
-        recv_table = [host[(self.ep_size + p) * C : (self.ep_size + p + 1) * C] for p in range(self.ep_size)]
+        rows_of = [host[i * C : (i + 1) * C] for i in range(2 * self.ep_size)]
+        send_table, recv_table = rows_of[: self.ep_size], rows_of[self.ep_size :]
         worst = max(row[-1] for row in recv_table)
         if worst > self.num_slots:
             raise ValueError(

@@ -239,7 +239,9 @@ EDGE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("ep,tokens,case,k", EDGE_CASES, ids=[c[2] + f"-ep{c[0]}-k{c[3]}" for c in EDGE_CASES])
+@pytest.mark.parametrize(
+    "ep,tokens,case,k", EDGE_CASES, ids=[f"{c[2]}-ep{c[0]}-k{c[3]}" for c in EDGE_CASES]
+)
 def test_edge_case_routing_matches_megatron_and_dense_reference(dist_pool, ep, tokens, case, k):
     results = dist_pool(ep).run(_routing_driven_equivalence, ep, tokens, case, k)
     check(results)

@@ -73,16 +73,10 @@ def test_expansion_groups_rows_by_local_expert_in_row_order():
     send = build_send_rows(routing_map_TE, probs_TE, ep_size=2, num_slots=3)
     expanded = expand_rows(send.meta_RM, num_local_experts=4)
     oracle = reference_expand(reference_send_rows(routing_map_TE, probs_TE, 2), 4)
+    pairs = list(zip(expanded.row_idx_N.tolist(), expanded.probs_N.tolist()))
     got, start = [], 0
     for count in expanded.tokens_per_expert_L.tolist():
-        got.append(
-            [
-                (int(q), float(p))
-                for q, p in zip(
-                    expanded.row_idx_N[start : start + count], expanded.probs_N[start : start + count]
-                )
-            ]
-        )
+        got.append(pairs[start : start + count])
         start += count
     assert got == oracle
 
