@@ -16,6 +16,10 @@ from megatron_c2r import __version__
 
 # name -> (module, one-line help)
 _SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": (
+        "megatron_c2r.cpu.cli",
+        "the CPU main job: tiny real C2R MoE pretraining on gloo (no GPU needed)",
+    ),
     "pretrain": (
         "megatron_c2r.pretrain",
         "run one process of Megatron-LM GPT pretraining with C2R from a YAML config",

@@ -1,0 +1,146 @@
+"""The CPU main job's data: a real text corpus that exists offline on every machine.
+
+Corpus: the Python standard library's own ``*.py`` files (``sysconfig``'s ``stdlib`` path, test
+suites excluded), taken in sorted path order until ``max_bytes``; one file = one document.
+Tokenizer: bytes (ids 0..255) plus an end-of-document id; nothing is downloaded.
+
+Storage and sampling are Megatron-core's own: documents are written once to an
+``IndexedDataset`` (.bin/.idx, written to temporary names and renamed, so a killed job never
+leaves a half-built dataset), and samples come from ``GPTDataset`` built by
+``BlendedMegatronDatasetBuilder`` with a 95/5 train/validation document split. Sample order is a
+function of the seed and sample index only, which is what makes ``--resume`` reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+
+EOD_ID = 256
+PAD_ID = 257
+VOCAB_SIZE = 258  # bytes + EOD + PAD
+PADDED_VOCAB_SIZE = 264  # multiple of 8 for the embedding/output layer
+
+
+def stdlib_files(max_bytes: int, root: Optional[str] = None) -> List[str]:
+    """Sorted ``*.py`` paths of the standard library (tests and site-packages excluded), the
+    shortest prefix of that order holding at least ``max_bytes`` (all files if fewer)."""
+    root = root or sysconfig.get_paths()["stdlib"]
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        paths.extend(os.path.join(dirpath, f) for f in filenames if f.endswith(".py"))
+    paths.sort(key=lambda p: os.path.relpath(p, root))
+    chosen, total = [], 0
+    for path in paths:
+        if total >= max_bytes:
+            break
+        size = os.path.getsize(path)
+        if size == 0:
+            continue
+        chosen.append(path)
+        total += size
+    if not chosen:
+        raise FileNotFoundError(f"no *.py files under the standard library path {root!r}")
+    return chosen
+
+
+class ByteTokenizer:
+    """Byte-level tokenizer with the attributes Megatron's datasets read (``eod``, ``pad``,
+    ``vocab_size``, ``unique_identifiers`` for the dataset cache key). Duck-typed rather than a
+    ``MegatronTokenizer`` subclass: that base class moved between 0.16 and 0.18."""
+
+    eod = EOD_ID
+    pad = PAD_ID
+    vocab_size = VOCAB_SIZE
+    unique_identifiers = {"class": "megatron_c2r.ByteTokenizer", "vocab_size": VOCAB_SIZE}
+
+    def tokenize(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+    def detokenize(self, ids) -> str:
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    prefix: str  # IndexedDataset path prefix (prefix.bin / prefix.idx)
+    num_documents: int
+    num_tokens: int
+    fingerprint: str  # sha256 over (relative path, bytes) of every document
+
+
+def build_corpus(data_dir: str, max_bytes: int, root: Optional[str] = None) -> Corpus:
+    """Write the byte corpus as a Megatron IndexedDataset under ``data_dir`` (reused when the
+    same corpus is already there). Call on one rank; the others wait at a barrier."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    files = stdlib_files(max_bytes, root)
+    base = root or sysconfig.get_paths()["stdlib"]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(os.path.relpath(path, base).encode())
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    fingerprint = digest.hexdigest()[:16]
+    prefix = os.path.join(data_dir, f"stdlib_bytes_{fingerprint}")
+    meta_path = prefix + ".json"
+    if os.path.exists(meta_path) and os.path.exists(prefix + ".idx"):
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        return Corpus(prefix, meta["num_documents"], meta["num_tokens"], fingerprint)
+
+    os.makedirs(data_dir, exist_ok=True)
+    tmp = f"{prefix}.tmp{os.getpid()}"
+    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=np.uint16)
+    num_tokens = 0
+    for path in files:
+        with open(path, "rb") as f:
+            ids = np.frombuffer(f.read(), dtype=np.uint8).astype(np.uint16)
+        ids = np.append(ids, np.uint16(EOD_ID))
+        import torch
+
+        builder.add_document(torch.from_numpy(ids.astype(np.int64)), [len(ids)])
+        num_tokens += len(ids)
+    builder.finalize(tmp + ".idx")
+    os.replace(tmp + ".bin", prefix + ".bin")
+    os.replace(tmp + ".idx", prefix + ".idx")
+    meta = {"num_documents": len(files), "num_tokens": num_tokens, "fingerprint": fingerprint,
+            "files": [os.path.relpath(p, base) for p in files]}
+    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+    os.replace(meta_path + ".tmp", meta_path)
+    return Corpus(prefix, len(files), num_tokens, fingerprint)
+
+
+def build_datasets(corpus: Corpus, *, seq_length: int, train_samples: int, valid_samples: int,
+                   seed: int, cache_dir: str):
+    """(train, valid) ``GPTDataset``s over the corpus, split 95/5 by document."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=([corpus.prefix], None),
+        split="95,5,0",
+        path_to_cache=cache_dir,
+        tokenizer=ByteTokenizer(),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
+    ).build()
+    return train, valid

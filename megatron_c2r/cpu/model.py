@@ -1,0 +1,89 @@
+"""Build the CPU main job's GPTModel: Megatron's own GPTModel and block spec, with our router and
+dispatcher injected through the spec (the same builder the cluster path uses) and the attention
+swap from ``cpu.platform``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_c2r.cpu.config import CPUTrainConfig
+from megatron_c2r.cpu.data import PADDED_VOCAB_SIZE
+from megatron_c2r.cpu.platform import cpu_block_spec
+
+
+def transformer_config(cfg: CPUTrainConfig):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_moe_experts=cfg.num_experts,
+        moe_router_topk=cfg.topk,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        expert_model_parallel_size=cfg.ep_size,
+        moe_router_load_balancing_type=cfg.load_balancing_type,
+        moe_aux_loss_coeff=cfg.aux_loss_coeff,
+        moe_router_score_function=cfg.score_function,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=cfg.grouped_gemm,
+        normalization=cfg.normalization,
+        gated_linear_unit=cfg.swiglu,
+        activation_func=F.silu if cfg.swiglu else F.gelu,
+        init_method_std=cfg.init_method_std,
+        hidden_dropout=0.0,  # CPU runner: no dropout RNG streams (see cpu.platform)
+        attention_dropout=0.0,
+        add_bias_linear=False,
+        use_cpu_initialization=True,
+        bf16=False,
+        params_dtype=torch.float32,
+    )
+
+
+def build_model(cfg: CPUTrainConfig, seed: int):
+    """GPTModel with C2R MoE layers on CPU. Dense weights are identical on every rank (same
+    seed); each expert is then re-initialised from a seed of its *global* id, so expert e starts
+    from the same weights whatever EP size or placement the run uses."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megatron_c2r.moe.specs import get_c2r_decoder_block_spec
+
+    config = transformer_config(cfg)
+    torch.manual_seed(seed)
+    spec = get_c2r_decoder_block_spec(
+        config, cfg.c2r, use_transformer_engine=False, normalization=cfg.normalization
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=cpu_block_spec(spec),
+        vocab_size=PADDED_VOCAB_SIZE,
+        max_sequence_length=cfg.seq_length,
+        position_embedding_type="learned_absolute",  # RoPE moves its buffers to CUDA in 0.16
+        share_embeddings_and_output_weights=not cfg.untie_embeddings,
+    )
+    _reinit_experts(model, config, seed, ps.get_expert_model_parallel_rank())
+    return model
+
+
+@torch.no_grad()
+def _reinit_experts(model, config, seed: int, ep_rank: int) -> None:
+    for layer in model.decoder.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is None or not hasattr(experts, "local_experts"):
+            continue
+        n_local = len(experts.local_experts)
+        for i, expert in enumerate(experts.local_experts):
+            gen = torch.Generator().manual_seed(seed * 100_003 + layer.layer_number * 1009 + ep_rank * n_local + i)
+            for name, param in expert.named_parameters():
+                std = config.init_method_std
+                if "linear_fc2" in name:  # Megatron's scaled init for output projections
+                    std = std / (2.0 * config.num_layers) ** 0.5
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def expert_parameter(name: str) -> bool:
+    """Expert weights live on one EP rank each (no data-parallel all-reduce across EP)."""
+    return ".experts." in name

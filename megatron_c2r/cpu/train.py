@@ -1,0 +1,275 @@
+"""The CPU main job: tiny real C2R MoE pretraining on gloo, one command.
+
+    megatron-c2r train --config configs/tiny_cpu.yaml [--steps N] [--out DIR] [--resume]
+
+What happens (each rank = one gloo process = one EP rank; EP = data parallel here):
+    1. Build the byte corpus (Python stdlib sources) as a Megatron IndexedDataset, GPTDatasets.
+    2. Build Megatron's GPTModel with our router and dedup dispatcher via the layer spec.
+    3. Warm-up: plain top-k routing while each router's tracker counts co-activation.
+    4. At the end of the warm-up: sum the trackers over ranks, plan a collaboration-aware
+       placement per layer, relabel experts across ranks (weights + optimizer state move with one
+       all-to-all), then the routers turn the C2R constraint on (anchored group mode by default:
+       every token's experts on one rank).
+    5. Train on: AdamW, warm-up + cosine LR, gradient clipping. A progress bar shows loss,
+       ranks/token (rows our dispatcher ships per token), rows vs alltoall, tokens/s.
+    6. At the end: validation loss, a summary line, metrics CSV, TensorBoard events, a PNG plot,
+       a checkpoint (atomic, per rank); ``--resume`` continues from it with identical routing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_c2r.cpu.config import CPUTrainConfig, as_dict
+from megatron_c2r.cpu.model import expert_parameter
+
+SUMMARY_FILE = "summary.json"
+HISTORY_FILE = "history.csv"
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch
+# ------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cfg: CPUTrainConfig, *, resume: bool = False, exit_after: Optional[int] = None) -> Dict:
+    """Spawn ``cfg.ep_size`` gloo processes, train, and return rank 0's summary dict."""
+    import torch.multiprocessing as mp
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    port = _free_port()
+    mp.spawn(_worker, args=(cfg, port, resume, exit_after), nprocs=cfg.ep_size, join=True)
+    with open(os.path.join(cfg.out_dir, SUMMARY_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _worker(rank: int, cfg: CPUTrainConfig, port: int, resume: bool, exit_after: Optional[int]):
+    warnings.filterwarnings("ignore")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(cfg.threads)
+    dist.init_process_group("gloo", rank=rank, world_size=cfg.ep_size)
+    try:
+        Trainer(cfg, rank).train(resume=resume, exit_after=exit_after)
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainer
+# ------------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: CPUTrainConfig, rank: int):
+        from megatron.core import parallel_state as ps
+
+        from megatron_c2r.cpu.data import build_corpus, build_datasets
+        from megatron_c2r.cpu.model import build_model
+        from megatron_c2r.cpu.platform import setup_cpu_megatron
+        from megatron_c2r.metrics import C2RMetrics
+
+        self.cfg, self.rank, self.world = cfg, rank, cfg.ep_size
+        ps.initialize_model_parallel(expert_model_parallel_size=cfg.ep_size)
+        setup_cpu_megatron(cfg.seed)
+        data_dir = os.path.join(cfg.out_dir, "data")
+        if rank == 0:  # rank 0 writes the corpus and the dataset index caches first
+            corpus = build_corpus(data_dir, cfg.corpus_bytes)
+            self.train_ds, self.valid_ds = self._datasets(build_datasets, corpus, data_dir)
+        dist.barrier()
+        if rank != 0:
+            corpus = build_corpus(data_dir, cfg.corpus_bytes)
+            self.train_ds, self.valid_ds = self._datasets(build_datasets, corpus, data_dir)
+        self.corpus = corpus
+        self.model = build_model(cfg, cfg.seed)
+        self.optimizer = self._optimizer()
+        self.metrics = C2RMetrics().attach(self.model)
+        self.iteration = 0
+        self.placements: List[List[List[int]]] = []  # per re-plan: per layer: order
+        self.history: List[Dict[str, float]] = []
+
+    def _datasets(self, build_datasets, corpus, data_dir):
+        cfg = self.cfg
+        return build_datasets(
+            corpus,
+            seq_length=cfg.seq_length,
+            train_samples=cfg.train_iters * cfg.micro_batch_size * self.world,
+            valid_samples=max(cfg.eval_iters, 1) * cfg.micro_batch_size * self.world,
+            seed=cfg.seed,
+            cache_dir=os.path.join(data_dir, "cache"),
+        )
+
+    def _optimizer(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (decay if p.dim() >= 2 and "router" not in name else no_decay).append(p)
+        cfg = self.cfg
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        )
+
+    # -- schedule ------------------------------------------------------------------------------
+    def lr_at(self, it: int) -> float:
+        cfg = self.cfg
+        if it < cfg.lr_warmup_iters:
+            return cfg.lr * (it + 1) / cfg.lr_warmup_iters
+        if cfg.lr_decay_style == "constant":
+            return cfg.lr
+        frac = (it - cfg.lr_warmup_iters) / max(1, cfg.train_iters - cfg.lr_warmup_iters)
+        frac = min(max(frac, 0.0), 1.0)
+        if cfg.lr_decay_style == "linear":
+            return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 - frac)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
+
+    # -- data ----------------------------------------------------------------------------------
+    def _batch(self, dataset, index: int):
+        """Samples [index*mb*world + rank*mb, +mb): a function of (step, rank) only."""
+        mb = self.cfg.micro_batch_size
+        start = (index * self.world + self.rank) * mb
+        samples = [dataset[(start + i) % len(dataset)] for i in range(mb)]
+        return {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+
+    def _loss(self, batch) -> torch.Tensor:
+        losses = self.model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        mask = batch["loss_mask"]
+        return (losses * mask).sum() / mask.sum()
+
+    # -- one step ------------------------------------------------------------------------------
+    def train_step(self, it: int) -> float:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._loss(self._batch(self.train_ds, it))
+        loss.backward()
+        self._reduce_gradients()
+        self._clip_gradients()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(it)
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def _reduce_gradients(self) -> None:
+        """Dense parameters are replicated (data parallel over all ranks): average their grads.
+        Expert gradients already hold every rank's tokens (through the all-to-all backward), so
+        they are divided by the data-parallel size only, as Megatron's DDP does."""
+        dense = [p.grad for n, p in self.model.named_parameters() if p.grad is not None and not expert_parameter(n)]
+        if dense:
+            flat = torch.cat([g.flatten() for g in dense])
+            dist.all_reduce(flat)
+            flat /= self.world
+            offset = 0
+            for g in dense:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        for n, p in self.model.named_parameters():
+            if p.grad is not None and expert_parameter(n):
+                p.grad /= self.world
+
+    def _clip_gradients(self) -> None:
+        """Global-norm clipping: dense norms are identical on all ranks, expert norms are summed."""
+        dense_sq = torch.zeros((), dtype=torch.float64)
+        expert_sq = torch.zeros((), dtype=torch.float64)
+        for n, p in self.model.named_parameters():
+            if p.grad is None:
+                continue
+            sq = p.grad.double().pow(2).sum()
+            if expert_parameter(n):
+                expert_sq += sq
+            else:
+                dense_sq += sq
+        dist.all_reduce(expert_sq)
+        norm = float((dense_sq + expert_sq).sqrt())
+        self.last_grad_norm = norm
+        if self.cfg.clip_grad > 0 and norm > self.cfg.clip_grad:
+            scale = self.cfg.clip_grad / (norm + 1e-6)
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+
+    # -- placement at the end of the warm-up ---------------------------------------------------
+    def plan_and_relabel(self) -> List[List[int]]:
+        """Sum every router's tracker over ranks, plan a balanced placement per layer, and
+        relabel experts in place (weights and optimizer state move between ranks)."""
+        from megatron_c2r.cpu.replan import plan_and_relabel_model
+
+        return plan_and_relabel_model(self.model, self.optimizer, seed=self.cfg.seed)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for i in range(self.cfg.eval_iters):
+            loss = self._loss(self._batch(self.valid_ds, i))
+            total += torch.tensor([float(loss), 1.0], dtype=torch.float64)
+        dist.all_reduce(total)
+        return float(total[0] / total[1])
+
+    # -- loop ----------------------------------------------------------------------------------
+    def train(self, *, resume: bool = False, exit_after: Optional[int] = None) -> None:
+        from megatron_c2r.cpu import outputs
+        from megatron_c2r.moe.router import step_routers
+
+        cfg = self.cfg
+        if resume:
+            outputs.load_checkpoint(self)
+        writer = outputs.tensorboard_writer(cfg.out_dir) if self.rank == 0 else None
+        bar = outputs.progress_bar(cfg, self.iteration) if self.rank == 0 else None
+        warmup = cfg.c2r.router.warmup_steps if cfg.c2r.enabled else 0
+        csv_path = os.path.join(cfg.out_dir, "metrics.csv") if self.rank == 0 else None
+        t_start, tokens_done, last = time.perf_counter(), 0, {}
+        stop = cfg.train_iters if exit_after is None else min(cfg.train_iters, exit_after)
+        while self.iteration < stop:
+            it = self.iteration
+            t0 = time.perf_counter()
+            loss = self.train_step(it)
+            if cfg.c2r.enabled and cfg.replan and it + 1 == warmup and warmup > 0:
+                self.placements.append(self.plan_and_relabel())
+            step_routers(self.model, it)
+            self.metrics.record(self.model)
+            loss_t = torch.tensor([loss])
+            dist.all_reduce(loss_t)
+            loss = float(loss_t) / self.world
+            tokens_done += cfg.tokens_per_step
+            self.iteration += 1
+            row = {"iteration": self.iteration, "loss": loss, "lr": self.lr_at(it),
+                   "grad_norm": self.last_grad_norm,
+                   "step_time_s": time.perf_counter() - t0,
+                   "constrained": float(cfg.c2r.enabled and self.iteration > warmup)}
+            if self.iteration % cfg.log_interval == 0 or self.iteration in (1, stop):
+                values = self.metrics.report(self.iteration, tb_writer=writer, csv_path=csv_path,
+                                             group=dist.group.WORLD, per_layer=True)
+                self.metrics.reset()
+                last = values
+                row["ranks_per_token"] = values.get("moe/c2r/ranks_per_token", float("nan"))
+                row["rows_per_token_alltoall"] = values.get("moe/c2r/rows_per_token_alltoall", float("nan"))
+            if self.rank == 0:
+                self.history.append(row)
+                if writer is not None:
+                    writer.add_scalar("lm loss", loss, self.iteration)
+                    writer.add_scalar("learning-rate", row["lr"], self.iteration)
+                    writer.add_scalar("grad-norm", row["grad_norm"], self.iteration)
+                tps = tokens_done / (time.perf_counter() - t_start)
+                outputs.update_bar(bar, loss, last, tps)
+            if cfg.save_interval and self.iteration % cfg.save_interval == 0:
+                outputs.save_checkpoint(self)
+        elapsed = time.perf_counter() - t_start
+        val_loss = self.evaluate()
+        outputs.save_checkpoint(self)
+        if self.rank == 0:
+            if bar is not None:
+                bar.close()
+            outputs.finish(self, val_loss=val_loss, elapsed_s=elapsed, tokens=tokens_done,
+                           last_metrics=last, writer=writer, config=as_dict(cfg))
+        dist.barrier()
