@@ -24,7 +24,7 @@ TOL = 1e-6  # relative (norm-wise), fp32
 # ----------------------------------------------------------------------------------------------
 # Helpers (run inside workers)
 # ----------------------------------------------------------------------------------------------
-def build_layer(dispatcher: str, ep: int, **overrides):
+def build_layer(dispatcher: str, ep: int, tp: int = 1, **overrides):
     """A C2RMoELayer (dedup) or stock MoELayer (megatron) with identical, deterministic weights:
     router weights equal on every rank, expert e's weights drawn from a generator seeded by e."""
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
@@ -32,8 +32,10 @@ def build_layer(dispatcher: str, ep: int, **overrides):
 
     from megatron_c2r.moe.layer import C2RMoELayer
 
-    init_parallel(ep=ep)
+    init_parallel(ep=ep, tp=tp)
     base = dict(hidden_size=H, moe_ffn_hidden_size=FFN, num_moe_experts=E)
+    if tp > 1:  # attention TP with sequence parallel; experts stay whole (expert TP 1)
+        base.update(tensor_model_parallel_size=tp, sequence_parallel=True)
     config = moe_config(**{**base, **overrides})
     spec = get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts)
     torch.manual_seed(1234)
@@ -106,12 +108,12 @@ def compare(a, b) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Workers
 # ----------------------------------------------------------------------------------------------
-def _router_driven_equivalence(ep, tokens_per_rank, overrides):
+def _router_driven_equivalence(ep, tokens_per_rank, overrides, tp=1):
     """Full layer forward+backward with the stock TopKRouter; dedup vs megatron vs dense."""
     x, grad_out = inputs(tokens_per_rank)
     with megatron_cpu():  # the stock router's gating and the stock dispatcher need it
-        ours = build_layer("dedup", ep, **overrides)
-        theirs = build_layer("megatron", ep, **overrides)
+        ours = build_layer("dedup", ep, tp, **overrides)
+        theirs = build_layer("megatron", ep, tp, **overrides)
         theirs.load_state_dict(ours.state_dict())
         got = run_layer(ours, x, grad_out)
         want = run_layer(theirs, x, grad_out)
@@ -226,6 +228,13 @@ def test_shared_experts_and_capacity_dropping_match_megatron(dist_pool):
     results = dist_pool(2).run(_router_driven_equivalence, 2, [8, 8], overrides)
     check(results)
     assert all(r["brute_megatron_rows"] < 16 * 2 for r in results)  # some tokens were dropped
+
+
+@pytest.mark.world_size(2)
+def test_tensor_parallel_with_sequence_parallel_matches_megatron_at_tp2_ep2(dist_pool):
+    # Each TP rank holds its own sequence shard [S/TP, B, H]; EP spans the two TP ranks.
+    results = dist_pool(2).run(_router_driven_equivalence, 2, [6, 6], {}, 2)
+    check(results)
 
 
 EDGE_CASES = [
