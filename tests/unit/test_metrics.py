@@ -1,0 +1,136 @@
+"""The metrics owner: pure routing statistics, and record -> report -> reset on real MoE layers
+reaching TensorBoard event files and CSV with the documented names."""
+
+import csv
+import os
+
+import pytest
+import torch
+
+from megatron_c2r.config import C2ROptions
+from megatron_c2r.metrics import C2RMetrics, console_line, routing_stats
+from megatron_c2r.routing.config import C2RRouterConfig
+from tests.megatron_cpu import init_parallel, megatron_cpu, moe_config
+
+
+def test_routing_stats_of_a_hand_made_map_match_the_definitions():
+    # 4 experts on 2 EP ranks ({0,1} on rank 0, {2,3} on rank 1); top-2; this is rank 0.
+    rmap = torch.tensor(
+        [[1, 1, 0, 0],   # both on rank 0: 1 rank, 1 intra-group pair
+         [1, 0, 1, 0],   # ranks 0 and 1: 2 ranks, cross pair
+         [0, 0, 1, 1],   # rank 1 only
+         [0, 1, 0, 1]],  # ranks 0 and 1
+        dtype=torch.bool,
+    )
+    s = {k: float(v) for k, v in routing_stats(rmap, ep_size=2, ep_rank=0).items()}
+    assert s["ranks_per_token"] == pytest.approx(6 / 4)
+    assert s["rows_per_token_alltoall"] == pytest.approx(2.0)
+    assert s["row_reduction"] == pytest.approx(2.0 / 1.5)
+    assert s["remote_fraction"] == pytest.approx(3 / 6)  # rows to rank 1: tokens 1, 2, 3
+    assert s["intra_group_share"] == pytest.approx(2 / 4)
+    assert s["tokens_per_expert_max_over_mean"] == pytest.approx(1.0)  # 2 tokens per expert
+    assert s["tokens_per_expert_cv"] == pytest.approx(0.0)
+    assert s["overload_factor"] == pytest.approx(1.0)
+
+
+def test_routing_stats_skip_padding_and_measure_overload():
+    rmap = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    padding = torch.tensor([False, False, True])
+    s = {k: float(v) for k, v in routing_stats(rmap, ep_size=2, padding_T=padding).items()}
+    assert s["ranks_per_token"] == 1.0 and s["remote_fraction"] == 0.0
+    assert s["overload_factor"] == pytest.approx(2.0)  # rank 0 gets all 4 assignments
+    assert s["intra_group_share"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def moe_layers():
+    """Two real MoE layers (layer numbers 1 and 2) built from our spec: C2R router, dedup layer."""
+    import torch.distributed as dist
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_c2r.moe.specs import get_c2r_decoder_block_spec
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29433")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    init_parallel()
+    torch.manual_seed(0)
+    config = moe_config(num_layers=2)
+    options = C2ROptions(router=C2RRouterConfig(mode="group", max_groups=1))
+    block = get_c2r_decoder_block_spec(config, options, use_transformer_engine=False)
+    with megatron_cpu():
+        layers = torch.nn.ModuleList(
+            build_module(spec.submodules.mlp, config=config, layer_number=i + 1)
+            for i, spec in enumerate(block.layer_specs)
+        )
+    for i, layer in enumerate(layers):
+        layer.set_layer_number(i + 1)
+    return config, layers
+
+
+def run_forward(config, layers):
+    hidden = torch.randn(8, 2, config.hidden_size)  # [S, B, H]
+    with megatron_cpu():
+        for layer in layers:
+            out, _ = layer(hidden)
+            out.sum().backward()
+
+
+def test_metrics_reach_a_tensorboard_event_file_and_a_csv_with_the_documented_names(moe_layers, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    config, layers = moe_layers
+    metrics = C2RMetrics().attach(layers)
+    layers.train()
+    run_forward(config, layers)
+    metrics.record(layers)
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    lines = []
+    values = metrics.report(7, tb_writer=writer, csv_path=str(tmp_path / "m.csv"), print_fn=lines.append)
+    writer.close()
+    metrics.detach()
+
+    expected = {"moe/c2r/ranks_per_token", "moe/c2r/ranks_per_token_layer_0",
+                "moe/c2r/ranks_per_token_layer_1", "moe/c2r/rows_per_token_alltoall",
+                "moe/c2r/overload_factor", "moe/c2r/tokens_per_expert_cv",
+                "moe/c2r/groups_per_token", "moe/c2r/violation_rate"}
+    assert expected <= set(values)
+    # EP=1: every token is on the one rank; alltoall would still ship k=2 rows.
+    assert values["moe/c2r/ranks_per_token"] == 1.0
+    assert values["moe/c2r/rows_per_token_alltoall"] == 2.0
+    assert values["moe/c2r/violation_rate"] == 0.0
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert expected <= set(events.Tags()["scalars"])
+    assert events.Scalars("moe/c2r/ranks_per_token")[0].step == 7
+    with open(tmp_path / "m.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["metric"] for r in rows} == set(values) and {r["iteration"] for r in rows} == {"7"}
+    assert lines and lines[0].startswith(" iteration        7 | moe/c2r ranks_per_token 1")
+
+
+def test_reset_forgets_records_and_eval_forwards_are_not_recorded(moe_layers):
+    config, layers = moe_layers
+    metrics = C2RMetrics().attach(layers)
+    layers.train()
+    run_forward(config, layers)
+    assert metrics.compute()
+    metrics.reset()
+    assert metrics.compute() == {}
+    layers.eval()
+    with torch.no_grad(), megatron_cpu():
+        layers[0](torch.randn(4, 1, config.hidden_size))
+    assert metrics.compute() == {}
+    metrics.recording = False
+    layers.train()
+    run_forward(config, layers)
+    assert metrics.compute() == {}
+    metrics.detach()
+
+
+def test_console_line_shows_layer_means_only():
+    line = console_line(3, {"moe/c2r/a": 1.0, "moe/c2r/a_layer_0": 1.0, "moe/c2r/b": 0.25})
+    assert line == " iteration        3 | moe/c2r a 1 | b 0.25"
