@@ -80,6 +80,13 @@ class Trainer:
         from megatron_c2r.metrics import C2RMetrics
 
         self.cfg, self.rank, self.world = cfg, rank, cfg.ep_size
+        if dist.get_world_size() != cfg.ep_size:
+            raise ValueError(
+                f"the CPU runner needs world size = expert-model-parallel-size ({cfg.ep_size}); "
+                f"got {dist.get_world_size()} processes"
+            )
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
         ps.initialize_model_parallel(expert_model_parallel_size=cfg.ep_size)
         setup_cpu_megatron(cfg.seed)
         data_dir = os.path.join(cfg.out_dir, "data")
@@ -95,7 +102,7 @@ class Trainer:
         self.optimizer = self._optimizer()
         self.metrics = C2RMetrics().attach(self.model)
         self.iteration = 0
-        self.placements: List[List[List[int]]] = []  # per re-plan: per layer: order
+        self.placements: List[Dict] = []  # per re-plan: orders and predicted ranks/token
         self.history: List[Dict[str, float]] = []
 
     def _datasets(self, build_datasets, corpus, data_dir):
@@ -147,10 +154,12 @@ class Trainer:
         return (losses * mask).sum() / mask.sum()
 
     # -- one step ------------------------------------------------------------------------------
-    def train_step(self, it: int) -> float:
+    def train_step(self, it: int, batch=None) -> float:
+        """One optimizer step on ``batch`` (default: the step's own batch); returns this rank's
+        loss."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss(self._batch(self.train_ds, it))
+        loss = self._loss(batch if batch is not None else self._batch(self.train_ds, it))
         loss.backward()
         self._reduce_gradients()
         self._clip_gradients()
