@@ -32,6 +32,10 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "megatron_c2r.placement.cli_plan",
         "plan a collaboration-aware expert placement (and Top-T lists) from routing statistics",
     ),
+    "convert": (
+        "megatron_c2r.placement.cli_convert",
+        "apply a placement plan to a torch_dist checkpoint (relabel experts, offline)",
+    ),
 }
 
 

@@ -220,3 +220,44 @@ def supported_kwargs(fn: Any, kwargs: dict) -> dict:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return dict(kwargs)
     return {k: v for k, v in kwargs.items() if k in params}
+
+
+# --------------------------------------------------------------------------------------------
+# torch_dist checkpoint saving from one CPU process (offline tools)
+# --------------------------------------------------------------------------------------------
+def save_dist_checkpoint(sharded_state_dict: dict, checkpoint_dir: str) -> None:
+    """``dist_checkpointing.save`` in the torch_dist format, synchronously, usable on CPU.
+
+    0.16's default torch_dist strategy always takes its async path: ``torch.cuda.synchronize()``
+    in ``preload_tensors`` and forked writer processes that need psutil. Offline tools (the
+    checkpoint converter) run on CPU, so when the strategy's building blocks exist we write the
+    same PyTorch-DCP layout through torch's synchronous ``FileSystemWriter`` with Megatron's own
+    save planner; otherwise (layout changed upstream) we fall back to the stock call.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import torch as mtorch
+
+    needed = ("TorchDistSaveShardedStrategy", "_replace_state_dict_keys_with_sharded_keys",
+              "mcore_to_pyt_state_dict", "MCoreSavePlanner")
+    if not all(hasattr(mtorch, name) for name in needed):  # pragma: no cover
+        dist_checkpointing.save(sharded_state_dict, checkpoint_dir)
+        return
+    import torch.distributed.checkpoint as dcp
+
+    class _SyncTorchDistSave(mtorch.TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            state, _, _ = mtorch._replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica
+            )
+            dcp.save(
+                mtorch.mcore_to_pyt_state_dict(state, False),
+                storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                planner=mtorch.MCoreSavePlanner(
+                    dedup_replicated_tensors=not self.keep_only_main_replica,
+                    flatten_state_dict=False,
+                ),
+            )
+
+    dist_checkpointing.save(
+        sharded_state_dict, checkpoint_dir, sharded_strategy=_SyncTorchDistSave("torch_dist", 1)
+    )
