@@ -162,3 +162,43 @@ def test_orders_that_are_not_permutations_are_rejected_naming_the_fix():
     with pytest.raises(ValueError, match="not a permutation"):
         check_order([0, 1, 2], 4)
     assert check_order([3, 2, 1, 0], 4).tolist() == [3, 2, 1, 0]
+
+
+def _c2r_layer_outputs_before_and_after_relabel():
+    """Our stack: C2RMoELayer (dedup dispatcher) + C2RRouter in the paper's c2r mode. Its own
+    ``relabel_experts_`` permutes weights, expert bias and the top-T lists (ids remapped)."""
+    import dataclasses
+    import functools
+
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+
+    from megatron_c2r.moe.layer import C2RMoELayer
+    from megatron_c2r.moe.router import C2RRouter
+    from megatron_c2r.routing.config import C2RRouterConfig
+
+    init_parallel(ep=1)
+    config = moe_config(hidden_size=H, moe_ffn_hidden_size=FFN, num_moe_experts=E,
+                        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)
+    spec = get_moe_module_spec(use_te=False, num_experts=E)
+    router = functools.partial(C2RRouter, c2r_config=C2RRouterConfig(mode="c2r", top_t=3))
+    torch.manual_seed(0)
+    layer = C2RMoELayer(config, dataclasses.replace(spec.submodules, router=router))
+    for e, expert in enumerate(layer.experts.local_experts):
+        g = torch.Generator().manual_seed(100 + e)
+        for p in expert.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+    layer.router.expert_bias.copy_(torch.randn(E, generator=torch.Generator().manual_seed(7)))
+    layer.router.set_top_t_lists(torch.stack([torch.tensor([(e + d) % E for d in (1, 3, 4)])
+                                              for e in range(E)]))
+    x = _x(1)
+    out0, _ = layer(x)
+    order = torch.randperm(E, generator=torch.Generator().manual_seed(3))
+    relabel_moe_layer_(layer, order)
+    out1, _ = layer(x)
+    return float((out1 - out0).abs().max()), float(out0.abs().max())
+
+
+def test_relabelling_our_c2r_layer_leaves_its_outputs_unchanged(dist_pool):
+    (r,) = dist_pool(1).run(_c2r_layer_outputs_before_and_after_relabel)
+    err, scale = r
+    assert err <= 1e-6 * max(1.0, scale)
