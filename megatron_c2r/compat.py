@@ -11,7 +11,10 @@ What differs, and where we handle it:
     per-layer metric tracker       save_to_aux_losses_tracker (0.16/0.17) vs MoEMetricsTracker
                                    (0.18+): record_router_metric()
     default process groups         get_default_pg_collection() (moved between modules)
-    pretrain() signature           pretrain_kwargs() (added with the entry point)
+    pretrain() signature           run_megatron_pretrain(): 0.16/0.17 parse inside pretrain();
+                                   0.18+ take a cfg_container built from parsed args
+    constructor keywords           supported_kwargs() (GPTModel's vp_stage, pg_collection, ...)
+    transformer layer spec shape   layer_submodules(), replace_layer_submodules()
 """
 
 from __future__ import annotations

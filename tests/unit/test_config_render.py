@@ -68,6 +68,11 @@ def test_every_shipped_cluster_config_validates_and_renders(at_root, config):
     assert ("--c2r-disable" in command) == (not config.endswith("_c2r.yaml"))
 
 
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_shipped_config_loads_including_the_cpu_one(at_root, config):
+    assert load_config(config).megatron
+
+
 def test_every_shipped_model_has_a_baseline_and_a_c2r_variant():
     names = {os.path.basename(c)[: -len(".yaml")] for c in CLUSTER}
     for name in names:
