@@ -166,3 +166,50 @@ def test_a_directory_that_is_not_a_torch_dist_checkpoint_is_refused(tmp_path):
         resolve_checkpoint(str(tmp_path))
     with pytest.raises(FileNotFoundError):
         resolve_checkpoint(str(tmp_path / "missing"))
+
+
+def test_key_rules_relabel_optimizer_copies_singleton_keys_and_c2r_router_state():
+    """relabel_tensors on hand-built key families (no Megatron needed): each rule against the
+    definition new[i] = old[order[i]], per layer."""
+    from megatron_c2r.placement.checkpoint import relabel_tensors
+
+    g = torch.Generator().manual_seed(0)
+    p = "decoder.layers.mlp."
+    fc1 = torch.randn(LAYERS, E, 4, 3, generator=g)
+    counts = torch.randint(0, 9, (LAYERS, E, E), generator=g)
+    lists = torch.stack([torch.stack([torch.tensor([(e + 1) % E, (e + 2) % E]) for e in range(E)])
+                         ] * LAYERS)
+    tensors = {
+        p + "router.weight": torch.randn(LAYERS, E, 3, generator=g),
+        p + "router.tracker.counts": counts,
+        p + "router.top_t_lists": lists,
+        p + "router.expert_to_group": torch.arange(E).repeat(LAYERS, 1) // 4,
+        p + "router.steps_seen": torch.tensor([3, 3]),
+        p + "experts.experts.linear_fc1.weight": fc1,
+        "optimizer.state.exp_avg." + p + "experts.experts.linear_fc1.weight": fc1 * 2,
+        **{f"{p}experts.experts.{e}.linear_fc2.weight": fc1[:, e] * 3 for e in range(E)},
+        p + "linear_fc1.layer_norm_weight": torch.ones(LAYERS, 3),
+    }
+    out = relabel_tensors(tensors, _plan(ORDERS))
+    for l, order in enumerate(ORDERS):
+        o = torch.tensor(order)
+        inverse = torch.argsort(o)
+        assert torch.equal(out[p + "experts.experts.linear_fc1.weight"][l], fc1[l][o])
+        assert torch.equal(out["optimizer.state.exp_avg." + p + "experts.experts.linear_fc1.weight"][l],
+                           2 * fc1[l][o])
+        for i in range(E):
+            assert torch.equal(out[f"{p}experts.experts.{i}.linear_fc2.weight"][l],
+                               3 * fc1[l, order[i]])
+        assert torch.equal(out[p + "router.tracker.counts"][l], counts[l][o][:, o])
+        assert torch.equal(out[p + "router.top_t_lists"][l], inverse[lists[l][o]])
+    assert torch.equal(out[p + "router.expert_to_group"], tensors[p + "router.expert_to_group"])
+    assert torch.equal(out[p + "linear_fc1.layer_norm_weight"], torch.ones(LAYERS, 3))
+
+    flat = dict(tensors, **{"optimizer.distributed.dp_group_idx_0.gbuf_idx_0.param": torch.ones(9)})
+    with pytest.raises(ValueError, match="--drop-optimizer"):
+        relabel_tensors(flat, _plan(ORDERS))
+    dropped = relabel_tensors(flat, _plan(ORDERS), drop_optimizer=True)
+    assert not any(k.startswith("optimizer") for k in dropped)
+    unknown = dict(tensors, **{p + "router.mystery": torch.ones(LAYERS, E)})
+    with pytest.raises(ValueError, match="unknown router state"):
+        relabel_tensors(unknown, _plan(ORDERS))
