@@ -40,6 +40,13 @@ MEGATRON_FLAGS = {
     "moe-aux-loss-coeff": ("aux_loss_coeff", float),
     "moe-router-load-balancing-type": ("load_balancing_type", str),
     "moe-router-score-function": ("score_function", str),
+    "moe-router-num-groups": ("router_num_groups", int),
+    "moe-router-group-topk": ("router_group_topk", int),
+    "moe-router-pre-softmax": ("router_pre_softmax", bool),
+    "moe-router-topk-scaling-factor": ("router_topk_scaling_factor", float),
+    "moe-router-enable-expert-bias": ("router_enable_expert_bias", bool),
+    "moe-router-bias-update-rate": ("router_bias_update_rate", float),
+    "moe-z-loss-coeff": ("z_loss_coeff", float),
     "init-method-std": ("init_method_std", float),
     "seed": ("seed", int),
     "eval-iters": ("eval_iters", int),
@@ -79,6 +86,13 @@ class CPUTrainConfig:
     aux_loss_coeff: float = 1e-2
     load_balancing_type: str = "aux_loss"
     score_function: str = "softmax"
+    router_num_groups: Optional[int] = None  # Megatron's group-limited routing (a baseline)
+    router_group_topk: Optional[int] = None
+    router_pre_softmax: bool = False
+    router_topk_scaling_factor: Optional[float] = None
+    router_enable_expert_bias: bool = False
+    router_bias_update_rate: float = 1e-3
+    z_loss_coeff: Optional[float] = None
     init_method_std: float = 0.02
     seed: int = 1234
     eval_iters: int = 20

@@ -26,7 +26,14 @@ def plan_and_relabel_model(model, optimizer, *, seed: int) -> Dict[str, List]:
         raise ValueError("cpu.replan=true needs C2R routers: set c2r.enabled=true")
     for router in routers:
         router.tracker.reduce_()
-    plans = replan_(model, optimizer, top_k=routers[0].topk,
-                    ep_size=ps.get_expert_model_parallel_world_size(), seed=seed)
+    # Plan for the routers' groups (= the EP ranks by default; more, "virtual", groups when
+    # c2r.num_groups is set, e.g. to study EP=8 routing on fewer processes).
+    num_groups = routers[0].c2r_config.num_groups
+    if num_groups % ps.get_expert_model_parallel_world_size():
+        raise ValueError(
+            f"c2r.num_groups={num_groups} must be a multiple of expert-model-parallel-size="
+            f"{ps.get_expert_model_parallel_world_size()} so each rank holds whole groups"
+        )
+    plans = replan_(model, optimizer, top_k=routers[0].topk, ep_size=num_groups, seed=seed)
     return {"orders": [p.order for p in plans],
             "predicted_ranks_per_token": [p.predicted_ranks_per_token for p in plans]}

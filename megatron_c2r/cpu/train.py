@@ -166,7 +166,22 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(it)
         self.optimizer.step()
+        self._update_expert_bias()
         return float(loss.detach())
+
+    @torch.no_grad()
+    def _update_expert_bias(self) -> None:
+        """Aux-loss-free balancing (what Megatron's finalize_model_grads does): move each
+        expert's bias towards the mean load, from the token counts summed over ranks."""
+        if not self.cfg.router_enable_expert_bias:
+            return
+        from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
+
+        for module in self.model.modules():
+            if getattr(module, "expert_bias", None) is not None and hasattr(module, "local_tokens_per_expert"):
+                module.expert_bias.copy_(get_updated_expert_bias(
+                    module.local_tokens_per_expert, module.expert_bias, self.cfg.router_bias_update_rate))
+                module.local_tokens_per_expert.zero_()
 
     def _reduce_gradients(self) -> None:
         """Dense parameters are replicated (data parallel over all ranks): average their grads.

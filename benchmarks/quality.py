@@ -1,0 +1,200 @@
+"""Quality at equal bytes: validation loss vs rows shipped per token, side by side.
+
+    python benchmarks/quality.py --quick          # a few minutes: 1 seed, short runs
+    python benchmarks/quality.py                  # the full sweep (3 seeds, 2 shapes; ~1 h on 2 cores)
+    python benchmarks/quality.py --shapes 16e4 --seeds 0 1 2 --steps 400
+
+Every run is the CPU main job (``megatron-c2r train``: Megatron-core GPTModel, our router and
+dispatcher) on the same data, schedule and seeds; only the routing differs. Routing quality does
+not depend on how many processes hold the experts, so each run is one process (EP=1) and the EP
+ranks are *virtual*: G groups of E/G experts (16e top-4: G=4, 64e top-8: G=8), exactly the
+quantity a one-row-per-rank dispatcher ships at EP=G ("rows/token" = distinct groups per token,
+read from the routers after warm-up). All variants get the same warm-up (plain top-k while the
+trackers count co-activation) and then the same collaboration-aware placement (planned and
+applied by relabelling), so every method is compared on planned groups.
+
+Routings (``c2r.*`` / Megatron flags):
+    topk                  plain top-k (C2RRouter in 'topk' mode = Megatron's TopKRouter)
+    megatron_gl_1/2       Megatron group-limited routing, groups = G, group_topk 1 / 2
+    c2r_T<T>              the paper's rule with top-T lists from the tracker
+    c2r_T<T>_penalty      + collaboration penalty
+    anchored_M1/M2        group mode, top-1-anchored (the flagship)
+    group_score_M1/M2     group mode with Megatron's group-score selection on planned groups
+
+Writes ``<out>/quality.json``, ``<out>/quality.md`` (table) and ``<out>/quality.png`` (loss vs
+rows/token Pareto plot); prints the table. Two runs execute in parallel (``--workers``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SHAPES = {
+    # name: (experts, topk, virtual EP groups, expert ffn hidden, T values)
+    "16e4": dict(experts=16, topk=4, groups=4, moe_ffn=128, top_t=(7, 3)),
+    "64e8": dict(experts=64, topk=8, groups=8, moe_ffn=32, top_t=(31, 15)),
+}
+
+
+def routings(shape: Dict) -> Dict[str, List[str]]:
+    g = shape["groups"]
+    out = {
+        "topk": ["c2r.mode=topk"],
+        "megatron_gl_1": ["c2r.mode=topk", f"megatron.moe-router-num-groups={g}", "megatron.moe-router-group-topk=1"],
+        "megatron_gl_2": ["c2r.mode=topk", f"megatron.moe-router-num-groups={g}", "megatron.moe-router-group-topk=2"],
+    }
+    for t in shape["top_t"]:
+        out[f"c2r_T{t}"] = ["c2r.mode=c2r", f"c2r.top_t={t}"]
+    t = shape["top_t"][-1]
+    out[f"c2r_T{t}_penalty"] = ["c2r.mode=c2r", f"c2r.top_t={t}", "c2r.penalty_coeff=0.003"]
+    for m in (1, 2):
+        out[f"anchored_M{m}"] = ["c2r.mode=group", f"c2r.max_groups={m}", "c2r.group_selection=anchored"]
+        out[f"group_score_M{m}"] = ["c2r.mode=group", f"c2r.max_groups={m}", "c2r.group_selection=group_score"]
+    return {name: sets + [f"c2r.num_groups={g}"] for name, sets in out.items()}
+
+
+def run_one(out_dir: str, shape: Dict, sets: List[str], seed: int, steps: int, warmup: int) -> Dict:
+    common = [
+        "megatron.expert-model-parallel-size=1",
+        f"megatron.num-experts={shape['experts']}",
+        f"megatron.moe-router-topk={shape['topk']}",
+        f"megatron.moe-ffn-hidden-size={shape['moe_ffn']}",
+        f"megatron.seed={seed}",
+        f"megatron.lr-warmup-iters={max(1, steps // 15)}",
+        f"megatron.log-interval={max(1, steps // 30)}",
+        f"c2r.warmup_steps={warmup}",
+        "c2r.dispatcher=dedup",
+    ]
+    cmd = [sys.executable, "-m", "megatron_c2r", "train", "--config",
+           os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--out", out_dir, "--steps", str(steps),
+           "--no-progress"]
+    for item in common + sets:
+        cmd += ["--set", item]
+    if not os.path.exists(os.path.join(out_dir, "summary.json")):
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"run failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    groups = []  # distinct virtual ranks per token, averaged over post-warm-up intervals
+    with open(os.path.join(out_dir, "metrics.csv"), newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["metric"] == "moe/c2r/groups_per_token" and int(row["iteration"]) > warmup + 1:
+                groups.append(float(row["value"]))
+    return {"val_loss": summary["val_loss"], "rows_per_token": statistics.mean(groups) if groups else math.nan}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 seed, 16e4 only, 80 steps")
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=60, help="plain top-k steps before planning")
+    ap.add_argument("--only", nargs="+", help="routing names to run (default all)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "quality"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.shapes, args.seeds, args.steps, args.warmup = ["16e4"], [0], 80, 20
+    from tqdm import tqdm
+
+    jobs = []
+    for shape_name in args.shapes:
+        shape = SHAPES[shape_name]
+        for name, sets in routings(shape).items():
+            if args.only and name not in args.only:
+                continue
+            for seed in args.seeds:
+                run_dir = os.path.join(args.out, f"{shape_name}_s{args.steps}", f"{name}_seed{seed}")
+                jobs.append((shape_name, name, seed, run_dir, shape, sets))
+    results: Dict = {}
+    with ThreadPoolExecutor(args.workers) as pool, tqdm(total=len(jobs), desc="quality runs") as bar:
+        futures = {pool.submit(run_one, j[3], j[4], j[5], j[2], args.steps, args.warmup): j for j in jobs}
+        for fut, job in futures.items():
+            results.setdefault(job[0], {}).setdefault(job[1], []).append(fut.result())
+            bar.update(1)
+    report = summarize(results, args)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "quality.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    table = markdown_table(report)
+    with open(os.path.join(args.out, "quality.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    print(table)
+    plot(report, os.path.join(args.out, "quality.png"))
+    return 0
+
+
+def summarize(results: Dict, args) -> Dict:
+    report = {"steps": args.steps, "warmup": args.warmup, "seeds": args.seeds, "shapes": {}}
+    for shape_name, by_routing in results.items():
+        k = SHAPES[shape_name]["topk"]
+        base = statistics.mean(r["val_loss"] for r in by_routing["topk"]) if "topk" in by_routing else None
+        rows = {}
+        for name, runs in by_routing.items():
+            losses = [r["val_loss"] for r in runs]
+            rpt = statistics.mean(r["rows_per_token"] for r in runs)
+            mean = statistics.mean(losses)
+            rows[name] = {
+                "val_loss_mean": mean,
+                "val_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+                "vs_topk_pct": 100 * (mean / base - 1) if base else None,
+                "rows_per_token": rpt,
+                "fewer_rows_than_alltoall": k / rpt if rpt else None,
+                "runs": runs,
+            }
+        report["shapes"][shape_name] = {"topk": k, "groups": SHAPES[shape_name]["groups"], "routings": rows}
+    return report
+
+
+def markdown_table(report: Dict) -> str:
+    lines = []
+    for shape_name, shape in report["shapes"].items():
+        lines.append(f"\n**{shape_name}** ({len(report['seeds'])} seed(s), {report['steps']} steps, "
+                     f"warm-up {report['warmup']}, virtual EP = {shape['groups']})\n")
+        lines.append("| routing | val loss (mean ± std) | vs top-k | rows/token | fewer rows than alltoall |")
+        lines.append("|---|---|---|---|---|")
+        for name, r in sorted(shape["routings"].items(), key=lambda kv: kv[1]["rows_per_token"], reverse=True):
+            vs = "—" if name == "topk" or r["vs_topk_pct"] is None else f"{r['vs_topk_pct']:+.2f}%"
+            lines.append(f"| {name} | {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | {vs} | "
+                         f"{r['rows_per_token']:.2f} | {r['fewer_rows_than_alltoall']:.2f}× |")
+    return "\n".join(lines)
+
+
+def plot(report: Dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = report["shapes"]
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, (shape_name, shape) in zip(axes[0], shapes.items()):
+        for name, r in shape["routings"].items():
+            marker = "*" if name.startswith("anchored") else ("s" if name.startswith("megatron") else "o")
+            ax.errorbar(r["rows_per_token"], r["val_loss_mean"], yerr=r["val_loss_std"], fmt=marker,
+                        ms=9 if marker == "*" else 6, capsize=3, label=name)
+        ax.set_xlabel(f"rows shipped per token (alltoall ships {shape['topk']})")
+        ax.set_ylabel("validation loss")
+        ax.set_title(f"{shape_name}: loss vs bytes (virtual EP={shape['groups']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
