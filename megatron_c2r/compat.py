@@ -15,6 +15,8 @@ What differs, and where we handle it:
                                    0.18+ take a cfg_container built from parsed args
     constructor keywords           supported_kwargs() (GPTModel's vp_stage, pg_collection, ...)
     transformer layer spec shape   layer_submodules(), replace_layer_submodules()
+    torch_dist save on CPU         save_dist_checkpoint(): 0.16's strategy is async-only (CUDA
+                                   sync, psutil); offline tools write through torch DCP directly
 """
 
 from __future__ import annotations
