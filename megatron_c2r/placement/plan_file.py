@@ -182,6 +182,9 @@ def write_plan(plan: Plan, path: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a plan is a normal file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
