@@ -193,6 +193,13 @@ c2r_container_args() {
     [[ -n $dir && $dir != "$C2R_DIR"/* ]] && mounts+=,$dir:$dir
   done
   [[ -n $CONTAINER_MOUNTS ]] && mounts+=,$CONTAINER_MOUNTS
-  CONTAINER_ARGS=(--container-image="$CONTAINER_IMAGE" --container-mounts="$mounts"
+  # enroot names a registry with '#' ([USER@][REGISTRY#]IMAGE[:TAG]): nvcr.io/nvidia/pytorch:25.09-py3
+  # would be looked up on Docker Hub. Squashfs files (a path) and '#' names pass unchanged.
+  local image=$CONTAINER_IMAGE
+  if [[ $image == */* && $image != *.sqsh && $image != /* && $image != .* && $image != *'#'* \
+    && ${image%%/*} == *[.:]* ]]; then
+    image=${image%%/*}#${image#*/}
+  fi
+  CONTAINER_ARGS=(--container-image="$image" --container-mounts="$mounts"
     --container-workdir="$C2R_DIR")
 }
