@@ -21,8 +21,9 @@ from tests.launch_fakes import JOB_ID, REPO, FakeCluster
 
 CONFIG = "configs/qwen1.5_moe_a2.7b_c2r.yaml"
 TASKS = (0, 7, 8, 15)
-# The config's slurm.container_image, nvcr.io/nvidia/pytorch:25.09-py3, in enroot's spelling.
-IMAGE = "nvcr.io#nvidia/pytorch:25.09-py3"
+# The config's slurm.container_image (our image, built from docker/Dockerfile; a local name, so
+# enroot's registry spelling leaves it unchanged).
+IMAGE = "megatron-c2r:25.09"
 
 
 def _rendered_flags(cluster):
