@@ -85,6 +85,16 @@ def moe_submodules(spec: Any):
     return spec.submodules
 
 
+def build_from_spec(spec: Any, **kwargs):
+    """Build a module from a layer spec in either shape: ``functools.partial`` specs (0.18+) are
+    called, ``ModuleSpec``s go through Megatron's ``build_module``."""
+    if is_partial_spec(spec):
+        return spec(**kwargs)
+    from megatron.core.transformer.spec_utils import build_module
+
+    return build_module(spec, **kwargs)
+
+
 def replace_moe_submodules(spec: Any, *, module: Optional[type] = None, **changes):
     """A copy of an MoE spec with ``MoESubmodules`` fields replaced (``router=...``) and
     optionally the layer class replaced; the spec's shape is preserved."""

@@ -38,6 +38,8 @@ class C2RMoELayer(MoELayer):
         pg_collection: Megatron process groups. ``TransformerLayer`` passes them only to the exact
             ``MoELayer`` class, so ``None`` falls back to ``compat.get_default_pg_collection()``.
         dispatcher: ``"dedup"`` (one row per token and destination EP rank) or ``"megatron"``.
+        layer_kwargs: whatever else this Megatron's ``TransformerLayer`` passes to its MLP
+            (0.18+: ``is_mtp_layer``, ``name``), forwarded to ``MoELayer`` unchanged.
 
     Side effects: like ``MoELayer``. The dedup dispatcher's row/byte counters are at
     ``self.token_dispatcher.comm_stats`` (see :attr:`comm_stats`).
@@ -50,6 +52,7 @@ class C2RMoELayer(MoELayer):
         layer_number: Optional[int] = None,
         pg_collection=None,
         dispatcher: str = "dedup",
+        **layer_kwargs,
     ):
         if dispatcher not in DISPATCHERS:
             raise ValueError(f"dispatcher={dispatcher!r} is not one of {DISPATCHERS}; pick one")
@@ -57,7 +60,7 @@ class C2RMoELayer(MoELayer):
             pg_collection = compat.get_default_pg_collection()
         self.dispatcher = dispatcher
         if dispatcher == "megatron":
-            super().__init__(config, submodules, layer_number, pg_collection)
+            super().__init__(config, submodules, layer_number, pg_collection, **layer_kwargs)
             return
         validate_dedup_config(
             config,
@@ -65,7 +68,7 @@ class C2RMoELayer(MoELayer):
             utils.get_pg_size(pg_collection.expt_tp),
         )
         with compat.cheap_stock_dispatcher(config):
-            super().__init__(config, submodules, layer_number, pg_collection)
+            super().__init__(config, submodules, layer_number, pg_collection, **layer_kwargs)
         self.token_dispatcher = DedupAlltoAllTokenDispatcher(
             self.num_local_experts,
             self.local_expert_indices,

@@ -84,10 +84,19 @@ class C2RRouter(TopKRouter):
         steps_seen   int64 []        iterations seen by ``step``
     """
 
-    def __init__(self, config, pg_collection=None, *, c2r_config: Optional[C2RRouterConfig] = None):
+    def __init__(
+        self,
+        config,
+        pg_collection=None,
+        *,
+        c2r_config: Optional[C2RRouterConfig] = None,
+        **router_kwargs,
+    ):
+        """``router_kwargs``: what newer Megatron passes routers (0.18+: ``is_mtp_layer``),
+        forwarded to ``TopKRouter`` unchanged."""
         if pg_collection is None:
             pg_collection = compat.get_default_pg_collection()
-        self._init_topk_router(config, pg_collection)
+        self._init_topk_router(config, pg_collection, router_kwargs)
         c2r_config = c2r_config if c2r_config is not None else C2RRouterConfig()
         ep_size = pg_collection.ep.size() if getattr(pg_collection, "ep", None) is not None else 1
         self.c2r_config = c2r_config.resolve(
@@ -123,18 +132,18 @@ class C2RRouter(TopKRouter):
     # ------------------------------------------------------------------------------------------
     # Construction helpers
     # ------------------------------------------------------------------------------------------
-    def _init_topk_router(self, config, pg_collection) -> None:
+    def _init_topk_router(self, config, pg_collection, router_kwargs) -> None:
         """``TopKRouter.__init__`` allocates expert-bias / global-aux buffers on
         ``torch.cuda.current_device()``. Without CUDA, build it with those features off and
         register the same buffers on the weight's device ourselves."""
         needs_cuda = config.moe_router_enable_expert_bias or _global_aux_coeff(config) > 0
         if torch.cuda.is_available() or not needs_cuda:
-            super().__init__(config=config, pg_collection=pg_collection)
+            super().__init__(config=config, pg_collection=pg_collection, **router_kwargs)
             return
         init_config = copy.copy(config)
         init_config.moe_router_enable_expert_bias = False
         init_config.moe_router_load_balancing_type = "none"
-        super().__init__(config=init_config, pg_collection=pg_collection)
+        super().__init__(config=init_config, pg_collection=pg_collection, **router_kwargs)
         self.config = config
         self.routing_type = config.moe_router_load_balancing_type
         self.enable_expert_bias = config.moe_router_enable_expert_bias

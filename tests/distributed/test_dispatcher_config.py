@@ -7,6 +7,8 @@ import functools
 
 import pytest
 import torch
+
+from megatron_c2r.compat import moe_submodules
 import torch.distributed as dist
 
 from tests.distributed.test_dispatcher_equivalence import build_layer
@@ -30,7 +32,7 @@ def _config_errors():
     spec = get_moe_module_spec(use_te=False, num_experts=8)
 
     def make(dispatcher="dedup", **overrides):
-        return lambda: C2RMoELayer(moe_config(**overrides), spec.submodules, dispatcher=dispatcher)
+        return lambda: C2RMoELayer(moe_config(**overrides), moe_submodules(spec), dispatcher=dispatcher)
 
     init_parallel(ep=2)
     errors = dict(
@@ -85,7 +87,7 @@ def _selection():
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
-    from megatron.core.transformer.spec_utils import build_module
+    from megatron_c2r.compat import build_from_spec
 
     from megatron_c2r.moe.dispatcher import DedupAlltoAllTokenDispatcher
     from megatron_c2r.moe.layer import C2RMoELayer, c2r_moe_spec
@@ -95,13 +97,13 @@ def _selection():
     stock = get_moe_module_spec(use_te=False, num_experts=8)
     out = {}
     # 0.16/0.17 ModuleSpec shape, built the way TransformerLayer builds its mlp (no pg_collection).
-    layer = build_module(c2r_moe_spec(stock, dispatcher="dedup"), config=config)
+    layer = build_from_spec(c2r_moe_spec(stock, dispatcher="dedup"), config=config)
     out["dedup"] = type(layer) is C2RMoELayer and isinstance(
         layer.token_dispatcher, DedupAlltoAllTokenDispatcher
     )
     out["config_restored"] = config.moe_token_dispatcher_type == "alltoall"
     with megatron_cpu():
-        layer = build_module(c2r_moe_spec(stock, dispatcher="megatron"), config=config)
+        layer = build_from_spec(c2r_moe_spec(stock, dispatcher="megatron"), config=config)
     out["megatron"] = isinstance(layer.token_dispatcher, MoEAlltoAllTokenDispatcher)
     # 0.18+ shape: functools.partial(MoELayer, submodules=...).
     partial_spec = functools.partial(MoELayer, submodules=stock.submodules)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from megatron_c2r.compat import moe_submodules
 import torch.distributed as dist
 import torch.nn.functional as F
 
@@ -41,9 +43,9 @@ def build_layer(dispatcher: str, ep: int, tp: int = 1, **overrides):
     torch.manual_seed(1234)
     if dispatcher == "megatron":
         with megatron_cpu():
-            layer = MoELayer(config, spec.submodules)
+            layer = MoELayer(config, moe_submodules(spec))
     else:
-        layer = C2RMoELayer(config, spec.submodules, dispatcher="dedup")
+        layer = C2RMoELayer(config, moe_submodules(spec), dispatcher="dedup")
     L = layer.num_local_experts
     rank = dist.get_rank()
     for j, expert in enumerate(layer.experts.local_experts):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from megatron_c2r.compat import moe_submodules
 import torch.distributed as dist
 
 from tests.megatron_cpu import init_parallel, megatron_cpu, moe_config
@@ -24,7 +26,7 @@ def build_ep_layer(**overrides):
                         expert_model_parallel_size=EP, **overrides)
     spec = get_moe_module_spec(use_te=False, num_experts=E)
     torch.manual_seed(0)
-    layer = MoELayer(config, spec.submodules)
+    layer = MoELayer(config, moe_submodules(spec))
     n = layer.num_local_experts
     for j, expert in enumerate(layer.experts.local_experts):
         g = torch.Generator().manual_seed(100 + dist.get_rank() * n + j)

@@ -1,7 +1,6 @@
 """Run configs: YAML -> validated dataclasses -> argv; extends, --set, and one-line errors."""
 
 import argparse
-import os
 import textwrap
 
 import pytest

@@ -65,7 +65,7 @@ def test_supported_kwargs_drops_keywords_a_constructor_does_not_take():
 @pytest.fixture(scope="module")
 def layers():
     import torch.distributed as dist
-    from megatron.core.transformer.spec_utils import build_module
+    from megatron_c2r.compat import build_from_spec
 
     from megatron_c2r.moe.specs import get_c2r_decoder_block_spec
 
@@ -78,7 +78,7 @@ def layers():
     options = C2ROptions(router=C2RRouterConfig(mode="group", warmup_steps=2), dispatcher="megatron")
     spec = get_c2r_decoder_block_spec(config, options, use_transformer_engine=False).layer_specs[0]
     with megatron_cpu():
-        layer = build_module(spec.submodules.mlp, config=config, layer_number=1)
+        layer = build_from_spec(spec.submodules.mlp, config=config, layer_number=1)
     layer.set_layer_number(1)
     return config, torch.nn.ModuleList([layer])
 

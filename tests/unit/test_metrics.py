@@ -46,7 +46,7 @@ def test_routing_stats_skip_padding_and_measure_overload():
 def moe_layers():
     """Two real MoE layers (layer numbers 1 and 2) built from our spec: C2R router, dedup layer."""
     import torch.distributed as dist
-    from megatron.core.transformer.spec_utils import build_module
+    from megatron_c2r.compat import build_from_spec
 
     from megatron_c2r.moe.specs import get_c2r_decoder_block_spec
 
@@ -61,7 +61,7 @@ def moe_layers():
     block = get_c2r_decoder_block_spec(config, options, use_transformer_engine=False)
     with megatron_cpu():
         layers = torch.nn.ModuleList(
-            build_module(spec.submodules.mlp, config=config, layer_number=i + 1)
+            build_from_spec(spec.submodules.mlp, config=config, layer_number=i + 1)
             for i, spec in enumerate(block.layer_specs)
         )
     for i, layer in enumerate(layers):

@@ -106,7 +106,9 @@ def test_stock_specs_are_not_mutated(world1):
 
     stock = get_gpt_decoder_block_spec(moe_config(num_layers=1), use_transformer_engine=False)
     apply_c2r_to_block_spec(stock, C2ROptions())
-    assert stock.layer_specs[0].submodules.mlp.submodules.router is TopKRouter
+    from megatron_c2r.compat import moe_submodules
+
+    assert moe_submodules(stock.layer_specs[0].submodules.mlp).router is TopKRouter
 
 
 def test_bridge_callable_builds_a_block_spec_from_the_provider_config(world1):
@@ -127,7 +129,9 @@ def test_module_level_spec_objects_load_like_pretrain_gpt_spec_and_build(world1)
     from megatron_c2r.moe.router import C2RRouter
 
     group2 = import_module(("megatron_c2r.specs", "group2_local"))
-    assert group2.submodules.mlp.submodules.router.keywords["c2r_config"].max_groups == 2
+    from megatron_c2r.compat import moe_submodules
+
+    assert moe_submodules(group2.submodules.mlp).router.keywords["c2r_config"].max_groups == 2
     spec = import_module(("megatron_c2r.specs", "group1_local"))  # EP=1 here: one group
     model = build_gpt(moe_config(num_layers=2, moe_token_dispatcher_type="alltoall"), spec)
     assert all(isinstance(l.mlp.router, C2RRouter) for l in model.decoder.layers)
