@@ -63,16 +63,10 @@ def test_supported_kwargs_drops_keywords_a_constructor_does_not_take():
 
 
 @pytest.fixture(scope="module")
-def layers():
-    import torch.distributed as dist
+def layers(megatron_world1):
     from megatron_c2r.compat import build_from_spec
-
     from megatron_c2r.moe.specs import get_c2r_decoder_block_spec
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29435")
-        dist.init_process_group("gloo", rank=0, world_size=1)
     init_parallel()
     config = moe_config(num_layers=1)
     options = C2ROptions(router=C2RRouterConfig(mode="group", warmup_steps=2), dispatcher="megatron")

@@ -2,7 +2,6 @@
 reaching TensorBoard event files and CSV with the documented names."""
 
 import csv
-import os
 
 import pytest
 import torch
@@ -43,17 +42,11 @@ def test_routing_stats_skip_padding_and_measure_overload():
 
 
 @pytest.fixture(scope="module")
-def moe_layers():
+def moe_layers(megatron_world1):
     """Two real MoE layers (layer numbers 1 and 2) built from our spec: C2R router, dedup layer."""
-    import torch.distributed as dist
     from megatron_c2r.compat import build_from_spec
-
     from megatron_c2r.moe.specs import get_c2r_decoder_block_spec
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29433")
-        dist.init_process_group("gloo", rank=0, world_size=1)
     init_parallel()
     torch.manual_seed(0)
     config = moe_config(num_layers=2)

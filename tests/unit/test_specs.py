@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import os
 
 import pytest
 import torch
@@ -14,13 +13,7 @@ from tests.megatron_cpu import init_parallel, megatron_cpu, moe_config
 
 
 @pytest.fixture(scope="module")
-def world1():
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29431")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+def world1(megatron_world1):
     init_parallel()
     torch.manual_seed(0)
     yield
