@@ -295,6 +295,12 @@ class C2RRouter(TopKRouter):
                 f"router logits of layer {self.layer_number} hold NaN/Inf for {bad} of "
                 f"{logits_TE.shape[0]} tokens: check the input activations / lower the LR"
             )
+        if self.c2r_config.mode == "c2r" and not self._active and self.c2r_config.warmup_steps == 0:
+            raise ValueError(
+                f"c2r.mode='c2r' with c2r.warmup_steps=0 needs top-T lists before the first "
+                f"forward (layer {self.layer_number}): load them (megatron_c2r.moe.lists."
+                "load_top_t_lists_) or set c2r.warmup_steps > 0 to derive them"
+            )
         if self._active and self.c2r_config.mode != "topk":
             probs, routing_map = self._constrained_routing(logits, padding_mask)
         else:

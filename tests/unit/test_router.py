@@ -233,6 +233,12 @@ def test_bad_router_options_fail_at_construction_with_one_line_errors(cfg, overr
     assert "\n" not in str(err.value)
 
 
+def test_c2r_mode_without_warmup_refuses_to_route_before_lists_are_loaded():
+    router = C2RRouter(make_config(), c2r_config=C2RRouterConfig(mode="c2r", top_t=3, warmup_steps=0))
+    with pytest.raises(ValueError, match=r"needs top-T lists before the first forward"):
+        _route(router, torch.randn(4, 2, H))
+
+
 def test_nan_logits_raise_before_any_collective():
     router = C2RRouter(make_config(moe_aux_loss_coeff=1e-2), c2r_config=C2RRouterConfig(mode="group", num_groups=4))
     x = torch.randn(8, 2, H)
@@ -286,3 +292,50 @@ def test_aux_loss_in_a_constrained_mode_is_computed_on_the_constrained_routing_m
     ) / coeff
     torch.testing.assert_close(logged, expected.detach())
     clear_aux_losses_tracker()
+
+
+def _two_c2r_routers(top_t=3):
+    return torch.nn.ModuleList(
+        C2RRouter(make_config(), c2r_config=C2RRouterConfig(mode="c2r", top_t=top_t)) for _ in range(2)
+    )
+
+
+def test_top_t_lists_load_from_a_plan_file_translated_to_relabelled_ids(tmp_path):
+    from megatron_c2r.moe.lists import load_top_t_lists_
+    from megatron_c2r.placement.plan_file import Plan, PlanLayer, write_plan
+
+    order = torch.randperm(E, generator=torch.Generator().manual_seed(3)).tolist()
+    groups = [sorted(order[i:i + 4]) for i in range(0, E, 4)]
+    lists = [[(e + d) % E for d in (1, 2, 5)] for e in range(E)]
+    e2r = [0] * E
+    for g, members in enumerate(groups):
+        for e in members:
+            e2r[e] = g
+    layers = [PlanLayer(i, groups, e2r, {"identity": 2.0, "random": 2.0, "planned": 1.5}, lists)
+              for i in range(2)]
+    path = str(tmp_path / "plan.json")
+    write_plan(Plan(num_experts=E, ep_size=4, top_k=K, layers=layers), path)
+
+    routers = _two_c2r_routers()
+    assert load_top_t_lists_(routers, path, relabelled=False) == 2
+    assert routers[1].top_t_lists.tolist() == lists and bool(routers[1].constraint_active)
+    load_top_t_lists_(routers, path, relabelled=True)
+    flat = [e for g in groups for e in g]  # new id i = old expert flat[i]
+    new_id = {old: new for new, old in enumerate(flat)}
+    assert routers[0].top_t_lists.tolist() == [[new_id[p] for p in lists[old]] for old in flat]
+
+
+def test_top_t_lists_from_a_tensor_file_are_validated_before_any_router_changes(tmp_path):
+    from megatron_c2r.moe.lists import load_top_t_lists_
+
+    good = torch.stack([torch.tensor([(e + d) % E for d in (1, 2, 5)]) for e in range(E)])
+    bad = good.clone()
+    bad[4, 0] = 4  # expert 4 listed as its own collaborator
+    torch.save(torch.stack([good, bad]), tmp_path / "lists.pt")
+    routers = _two_c2r_routers()
+    with pytest.raises(ValueError, match=r"top_t_lists\[4\] contains expert 4 itself"):
+        load_top_t_lists_(routers, str(tmp_path / "lists.pt"))
+    assert not routers[0].top_t_lists.any() and not bool(routers[0].constraint_active)
+    torch.save(good, tmp_path / "one.pt")
+    assert load_top_t_lists_(routers, str(tmp_path / "one.pt")) == 2
+    assert torch.equal(routers[0].top_t_lists, good)
