@@ -106,7 +106,7 @@ def _selection():
         layer = build_from_spec(c2r_moe_spec(stock, dispatcher="megatron"), config=config)
     out["megatron"] = isinstance(layer.token_dispatcher, MoEAlltoAllTokenDispatcher)
     # 0.18+ shape: functools.partial(MoELayer, submodules=...).
-    partial_spec = functools.partial(MoELayer, submodules=stock.submodules)
+    partial_spec = functools.partial(MoELayer, submodules=moe_submodules(stock))
     layer = c2r_moe_spec(partial_spec)(config=config)
     out["partial"] = isinstance(layer.token_dispatcher, DedupAlltoAllTokenDispatcher)
     out["stats"] = layer.comm_stats is layer.token_dispatcher.comm_stats
