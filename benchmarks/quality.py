@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=60, help="plain top-k steps before planning")
     ap.add_argument("--only", nargs="+", help="routing names to run (default all)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--report-only", action="store_true",
+                    help="summarise the runs already in --out (no new runs)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "quality"))
     args = ap.parse_args(argv)
     if args.quick:
@@ -124,6 +126,8 @@ def main(argv=None) -> int:
                 continue
             for seed in args.seeds:
                 run_dir = os.path.join(args.out, f"{shape_name}_s{args.steps}", f"{name}_seed{seed}")
+                if args.report_only and not os.path.exists(os.path.join(run_dir, "summary.json")):
+                    continue
                 jobs.append((shape_name, name, seed, run_dir, shape, sets))
     results: Dict = {}
     with ThreadPoolExecutor(args.workers) as pool, tqdm(total=len(jobs), desc="quality runs") as bar:
