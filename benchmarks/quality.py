@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     with ThreadPoolExecutor(args.workers) as pool, tqdm(total=len(jobs), desc="quality runs") as bar:
         futures = {pool.submit(run_one, j[3], j[4], j[5], j[2], args.steps, args.warmup): j for j in jobs}
         for fut, job in futures.items():
-            results.setdefault(job[0], {}).setdefault(job[1], []).append(fut.result())
+            results.setdefault(job[0], {}).setdefault(job[1], []).append({**fut.result(), "seed": job[2]})
             bar.update(1)
     report = summarize(results, args)
     os.makedirs(args.out, exist_ok=True)
@@ -157,8 +157,9 @@ def summarize(results: Dict, args) -> Dict:
             losses = [r["val_loss"] for r in runs]
             rpt = statistics.mean(r["rows_per_token"] for r in runs)
             mean = statistics.mean(losses)
-            paired = ([100 * (r["val_loss"] / b["val_loss"] - 1) for r, b in zip(runs, by_routing["topk"])]
-                      if "topk" in by_routing else [])
+            topk_by_seed = {b["seed"]: b for b in by_routing.get("topk", [])}
+            paired = [100 * (r["val_loss"] / topk_by_seed[r["seed"]]["val_loss"] - 1)
+                      for r in runs if r["seed"] in topk_by_seed]
             rows[name] = {
                 "paired_vs_topk_pct_mean": statistics.mean(paired) if paired else None,
                 "paired_vs_topk_pct_std": statistics.stdev(paired) if len(paired) > 1 else 0.0,
