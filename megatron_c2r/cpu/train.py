@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import time
 import warnings
 from typing import Dict, List, Optional
@@ -39,28 +38,26 @@ HISTORY_FILE = "history.csv"
 # ------------------------------------------------------------------------------------------------
 # Launch
 # ------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(cfg: CPUTrainConfig, *, resume: bool = False, exit_after: Optional[int] = None) -> Dict:
-    """Spawn ``cfg.ep_size`` gloo processes, train, and return rank 0's summary dict."""
+    """Spawn ``cfg.ep_size`` gloo processes, train, and return rank 0's summary dict.
+
+    This process hosts the rendezvous store on a port the OS assigns (no pick-a-free-port race
+    when several jobs start at once); the workers connect to it as clients."""
     import torch.multiprocessing as mp
 
     os.makedirs(cfg.out_dir, exist_ok=True)
-    port = _free_port()
-    mp.spawn(_worker, args=(cfg, port, resume, exit_after), nprocs=cfg.ep_size, join=True)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    mp.spawn(_worker, args=(cfg, store.port, resume, exit_after), nprocs=cfg.ep_size, join=True)
+    del store
     with open(os.path.join(cfg.out_dir, SUMMARY_FILE), encoding="utf-8") as f:
         return json.load(f)
 
 
 def _worker(rank: int, cfg: CPUTrainConfig, port: int, resume: bool, exit_after: Optional[int]):
     warnings.filterwarnings("ignore")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(cfg.threads)
-    dist.init_process_group("gloo", rank=rank, world_size=cfg.ep_size)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=cfg.ep_size)
     try:
         Trainer(cfg, rank).train(resume=resume, exit_after=exit_after)
     finally:
