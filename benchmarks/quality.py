@@ -177,7 +177,8 @@ def summarize(results: Dict, args) -> Dict:
 def markdown_table(report: Dict) -> str:
     lines = []
     for shape_name, shape in report["shapes"].items():
-        lines.append(f"\n**{shape_name}** ({len(report['seeds'])} seed(s), {report['steps']} steps, "
+        seeds = max(len(r["runs"]) for r in shape["routings"].values())
+        lines.append(f"\n**{shape_name}** ({seeds} seed(s), {report['steps']} steps, "
                      f"warm-up {report['warmup']}, virtual EP = {shape['groups']})\n")
         lines.append("| routing | val loss (mean ± std) | vs top-k (means) | vs top-k, paired by seed | "
                      "rows/token | fewer rows than alltoall |")
