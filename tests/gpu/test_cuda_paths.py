@@ -1,0 +1,31 @@
+"""GPU-only checks (skipped without CUDA): the pure routing and row-building paths produce the
+same selection on CUDA as on CPU, and allocate on the input's device."""
+
+import pytest
+import torch
+
+from megatron_c2r.comm.rows import build_send_rows
+from megatron_c2r.routing.functional import c2r_topk, group_topk
+
+pytestmark = pytest.mark.gpu
+
+
+def test_routing_rules_select_the_same_experts_on_cuda_as_on_cpu():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(4096, 64, generator=gen)
+    lists = torch.stack([torch.roll(torch.arange(64), -e)[1:16] for e in range(64)])
+    groups = torch.arange(64) // 8
+    for fn in (lambda s, l, g: c2r_topk(s, 8, l), lambda s, l, g: group_topk(s, 8, g, 8, 2)):
+        v_cpu, i_cpu = fn(scores, lists, groups)
+        v_gpu, i_gpu = fn(scores.cuda(), lists.cuda(), groups.cuda())
+        assert i_gpu.device.type == "cuda"
+        assert torch.equal(i_cpu, i_gpu.cpu())
+        torch.testing.assert_close(v_cpu, v_gpu.cpu())
+
+
+def test_send_rows_are_built_on_the_input_device():
+    idx = torch.stack([torch.randperm(16)[:4] for _ in range(256)]).cuda()
+    routing_map = torch.zeros(256, 16, dtype=torch.bool, device="cuda").scatter_(1, idx, True)
+    probs = torch.rand(256, 16, device="cuda") * routing_map
+    send = build_send_rows(routing_map, probs, 4, 4)
+    assert send.meta_RM.device.type == "cuda" and send.token_idx_R.device.type == "cuda"
