@@ -169,10 +169,6 @@ def load_cpu_config(path: str, sets=None, **overrides: Any) -> CPUTrainConfig:
     return cpu_config_from_run(load_config(path, sets), **overrides)
 
 
-def replace(cfg: CPUTrainConfig, **changes: Any) -> CPUTrainConfig:
-    return dataclasses.replace(cfg, **changes)
-
-
 def as_dict(cfg: CPUTrainConfig) -> Dict[str, Any]:
     out = dataclasses.asdict(cfg)
     out["c2r"] = {"enabled": cfg.c2r.enabled, "dispatcher": cfg.c2r.dispatcher,

@@ -97,6 +97,10 @@ class Trainer:
         self.corpus = corpus
         self.model = build_model(cfg, cfg.seed)
         self.optimizer = self._optimizer()
+        # Fixed for the run (relabelling moves data, not Parameter objects).
+        params = [(n, p) for n, p in self.model.named_parameters()]
+        self._dense_params = [p for n, p in params if not expert_parameter(n)]
+        self._expert_params = [p for n, p in params if expert_parameter(n)]
         self.metrics = C2RMetrics().attach(self.model)
         self.iteration = 0
         self.placements: List[Dict] = []  # per re-plan: orders and predicted ranks/token
@@ -184,7 +188,7 @@ class Trainer:
         """Dense parameters are replicated (data parallel over all ranks): average their grads.
         Expert gradients already hold every rank's tokens (through the all-to-all backward), so
         they are divided by the data-parallel size only, as Megatron's DDP does."""
-        dense = [p.grad for n, p in self.model.named_parameters() if p.grad is not None and not expert_parameter(n)]
+        dense = [p.grad for p in self._dense_params if p.grad is not None]
         if dense:
             flat = torch.cat([g.flatten() for g in dense])
             dist.all_reduce(flat)
@@ -193,22 +197,17 @@ class Trainer:
             for g in dense:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
-        for n, p in self.model.named_parameters():
-            if p.grad is not None and expert_parameter(n):
+        for p in self._expert_params:
+            if p.grad is not None:
                 p.grad /= self.world
 
     def _clip_gradients(self) -> None:
         """Global-norm clipping: dense norms are identical on all ranks, expert norms are summed."""
-        dense_sq = torch.zeros((), dtype=torch.float64)
-        expert_sq = torch.zeros((), dtype=torch.float64)
-        for n, p in self.model.named_parameters():
-            if p.grad is None:
-                continue
-            sq = p.grad.double().pow(2).sum()
-            if expert_parameter(n):
-                expert_sq += sq
-            else:
-                dense_sq += sq
+        def sq_norm(params):
+            grads = [p.grad.double().pow(2).sum() for p in params if p.grad is not None]
+            return torch.stack(grads).sum() if grads else torch.zeros((), dtype=torch.float64)
+
+        dense_sq, expert_sq = sq_norm(self._dense_params), sq_norm(self._expert_params)
         dist.all_reduce(expert_sq)
         norm = float((dense_sq + expert_sq).sqrt())
         self.last_grad_norm = norm
@@ -219,7 +218,7 @@ class Trainer:
                     p.grad.mul_(scale)
 
     # -- placement at the end of the warm-up ---------------------------------------------------
-    def plan_and_relabel(self) -> List[List[int]]:
+    def plan_and_relabel(self) -> Dict:
         """Sum every router's tracker over ranks, plan a balanced placement per layer, and
         relabel experts in place (weights and optimizer state move between ranks)."""
         from megatron_c2r.cpu.replan import plan_and_relabel_model

@@ -24,10 +24,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-from megatron.core.transformer.moe.moe_utils import (
-    MoEAuxLossAutoScaler,  # noqa: F401  (re-exported for users attaching their own losses)
-    apply_router_token_dropping,
-)
+from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_c2r import compat
@@ -81,7 +78,6 @@ class C2RRouter(TopKRouter):
         top_t_lists  int64 [E, T]    collaborator lists (c2r mode)
         expert_to_group int64 [E]    the group partition (group mode / penalty)
         constraint_active bool []    False during warm-up
-        steps_seen   int64 []        iterations seen by ``step``
     """
 
     def __init__(
@@ -121,10 +117,9 @@ class C2RRouter(TopKRouter):
             "constraint_active",
             torch.tensor(cfg.mode == "group" and cfg.warmup_steps == 0, device=device),
         )
-        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.int64, device=device))
         self.tracker = CollaborationTracker(num_experts).to(device)
         self._allowed_cache: Optional[torch.Tensor] = None
-        self._last: Dict[str, torch.Tensor] = {}
+        self._last: Dict[str, object] = {}  # 0-d tensors (no host sync) or floats
         # Host-side mirror of ``constraint_active`` so routing never syncs with the device.
         self._active = bool(self.constraint_active)
         self.register_load_state_dict_post_hook(_refresh_after_load)
@@ -220,7 +215,6 @@ class C2RRouter(TopKRouter):
     def step(self, iteration: int) -> None:
         """Advance the schedule after training iteration ``iteration`` (0-based, all ranks)."""
         cfg = self.c2r_config
-        self.steps_seen.fill_(iteration + 1)
         done = iteration + 1
         if cfg.mode == "topk" or not cfg.track_collaboration:
             return
@@ -302,7 +296,7 @@ class C2RRouter(TopKRouter):
                 "load_top_t_lists_) or set c2r.warmup_steps > 0 to derive them"
             )
         if self._active and self.c2r_config.mode != "topk":
-            probs, routing_map = self._constrained_routing(logits, padding_mask)
+            probs, routing_map = self._constrained_routing(logits_TE, padding_T, logits.shape[:2])
         else:
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if self.training and torch.is_grad_enabled():
@@ -312,12 +306,11 @@ class C2RRouter(TopKRouter):
         self._record_stats(probs, routing_map, padding_T)
         return probs, routing_map
 
-    def _constrained_routing(self, logits, padding_mask):
-        """TopKRouter.routing with the constrained selection in place of plain top-k."""
+    def _constrained_routing(self, logits_TE, padding_T, seq_batch):
+        """TopKRouter.routing with the constrained selection in place of plain top-k.
+        ``logits_TE`` [S*B, E], ``padding_T`` [S*B] or None, ``seq_batch`` = (S, B)."""
         cfg, mc = self.c2r_config, self.config
-        seq_length, bsz = logits.shape[:2]
-        logits_TE = logits.view(-1, mc.num_moe_experts)
-        padding_T = padding_mask.reshape(-1) if padding_mask is not None else None
+        seq_length, bsz = seq_batch
         logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_T)
 
         # 1. Select experts under the constraint, on the tensor Megatron would run top-k on.
@@ -417,7 +410,7 @@ class C2RRouter(TopKRouter):
             groups_T, violated_T = groups_T[~padding_T], violated_T[~padding_T]
         self._last["groups_per_token"] = groups_T.mean()
         self._last["violation_rate"] = violated_T.float().mean()
-        self._last["constraint_active"] = torch.tensor(float(self._active))
+        self._last["constraint_active"] = float(self._active)
 
     def c2r_metrics(self) -> Dict[str, float]:
         """Per-layer metrics of the last forward (host sync happens here, at logging time).

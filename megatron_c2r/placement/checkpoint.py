@@ -42,7 +42,7 @@ from megatron_c2r.placement.plan_file import Plan
 
 _ROUTER_ROWS = re.compile(r"router\.(weight|bias|expert_bias)$")
 _ROUTER_BOTH = re.compile(r"router\.tracker\.(counts|pending)$")
-_ROUTER_SCALAR = re.compile(r"router\.(constraint_active|steps_seen|tracker\.(tokens|pending_tokens))$")
+_ROUTER_SCALAR = re.compile(r"router\.(constraint_active|tracker\.(tokens|pending_tokens))$")
 _SINGLETON = re.compile(r"^(.*experts\.experts\.)(\d+)\.(.*)$")
 
 

@@ -184,7 +184,7 @@ def test_key_rules_relabel_optimizer_copies_singleton_keys_and_c2r_router_state(
         p + "router.tracker.counts": counts,
         p + "router.top_t_lists": lists,
         p + "router.expert_to_group": torch.arange(E).repeat(LAYERS, 1) // 4,
-        p + "router.steps_seen": torch.tensor([3, 3]),
+        p + "router.constraint_active": torch.tensor([True, True]),
         p + "experts.experts.linear_fc1.weight": fc1,
         "optimizer.state.exp_avg." + p + "experts.experts.linear_fc1.weight": fc1 * 2,
         **{f"{p}experts.experts.{e}.linear_fc2.weight": fc1[:, e] * 3 for e in range(E)},
