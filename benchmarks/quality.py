@@ -70,7 +70,29 @@ def routings(shape: Dict) -> Dict[str, List[str]]:
     return {name: sets + [f"c2r.num_groups={g}"] for name, sets in out.items()}
 
 
+def explorations(shape: Dict) -> Dict[str, List[str]]:
+    """``--explore``: variants of the flagship aimed at the <= +0.5%-at->=4x goal."""
+    g = shape["groups"]
+    bias = ["megatron.moe-router-score-function=sigmoid", "megatron.moe-router-enable-expert-bias=true",
+            "megatron.moe-router-load-balancing-type=none"]
+    out = {"topk_sigmoid_bias": ["c2r.mode=topk"] + bias}
+    for m in (1, 2):
+        anchored = ["c2r.mode=group", f"c2r.max_groups={m}", "c2r.group_selection=anchored"]
+        out[f"anchored_M{m}_warmup120"] = anchored + ["c2r.warmup_steps=120"]
+        out[f"anchored_M{m}_penalty3e-4"] = anchored + ["c2r.penalty_coeff=0.0003"]
+        out[f"anchored_M{m}_sigmoid_bias"] = anchored + bias
+        out[f"anchored_M{m}_replan60"] = anchored + ["c2r.refresh_interval=60"]
+    return {name: sets + [f"c2r.num_groups={g}"] for name, sets in out.items()}
+
+
+def warmup_of(sets: List[str], default: int) -> int:
+    """A routing's own ``c2r.warmup_steps=N`` overrides the sweep's warm-up."""
+    found = [int(s.split("=", 1)[1]) for s in sets if s.startswith("c2r.warmup_steps=")]
+    return found[-1] if found else default
+
+
 def run_one(out_dir: str, shape: Dict, sets: List[str], seed: int, steps: int, warmup: int) -> Dict:
+    warmup = warmup_of(sets, warmup)
     common = [
         "megatron.expert-model-parallel-size=1",
         f"megatron.num-experts={shape['experts']}",
@@ -109,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=60, help="plain top-k steps before planning")
     ap.add_argument("--only", nargs="+", help="routing names to run (default all)")
+    ap.add_argument("--explore", action="store_true",
+                    help="add the exploration variants (warm-up, penalty, expert bias, re-planning)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--report-only", action="store_true",
                     help="summarise the runs already in --out (no new runs)")
@@ -121,7 +145,8 @@ def main(argv=None) -> int:
     jobs = []
     for shape_name in args.shapes:
         shape = SHAPES[shape_name]
-        for name, sets in routings(shape).items():
+        variants = {**routings(shape), **(explorations(shape) if args.explore else {})}
+        for name, sets in variants.items():
             if args.only and name not in args.only:
                 continue
             for seed in args.seeds:

@@ -161,6 +161,19 @@ class RunConfig:
                 f"{self.source}: megatron.--spec={self.megatron['spec']!r}: our entry point builds "
                 "the layer spec from the c2r: section; remove --spec"
             )
+        if self.c2r.enabled:
+            check_static_placement(self.c2r.router, self.source)
+
+
+def check_static_placement(router: C2RRouterConfig, where: str) -> None:
+    """On Megatron-LM the placement is fixed for a job (plans are applied to checkpoints between
+    jobs), so group mode cannot re-plan in-run: a refresh interval would count and do nothing."""
+    if router.mode == "group" and router.refresh_interval:
+        raise ConfigError(
+            f"{where}: c2r.refresh_interval={router.refresh_interval} with c2r.mode='group': "
+            "Megatron-LM jobs keep one placement (re-plan between jobs with `megatron-c2r plan` + "
+            "`megatron-c2r convert`); set c2r.refresh_interval: 0"
+        )
 
 
 def _format_value(value: Any) -> str:

@@ -105,7 +105,7 @@ class CPUTrainConfig:
     # cpu: section
     out_dir: str = "runs/tiny_cpu"
     corpus_bytes: int = 4_000_000
-    replan: bool = True  # plan a collaboration-aware placement when the warm-up ends
+    replan: bool = True  # plan a placement when the warm-up ends (and every c2r.refresh_interval)
     plot: bool = True
     threads: int = 1  # torch threads per rank
     progress: bool = True
@@ -131,6 +131,12 @@ class CPUTrainConfig:
             raise ConfigError(
                 f"{where}: c2r.warmup_steps={self.c2r.router.warmup_steps} must be below "
                 f"megatron.--train-iters={self.train_iters}, or training never leaves the warm-up"
+            )
+        router = self.c2r.router
+        if self.c2r.enabled and router.mode == "group" and router.refresh_interval and not self.replan:
+            raise ConfigError(
+                f"{where}: c2r.refresh_interval={router.refresh_interval} re-plans the group "
+                "placement, but cpu.replan=false: set cpu.replan: true or c2r.refresh_interval: 0"
             )
 
     @property

@@ -9,7 +9,9 @@ What happens (each rank = one gloo process = one EP rank; EP = data parallel her
     4. At the end of the warm-up: sum the trackers over ranks, plan a collaboration-aware
        placement per layer, relabel experts across ranks (weights + optimizer state move with one
        all-to-all), then the routers turn the C2R constraint on (anchored group mode by default:
-       every token's experts on one rank).
+       every token's experts on one rank). With ``c2r.refresh_interval`` R, the placement is
+       re-planned the same way at the end of every R-step window, from what plain top-k would
+       have picked during it.
     5. Train on: AdamW, warm-up + cosine LR, gradient clipping. A progress bar shows loss,
        ranks/token (rows our dispatcher ships per token), rows vs alltoall, tokens/s.
     6. At the end: validation loss, a summary line, metrics CSV, TensorBoard events, a PNG plot,
@@ -103,7 +105,7 @@ class Trainer:
         self._expert_params = [p for n, p in params if expert_parameter(n)]
         self.metrics = C2RMetrics().attach(self.model)
         self.iteration = 0
-        self.placements: List[Dict] = []  # per re-plan: orders and predicted ranks/token
+        self.placements: List[Dict] = []  # per re-plan: iteration, orders, predicted ranks/token
         self.history: List[Dict[str, float]] = []
 
     def _datasets(self, build_datasets, corpus, data_dir):
@@ -217,13 +219,23 @@ class Trainer:
                 if p.grad is not None:
                     p.grad.mul_(scale)
 
-    # -- placement at the end of the warm-up ---------------------------------------------------
+    # -- placement at the end of the warm-up (and of each refresh window) ----------------------
     def plan_and_relabel(self) -> Dict:
         """Sum every router's tracker over ranks, plan a balanced placement per layer, and
         relabel experts in place (weights and optimizer state move between ranks)."""
         from megatron_c2r.cpu.replan import plan_and_relabel_model
 
         return plan_and_relabel_model(self.model, self.optimizer, seed=self.cfg.seed)
+
+    def _replan_due(self, it: int, warmup: int) -> bool:
+        """When the warm-up ends, and when a refresh window ends (c2r.refresh_interval)."""
+        from megatron_c2r.moe.router import c2r_routers
+
+        if warmup > 0 and it + 1 == warmup:
+            return True
+        if it + 1 == self.cfg.train_iters:  # nothing left to train on the new placement
+            return False
+        return any(router.refresh_due(it) for router in c2r_routers(self.model))
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -254,8 +266,8 @@ class Trainer:
             it = self.iteration
             t0 = time.perf_counter()
             loss = self.train_step(it)
-            if cfg.c2r.enabled and cfg.replan and it + 1 == warmup and warmup > 0:
-                self.placements.append(self.plan_and_relabel())
+            if cfg.c2r.enabled and cfg.replan and self._replan_due(it, warmup):
+                self.placements.append({"iteration": it + 1, **self.plan_and_relabel()})
             step_routers(self.model, it)
             self.metrics.record(self.model)
             loss_t = torch.tensor([loss])

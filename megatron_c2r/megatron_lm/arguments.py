@@ -19,7 +19,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from megatron_c2r.config import C2R_FLAGS, DISPATCHERS, ROUTER_FIELDS, C2ROptions
+from megatron_c2r.config import (
+    C2R_FLAGS,
+    DISPATCHERS,
+    ROUTER_FIELDS,
+    C2ROptions,
+    check_static_placement,
+)
 from megatron_c2r.routing.config import GROUP_SELECTIONS, MODES, C2RRouterConfig
 
 _CHOICES = {"mode": MODES, "group_selection": GROUP_SELECTIONS, "dispatcher": DISPATCHERS}
@@ -32,7 +38,8 @@ _HELP = {
     "expert_to_group": "explicit partition: comma-separated group id per expert",
     "penalty_coeff": "collaboration penalty coefficient (0 = off)",
     "warmup_steps": "plain top-k for this many iterations while collaboration is tracked",
-    "refresh_interval": "re-derive top-T lists every R iterations after warm-up (0 = never)",
+    "refresh_interval": "c2r mode: re-derive top-T lists every R iterations after warm-up from "
+    "plain top-k's preference in that window (0 = never; group mode re-plans between jobs)",
     "track_collaboration": "do not count expert co-activation",
     "dispatcher": "dedup (one row per destination rank) or megatron (--moe-token-dispatcher-type)",
     "metrics_csv": "also append moe/c2r/* metrics to this CSV file",
@@ -78,6 +85,8 @@ def add_c2r_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def c2r_options_from_args(args: argparse.Namespace) -> C2ROptions:
     """The ``C2ROptions`` our flags describe (raises ValueError naming the option on bad values)."""
     router = C2RRouterConfig(**{key: getattr(args, f"c2r_{key}") for key in ROUTER_FIELDS})
+    if not args.c2r_disable:
+        check_static_placement(router, "--c2r-*")
     own = {
         f.name: getattr(args, f"c2r_{f.name}")
         for f in dataclasses.fields(C2ROptions)

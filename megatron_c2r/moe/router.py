@@ -211,6 +211,18 @@ class C2RRouter(TopKRouter):
             self.top_t_lists = self.tracker.top_t_lists(self.c2r_config.top_t)
             self._allowed_cache = None
         self._set_active(self.c2r_config.mode != "topk")
+        if self.c2r_config.refresh_interval:
+            self.tracker.reset_()  # the next refresh sees only its own window
+
+    def refresh_due(self, iteration: int) -> bool:
+        """True after training iteration ``iteration`` (0-based) when a refresh window ends:
+        c2r lists are re-derived then, and group placement is re-planned by the model's owner
+        (the CPU trainer) just before ``step_routers``."""
+        cfg, done = self.c2r_config, iteration + 1
+        return bool(
+            cfg.mode != "topk" and cfg.track_collaboration and cfg.refresh_interval
+            and done > cfg.warmup_steps and (done - cfg.warmup_steps) % cfg.refresh_interval == 0
+        )
 
     def step(self, iteration: int) -> None:
         """Advance the schedule after training iteration ``iteration`` (0-based, all ranks)."""
@@ -218,11 +230,8 @@ class C2RRouter(TopKRouter):
         done = iteration + 1
         if cfg.mode == "topk" or not cfg.track_collaboration:
             return
-        if not self._active and done >= cfg.warmup_steps:
+        if (not self._active and done >= cfg.warmup_steps) or self.refresh_due(iteration):
             self.activate()
-        elif cfg.refresh_interval and cfg.mode == "c2r" and done > cfg.warmup_steps:
-            if (done - cfg.warmup_steps) % cfg.refresh_interval == 0:
-                self.activate()
 
     def relabel_experts_(self, order: torch.Tensor) -> None:
         """Apply a placement: new expert i is old expert ``order[i]``. Permutes router weight
@@ -295,20 +304,27 @@ class C2RRouter(TopKRouter):
                 f"forward (layer {self.layer_number}): load them (megatron_c2r.moe.lists."
                 "load_top_t_lists_) or set c2r.warmup_steps > 0 to derive them"
             )
+        preferred = None
         if self._active and self.c2r_config.mode != "topk":
-            probs, routing_map = self._constrained_routing(logits_TE, padding_T, logits.shape[:2])
+            probs, routing_map, preferred = self._constrained_routing(
+                logits_TE, padding_T, logits.shape[:2]
+            )
         else:
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if self.training and torch.is_grad_enabled():
             if self.c2r_config.track_collaboration:
-                self.tracker.record(routing_map, padding_T)
+                # Under the constraint the routing map only confirms the current groups; refresh
+                # windows count what plain top-k would have picked instead.
+                self.tracker.record(routing_map if preferred is None else preferred, padding_T)
             probs = self._apply_collaboration_penalty(probs, logits_TE, padding_T)
         self._record_stats(probs, routing_map, padding_T)
         return probs, routing_map
 
     def _constrained_routing(self, logits_TE, padding_T, seq_batch):
         """TopKRouter.routing with the constrained selection in place of plain top-k.
-        ``logits_TE`` [S*B, E], ``padding_T`` [S*B] or None, ``seq_batch`` = (S, B)."""
+        ``logits_TE`` [S*B, E], ``padding_T`` [S*B] or None, ``seq_batch`` = (S, B).
+        Returns (probs, routing_map, preferred): ``preferred`` is plain top-k's map of the same
+        scores when refresh windows need it for the tracker (else None)."""
         cfg, mc = self.c2r_config, self.config
         seq_length, bsz = seq_batch
         logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_T)
@@ -331,6 +347,12 @@ class C2RRouter(TopKRouter):
                 cfg.max_groups,
                 anchored=cfg.group_selection == "anchored",
                 groups_GN=self._groups_GN(),
+            )
+        preferred = None
+        counting = cfg.track_collaboration and self.training and torch.is_grad_enabled()
+        if cfg.refresh_interval and counting:
+            preferred = torch.zeros_like(logits_TE, dtype=torch.bool).scatter_(
+                1, scores_TE.topk(self.topk, dim=1).indices, True
             )
         # 2. Megatron's probs for that selection.
         probs, routing_map = probs_from_selection(
@@ -371,7 +393,7 @@ class C2RRouter(TopKRouter):
             with torch.no_grad():
                 counted = routing_map if padding_T is None else routing_map & ~padding_T.unsqueeze(-1)
                 self.local_tokens_per_expert += counted.sum(dim=0)
-        return probs, routing_map
+        return probs, routing_map, preferred
 
     def _apply_collaboration_penalty(self, probs, logits_TE, padding_T):
         coeff = self.c2r_config.penalty_coeff

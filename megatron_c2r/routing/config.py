@@ -31,8 +31,10 @@ class C2RRouterConfig:
     warmup_steps: plain top-k for this many training steps while the tracker collects
         collaboration; then top-T lists are derived and the constraint turns on. Pretraining has
         no lists at step 0. 0 -> constrained from the start (c2r then needs lists from a file).
-    refresh_interval: re-derive top-T lists from the tracker every R steps after warm-up
-        (0 = frozen after warm-up, as in the paper).
+    refresh_interval: every R steps after warm-up, re-derive the top-T lists (c2r) or, in the
+        CPU trainer, re-plan the placement (group) from what plain top-k would have picked over
+        those R steps (the constrained map itself would only confirm the current groups; this
+        costs one top-k per forward while on). 0 = frozen after warm-up, as in the paper.
     track_collaboration: count co-activation on every training forward (needed for warm-up,
         refresh and placement planning).
     check_finite_logits: raise on NaN/Inf router logits before any collective runs (one small

@@ -34,3 +34,28 @@ def test_loss_decreases_on_a_fixed_batch_under_group_routing(dist_pool, tmp_path
     losses = dist_pool(2).run(_fixed_batch_losses, tiny_config(tmp_path))
     for rank_losses in losses:
         assert rank_losses[-1] < 0.8 * rank_losses[0], rank_losses
+
+
+def _train_with_refresh(cfg):
+    from megatron_c2r.cpu.train import Trainer
+    from megatron_c2r.moe.router import c2r_routers
+
+    trainer = Trainer(cfg, torch.distributed.get_rank())
+    trainer.train()
+    groups = [r.c2r_metrics()["groups_per_token"] for r in c2r_routers(trainer.model)]
+    return trainer.placements, groups
+
+
+@pytest.mark.world_size(2)
+def test_refresh_interval_replans_the_placement_from_plain_topk_preference(dist_pool, tmp_path):
+    router = C2RRouterConfig(mode="group", max_groups=1, warmup_steps=8, refresh_interval=8)
+    cfg = tiny_config(tmp_path, train_iters=30, c2r=C2ROptions(router=router))
+    (placements, groups), (placements_1, _) = dist_pool(2).run(_train_with_refresh, cfg)
+    assert [p["iteration"] for p in placements] == [8, 16, 24]
+    assert [p["orders"] for p in placements] == [p["orders"] for p in placements_1]
+    for p in placements[1:]:
+        for layer in p["predicted_ranks_per_token"]:
+            # Counted from the constrained map, the current placement would predict exactly 1.
+            assert layer["identity"] > 1.05, layer
+            assert layer["planned"] <= layer["identity"] + 1e-6, layer
+    assert all(abs(g - 1.0) < 1e-6 for g in groups), groups

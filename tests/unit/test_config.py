@@ -1,6 +1,7 @@
 """Run configs: YAML -> validated dataclasses -> argv; extends, --set, and one-line errors."""
 
 import argparse
+import os
 import textwrap
 
 import pytest
@@ -8,6 +9,8 @@ import pytest
 from megatron_c2r.config import load_config
 from megatron_c2r.config_files import ConfigError
 from megatron_c2r.megatron_lm.arguments import add_c2r_args, c2r_options_from_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MOE = """
 megatron:
@@ -190,3 +193,18 @@ def test_cluster_path_requires_the_flags_every_gpt_run_sets(tmp_path):
     cfg = load_config(write(tmp_path, "b.yaml", MOE), ["megatron.spec=[m, n]"])
     with pytest.raises(ConfigError, match=r"megatron.--spec=.*remove --spec"):
         cfg.check_megatron_lm()
+    cfg = load_config(write(tmp_path, "c.yaml", MOE), ["c2r.mode=group", "c2r.refresh_interval=50"])
+    with pytest.raises(ConfigError, match=r"c2r.refresh_interval=50 with c2r.mode='group'.*set c2r"):
+        cfg.check_megatron_lm()
+    args = megatron_style_parser().parse_args(["--c2r-mode", "group", "--c2r-refresh-interval", "50"])
+    with pytest.raises(ConfigError, match=r"c2r.refresh_interval=50 with c2r.mode='group'"):
+        c2r_options_from_args(args)
+
+
+def test_cpu_runner_refuses_refresh_windows_it_would_not_replan(tmp_path):
+    from megatron_c2r.cpu.config import load_cpu_config
+
+    sets = ["c2r.mode=group", "c2r.refresh_interval=50", "cpu.replan=false"]
+    with pytest.raises(ConfigError, match=r"c2r.refresh_interval=50 re-plans.*cpu.replan=false"):
+        load_cpu_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), sets)
+    assert load_cpu_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), sets[:2]).replan

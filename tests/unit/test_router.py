@@ -198,6 +198,39 @@ def test_warmup_routes_plain_topk_then_derives_lists_from_the_tracker_and_resume
         assert torch.equal(_route(router, x)[1], _route(resumed, x)[1])
 
 
+@pytest.mark.parametrize("mode", ["c2r", "group"])
+def test_refresh_windows_count_plain_topk_preference_and_rederive_lists_from_the_window(mode):
+    from megatron_c2r.collaboration import coactivation_counts, top_t_lists
+
+    config = make_config()
+    cfg = C2RRouterConfig(mode=mode, top_t=3, num_groups=4, max_groups=1, warmup_steps=1,
+                          refresh_interval=2)
+    router = C2RRouter(config, c2r_config=cfg)
+    gen = torch.Generator().manual_seed(11)
+    _route(router, torch.randn(64, 2, H, generator=gen))
+    assert [router.refresh_due(it) for it in range(6)] == [False, False, True, False, True, False]
+    step_routers(router, 0)  # warm-up ends: lists derived, window restarts
+    assert bool(router.constraint_active) and int(router.tracker.counts.sum()) == 0
+    windows = [torch.randn(64, 2, H, generator=gen) for _ in range(2)]
+    preferred = torch.zeros(E, E, dtype=torch.int64)
+    for it, x in enumerate(windows, start=1):
+        _, routing_map = _route(router, x)
+        with torch.no_grad():
+            logits = router.gating(x.view(-1, H))
+        plain_map = torch.zeros_like(routing_map).scatter_(1, logits.topk(K, dim=1).indices, True)
+        assert not torch.equal(routing_map, plain_map), "the constraint should bind here"
+        preferred += coactivation_counts(plain_map)
+        if it == 2:  # the window's counts are plain top-k's, not the constrained map's
+            router.tracker.reduce_()
+            assert torch.equal(router.tracker.counts, preferred)
+            if mode == "c2r":
+                expected_lists = top_t_lists(preferred, 3)
+        step_routers(router, it)
+    assert int(router.tracker.counts.sum()) == 0, "each refresh starts a new window"
+    if mode == "c2r":
+        assert torch.equal(router.top_t_lists, expected_lists)
+
+
 def test_relabelling_experts_permutes_routing_consistently():
     config = make_config()
     router = C2RRouter(config, c2r_config=C2RRouterConfig(mode="c2r", top_t=3))
