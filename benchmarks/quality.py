@@ -85,6 +85,9 @@ def explorations(shape: Dict) -> Dict[str, List[str]]:
     return {name: sets + [f"c2r.num_groups={g}"] for name, sets in out.items()}
 
 
+EXPLORATION_NAMES = {name for shape in SHAPES.values() for name in explorations(shape)}
+
+
 def warmup_of(sets: List[str], default: int) -> int:
     """A routing's own ``c2r.warmup_steps=N`` overrides the sweep's warm-up."""
     found = [int(s.split("=", 1)[1]) for s in sets if s.startswith("c2r.warmup_steps=")]
@@ -160,6 +163,10 @@ def main(argv=None) -> int:
         for fut, job in futures.items():
             results.setdefault(job[0], {}).setdefault(job[1], []).append({**fut.result(), "seed": job[2]})
             bar.update(1)
+    if not jobs:
+        print(f"quality.py: no runs to do or report under --out={args.out} for --shapes "
+              f"{' '.join(args.shapes)}: drop --report-only or check --out/--steps", file=sys.stderr)
+        return 2
     report = summarize(results, args)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "quality.json"), "w", encoding="utf-8") as f:
@@ -176,7 +183,6 @@ def summarize(results: Dict, args) -> Dict:
     report = {"steps": args.steps, "warmup": args.warmup, "seeds": args.seeds, "shapes": {}}
     for shape_name, by_routing in results.items():
         k = SHAPES[shape_name]["topk"]
-        base = statistics.mean(r["val_loss"] for r in by_routing["topk"]) if "topk" in by_routing else None
         rows = {}
         for name, runs in by_routing.items():
             losses = [r["val_loss"] for r in runs]
@@ -188,9 +194,10 @@ def summarize(results: Dict, args) -> Dict:
             rows[name] = {
                 "paired_vs_topk_pct_mean": statistics.mean(paired) if paired else None,
                 "paired_vs_topk_pct_std": statistics.stdev(paired) if len(paired) > 1 else 0.0,
+                "paired_vs_topk_pct_sem": (statistics.stdev(paired) / math.sqrt(len(paired))
+                                           if len(paired) > 1 else 0.0),
                 "val_loss_mean": mean,
                 "val_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
-                "vs_topk_pct": 100 * (mean / base - 1) if base else None,
                 "rows_per_token": rpt,
                 "fewer_rows_than_alltoall": k / rpt if rpt else None,
                 "runs": runs,
@@ -205,15 +212,14 @@ def markdown_table(report: Dict) -> str:
         seeds = max(len(r["runs"]) for r in shape["routings"].values())
         lines.append(f"\n**{shape_name}** ({seeds} seed(s), {report['steps']} steps, "
                      f"warm-up {report['warmup']}, virtual EP = {shape['groups']})\n")
-        lines.append("| routing | val loss (mean ± std) | vs top-k (means) | vs top-k, paired by seed | "
+        lines.append("| routing | seeds | val loss (mean ± std) | vs top-k, paired by seed (mean ± s.e.m.) | "
                      "rows/token | fewer rows than alltoall |")
         lines.append("|---|---|---|---|---|---|")
         for name, r in sorted(shape["routings"].items(), key=lambda kv: kv[1]["rows_per_token"], reverse=True):
-            vs = "—" if name == "topk" or r["vs_topk_pct"] is None else f"{r['vs_topk_pct']:+.2f}%"
             pv = ("—" if name == "topk" or r["paired_vs_topk_pct_mean"] is None else
-                  f"{r['paired_vs_topk_pct_mean']:+.2f}% ± {r['paired_vs_topk_pct_std']:.2f}")
-            lines.append(f"| {name} | {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | {vs} | {pv} | "
-                         f"{r['rows_per_token']:.2f} | {r['fewer_rows_than_alltoall']:.2f}× |")
+                  f"{r['paired_vs_topk_pct_mean']:+.2f}% ± {r['paired_vs_topk_pct_sem']:.2f}")
+            lines.append(f"| {name} | {len(r['runs'])} | {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | "
+                         f"{pv} | {r['rows_per_token']:.2f} | {r['fewer_rows_than_alltoall']:.2f}× |")
     return "\n".join(lines)
 
 
@@ -224,17 +230,37 @@ def plot(report: Dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     shapes = report["shapes"]
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 5), squeeze=False)
     for ax, (shape_name, shape) in zip(axes[0], shapes.items()):
-        for name, r in shape["routings"].items():
+        k = shape["topk"]
+        # The goal: within +0.5% of top-k at >= 4x fewer rows than alltoall.
+        ax.fill_between([0.6, k / 4], -10, 0.5, color="tab:green", alpha=0.08, label="goal (≤ +0.5%, ≥ 4×)")
+        ax.axhline(0.0, color="grey", lw=0.8)
+        shown = [(n, r) for n, r in shape["routings"].items()
+                 if n != "topk" and r["paired_vs_topk_pct_mean"] is not None]
+        columns: Dict[float, List[str]] = {}  # spread points that share a rows/token value
+        for name, r in shown:
+            columns.setdefault(round(r["rows_per_token"] * 10) / 10, []).append(name)
+        for i, (name, r) in enumerate(shown):
+            column = columns[round(r["rows_per_token"] * 10) / 10]
+            x = r["rows_per_token"] + 0.035 * k / 4 * (column.index(name) - (len(column) - 1) / 2)
             marker = "*" if name.startswith("anchored") else ("s" if name.startswith("megatron") else "o")
-            ax.errorbar(r["rows_per_token"], r["val_loss_mean"], yerr=r["val_loss_std"], fmt=marker,
-                        ms=9 if marker == "*" else 6, capsize=3, label=name)
-        ax.set_xlabel(f"rows shipped per token (alltoall ships {shape['topk']})")
-        ax.set_ylabel("validation loss")
+            ax.errorbar(x, r["paired_vs_topk_pct_mean"], yerr=r["paired_vs_topk_pct_sem"],
+                        fmt=marker, ms=10 if marker == "*" else 6, capsize=3, label=name,
+                        color=plt.cm.tab20(i % 20),
+                        mfc="none" if name in EXPLORATION_NAMES else None)
+        topk_rows = shape["routings"].get("topk", {}).get("rows_per_token")
+        if topk_rows:
+            ax.plot([topk_rows], [0.0], "kD", label="topk (planned placement)")
+        ax.set_xlim(0.6, k + 0.1)
+        values = [r["paired_vs_topk_pct_mean"] for r in shape["routings"].values()
+                  if r["paired_vs_topk_pct_mean"] is not None]
+        ax.set_ylim(min(values + [0.0]) - 1.5, max(values + [0.0]) + 1.5)
+        ax.set_xlabel(f"rows shipped per token (alltoall ships {k})")
+        ax.set_ylabel("val loss vs top-k, paired by seed (%, ± s.e.m.)")
         ax.set_title(f"{shape_name}: loss vs bytes (virtual EP={shape['groups']})")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
