@@ -351,6 +351,9 @@ def _env_section(section: Any, where: str) -> Dict[str, str]:
     return env
 
 
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _checked(path: str, value: Any, hint: Any, where: str) -> Any:
     """``value`` converted to ``hint`` (int, float, str, bool, Optional[X], Tuple[X, ...])."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -363,6 +366,8 @@ def _checked(path: str, value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: {path}={value!r} must be a list")
         return tuple(_checked(f"{path}[{i}]", v, args[0], where) for i, v in enumerate(value))
+    if hint is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+        value = float(value)  # PyYAML (YAML 1.1) reads 1e-4 without a dot as a string
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

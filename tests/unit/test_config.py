@@ -112,6 +112,13 @@ def test_c2r_flags_round_trip_through_a_megatron_style_parser(tmp_path):
     assert args.num_layers == 2
 
 
+def test_exponent_floats_without_a_dot_are_floats_in_yaml_and_set(tmp_path):
+    # PyYAML follows YAML 1.1, where 1e-4 (no dot) is a string.
+    path = write(tmp_path, "a.yaml", MOE + "c2r: {mode: group, penalty_coeff: 1e-4}\n")
+    assert load_config(path).c2r.router.penalty_coeff == 1e-4
+    assert load_config(path, ["c2r.penalty_coeff=3E-5"]).c2r.router.penalty_coeff == 3e-5
+
+
 def test_default_c2r_flags_parse_to_the_default_options():
     args = megatron_style_parser().parse_args([])
     options = c2r_options_from_args(args)
@@ -124,6 +131,7 @@ BAD = [
     ("wrong type", "c2r: {max_groups: two}\n", "c2r.max_groups='two' must be a int"),
     ("bool is not int", "c2r: {warmup_steps: true}\n", "c2r.warmup_steps=True must be a int"),
     ("bad mode", "c2r: {mode: fancy}\n", "c2r.mode='fancy' must be one of"),
+    ("float word", "c2r: {penalty_coeff: small}\n", "c2r.penalty_coeff='small' must be a float"),
     ("missing top_t", "c2r: {mode: c2r}\n", "c2r.top_t is required"),
     ("max_groups too big", "c2r: {max_groups: 3}\n", "c2r.max_groups=3 must be in [1, num_groups=2]"),
     ("bad dispatcher", "c2r: {dispatcher: nccl}\n", "c2r.dispatcher='nccl' must be one of"),
