@@ -179,6 +179,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def paired(runs: List[Dict], reference: List[Dict]) -> Dict:
+    """% loss change of ``runs`` against ``reference`` on the same seeds (same init and batches)."""
+    by_seed = {r["seed"]: r["val_loss"] for r in reference}
+    deltas = [100 * (r["val_loss"] / by_seed[r["seed"]] - 1) for r in runs if r["seed"] in by_seed]
+    spread = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
+    return {"mean": statistics.mean(deltas) if deltas else None, "std": spread,
+            "sem": spread / math.sqrt(len(deltas)) if deltas else 0.0,
+            "seeds": len(deltas), "lower": sum(d < 0 for d in deltas)}
+
+
+# Head-to-head at equal rows/token: ours against Megatron's group-limited routing, same seeds.
+HEAD_TO_HEAD = [(f"anchored_M{m}{tail}", f"megatron_gl_{m}") for m in (1, 2) for tail in ("", "_warmup120")]
+
+
 def summarize(results: Dict, args) -> Dict:
     report = {"steps": args.steps, "warmup": args.warmup, "seeds": args.seeds, "shapes": {}}
     for shape_name, by_routing in results.items():
@@ -187,22 +201,21 @@ def summarize(results: Dict, args) -> Dict:
         for name, runs in by_routing.items():
             losses = [r["val_loss"] for r in runs]
             rpt = statistics.mean(r["rows_per_token"] for r in runs)
-            mean = statistics.mean(losses)
-            topk_by_seed = {b["seed"]: b for b in by_routing.get("topk", [])}
-            paired = [100 * (r["val_loss"] / topk_by_seed[r["seed"]]["val_loss"] - 1)
-                      for r in runs if r["seed"] in topk_by_seed]
+            vs_topk = paired(runs, by_routing.get("topk", []))
             rows[name] = {
-                "paired_vs_topk_pct_mean": statistics.mean(paired) if paired else None,
-                "paired_vs_topk_pct_std": statistics.stdev(paired) if len(paired) > 1 else 0.0,
-                "paired_vs_topk_pct_sem": (statistics.stdev(paired) / math.sqrt(len(paired))
-                                           if len(paired) > 1 else 0.0),
-                "val_loss_mean": mean,
+                "paired_vs_topk_pct_mean": vs_topk["mean"],
+                "paired_vs_topk_pct_std": vs_topk["std"],
+                "paired_vs_topk_pct_sem": vs_topk["sem"],
+                "val_loss_mean": statistics.mean(losses),
                 "val_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
                 "rows_per_token": rpt,
                 "fewer_rows_than_alltoall": k / rpt if rpt else None,
                 "runs": runs,
             }
-        report["shapes"][shape_name] = {"topk": k, "groups": SHAPES[shape_name]["groups"], "routings": rows}
+        head_to_head = {f"{ours} vs {theirs}": paired(by_routing[ours], by_routing[theirs])
+                        for ours, theirs in HEAD_TO_HEAD if ours in by_routing and theirs in by_routing}
+        report["shapes"][shape_name] = {"topk": k, "groups": SHAPES[shape_name]["groups"], "routings": rows,
+                                        "head_to_head": {n: h for n, h in head_to_head.items() if h["seeds"]}}
     return report
 
 
@@ -220,6 +233,11 @@ def markdown_table(report: Dict) -> str:
                   f"{r['paired_vs_topk_pct_mean']:+.2f}% ± {r['paired_vs_topk_pct_sem']:.2f}")
             lines.append(f"| {name} | {len(r['runs'])} | {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | "
                          f"{pv} | {r['rows_per_token']:.2f} | {r['fewer_rows_than_alltoall']:.2f}× |")
+        if shape.get("head_to_head"):
+            lines.append("\n| at equal rows/token | loss change, paired by seed (mean ± s.e.m.) | lower in |")
+            lines.append("|---|---|---|")
+            for name, h in shape["head_to_head"].items():
+                lines.append(f"| {name} | {h['mean']:+.2f}% ± {h['sem']:.2f} | {h['lower']} of {h['seeds']} seeds |")
     return "\n".join(lines)
 
 

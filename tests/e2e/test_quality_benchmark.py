@@ -40,13 +40,20 @@ def test_paired_deltas_use_only_seeds_both_routings_ran():
         "anchored_M1": [{"seed": 0, "val_loss": 2.02, "rows_per_token": 1.0},
                         {"seed": 1, "val_loss": 2.2 * 1.03, "rows_per_token": 1.0},
                         {"seed": 2, "val_loss": 9.0, "rows_per_token": 1.0}],  # no top-k partner
+        "megatron_gl_1": [{"seed": 0, "val_loss": 2.02 * 1.05, "rows_per_token": 1.0},
+                          {"seed": 2, "val_loss": 9.0 * 0.98, "rows_per_token": 1.0}],
     }}
-    row = summarize(results, Args())["shapes"]["16e4"]["routings"]["anchored_M1"]
+    shape = summarize(results, Args())["shapes"]["16e4"]
+    head = shape["head_to_head"]["anchored_M1 vs megatron_gl_1"]
+    assert head["seeds"] == 2 and head["lower"] == 1
+    assert math.isclose(head["mean"], (100 * (1 / 1.05 - 1) + 100 * (1 / 0.98 - 1)) / 2)
+    row = shape["routings"]["anchored_M1"]
     assert math.isclose(row["paired_vs_topk_pct_mean"], 2.0)
     assert math.isclose(row["paired_vs_topk_pct_sem"], 1.0)  # std sqrt(2) over sqrt(2) seeds
     assert row["fewer_rows_than_alltoall"] == 4.0
     table = markdown_table(summarize(results, Args()))
     assert "| anchored_M1 | 3 |" in table and "+2.00% ± 1.00" in table
+    assert "| anchored_M1 vs megatron_gl_1 |" in table and "| 1 of 2 seeds |" in table
 
 
 def test_a_routing_can_override_the_sweep_warmup():
