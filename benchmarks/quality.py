@@ -1,8 +1,8 @@
 """Quality at equal bytes: loss vs rows shipped per token, side by side.
 
-    python benchmarks/quality.py --quick          # ~3 min: 1 seed, 80 steps, 16e top-4
+    python benchmarks/quality.py --quick          # ~4 min: 1 seed, 80 steps, 16e top-4
     python benchmarks/quality.py                  # the sweep: 2 shapes x 11 routings x 3 seeds
-                                                  # (66 runs, ~75 min on 2 idle cores)
+                                                  # (66 runs, ~80 min on 2 idle cores)
     python benchmarks/quality.py --explore --shapes 16e4 --only anchored_M1_warmup120 ...
     python benchmarks/quality.py --report-only --explore   # re-summarise runs already done
 
@@ -251,8 +251,9 @@ def summarize(results: Dict, args) -> Dict:
 def markdown_table(report: Dict) -> str:
     lines = []
     for shape_name, shape in report["shapes"].items():
-        seeds = max(len(r["runs"]) for r in shape["routings"].values())
-        lines.append(f"\n**{shape_name}** ({seeds} seed(s), {report['steps']} steps, "
+        counts = {len(r["runs"]) for r in shape["routings"].values()}
+        seeds = f"{max(counts)} seed(s)" if len(counts) == 1 else f"{min(counts)}-{max(counts)} seeds"
+        lines.append(f"\n**{shape_name}** ({seeds}, {report['steps']} steps, "
                      f"warm-up {report['warmup']}, virtual EP = {shape['groups']})\n")
         lines.append("| routing | seeds | rows/token | fewer rows than alltoall | fresh-batch loss vs top-k | "
                      "val loss vs top-k | val loss (mean ± std) |")
