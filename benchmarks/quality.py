@@ -56,7 +56,7 @@ import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -205,7 +205,7 @@ def paired(runs: List[Dict], reference: List[Dict], key: str = "fresh_loss") -> 
     deltas = [100 * (r[key] / by_seed[r["seed"]] - 1) for r in runs if r["seed"] in by_seed]
     spread = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
     return {"mean": statistics.mean(deltas) if deltas else None, "std": spread,
-            "sem": spread / math.sqrt(len(deltas)) if deltas else 0.0,
+            "sem": spread / math.sqrt(len(deltas)) if len(deltas) > 1 else None,
             "seeds": len(deltas), "lower": sum(d < 0 for d in deltas)}
 
 
@@ -227,6 +227,7 @@ def summarize(results: Dict, args) -> Dict:
                 "paired_vs_topk_pct_mean": vs_topk["mean"],
                 "paired_vs_topk_pct_std": vs_topk["std"],
                 "paired_vs_topk_pct_sem": vs_topk["sem"],
+                "paired_seeds": vs_topk["seeds"],
                 "val_paired_vs_topk_pct_mean": val_vs_topk["mean"],
                 "val_paired_vs_topk_pct_sem": val_vs_topk["sem"],
                 "fresh_loss_mean": statistics.mean(r["fresh_loss"] for r in runs),
@@ -248,6 +249,11 @@ def summarize(results: Dict, args) -> Dict:
     return report
 
 
+def _change(mean: float, sem: Optional[float]) -> str:
+    """'+1.23% ± 0.45', or '+1.23% (1 seed)' when there is no spread to estimate."""
+    return f"{mean:+.2f}% ± {sem:.2f}" if sem is not None else f"{mean:+.2f}% (1 seed)"
+
+
 def markdown_table(report: Dict) -> str:
     lines = []
     for shape_name, shape in report["shapes"].items():
@@ -261,8 +267,8 @@ def markdown_table(report: Dict) -> str:
         for name, r in sorted(shape["routings"].items(), key=lambda kv: kv[1]["rows_per_token"], reverse=True):
             fresh, val = "—", "—"
             if name != "topk" and r["paired_vs_topk_pct_mean"] is not None:
-                fresh = f"{r['paired_vs_topk_pct_mean']:+.2f}% ± {r['paired_vs_topk_pct_sem']:.2f}"
-                val = f"{r['val_paired_vs_topk_pct_mean']:+.2f}% ± {r['val_paired_vs_topk_pct_sem']:.2f}"
+                fresh = _change(r["paired_vs_topk_pct_mean"], r["paired_vs_topk_pct_sem"])
+                val = _change(r["val_paired_vs_topk_pct_mean"], r["val_paired_vs_topk_pct_sem"])
             lines.append(f"| {name} | {len(r['runs'])} | {r['rows_per_token']:.2f} | "
                          f"{r['fewer_rows_than_alltoall']:.2f}× | {fresh} | {val} | "
                          f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} |")
@@ -271,8 +277,8 @@ def markdown_table(report: Dict) -> str:
             lines.append("|---|---|---|---|---|")
             for name, h in shape["head_to_head"].items():
                 f, v = h["fresh"], h["val"]
-                lines.append(f"| {name} | {f['mean']:+.2f}% ± {f['sem']:.2f} | {f['lower']} of {f['seeds']} seeds | "
-                             f"{v['mean']:+.2f}% ± {v['sem']:.2f} | {v['lower']} of {v['seeds']} seeds |")
+                lines.append(f"| {name} | {_change(f['mean'], f['sem'])} | {f['lower']} of {f['seeds']} seeds | "
+                             f"{_change(v['mean'], v['sem'])} | {v['lower']} of {v['seeds']} seeds |")
     return "\n".join(lines)
 
 
