@@ -1,8 +1,8 @@
 """Quality at equal bytes: loss vs rows shipped per token, side by side.
 
-    python benchmarks/quality.py --quick          # ~4 min: 1 seed, 80 steps, 16e top-4
-    python benchmarks/quality.py                  # the sweep: 2 shapes x 11 routings x 3 seeds
-                                                  # (66 runs, ~80 min on 2 idle cores)
+    python benchmarks/quality.py --quick          # ~5 min: 1 seed, 80 steps, 16e top-4
+    python benchmarks/quality.py                  # the sweep: 2 shapes x 12 routings x 3 seeds
+                                                  # (72 runs, ~2 h on 2 cores)
     python benchmarks/quality.py --explore --shapes 16e4 --only anchored_M1_warmup120 ...
     python benchmarks/quality.py --report-only --explore   # re-summarise runs already done
 

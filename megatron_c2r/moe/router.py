@@ -304,27 +304,30 @@ class C2RRouter(TopKRouter):
                 f"forward (layer {self.layer_number}): load them (megatron_c2r.moe.lists."
                 "load_top_t_lists_) or set c2r.warmup_steps > 0 to derive them"
             )
+        training = self.training and torch.is_grad_enabled()
+        counting = training and self.c2r_config.track_collaboration
         preferred = None
         if self._active and self.c2r_config.mode != "topk":
+            # Under the constraint the routing map only confirms the current groups; refresh
+            # windows count what plain top-k would have picked instead.
             probs, routing_map, preferred = self._constrained_routing(
-                logits_TE, padding_T, logits.shape[:2]
+                logits_TE, padding_T, logits.shape[:2],
+                want_preferred=counting and bool(self.c2r_config.refresh_interval),
             )
         else:
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
-        if self.training and torch.is_grad_enabled():
-            if self.c2r_config.track_collaboration:
-                # Under the constraint the routing map only confirms the current groups; refresh
-                # windows count what plain top-k would have picked instead.
+        if training:
+            if counting:
                 self.tracker.record(routing_map if preferred is None else preferred, padding_T)
             probs = self._apply_collaboration_penalty(probs, logits_TE, padding_T)
         self._record_stats(probs, routing_map, padding_T)
         return probs, routing_map
 
-    def _constrained_routing(self, logits_TE, padding_T, seq_batch):
+    def _constrained_routing(self, logits_TE, padding_T, seq_batch, want_preferred=False):
         """TopKRouter.routing with the constrained selection in place of plain top-k.
         ``logits_TE`` [S*B, E], ``padding_T`` [S*B] or None, ``seq_batch`` = (S, B).
         Returns (probs, routing_map, preferred): ``preferred`` is plain top-k's map of the same
-        scores when refresh windows need it for the tracker (else None)."""
+        scores if ``want_preferred`` (refresh windows count it), else None."""
         cfg, mc = self.c2r_config, self.config
         seq_length, bsz = seq_batch
         logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_T)
@@ -349,8 +352,7 @@ class C2RRouter(TopKRouter):
                 groups_GN=self._groups_GN(),
             )
         preferred = None
-        counting = cfg.track_collaboration and self.training and torch.is_grad_enabled()
-        if cfg.refresh_interval and counting:
+        if want_preferred:
             preferred = torch.zeros_like(logits_TE, dtype=torch.bool).scatter_(
                 1, scores_TE.topk(self.topk, dim=1).indices, True
             )
