@@ -161,7 +161,7 @@ def train_and_capture(settings: dict, model_dir: str) -> str:
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         from megatron_c2r.cpu.config import load_cpu_config
-        from megatron_c2r.cpu.train import Trainer
+        from megatron_c2r.cpu.trainer import Trainer
         from megatron_c2r.moe.router import c2r_routers
 
         sets = [

@@ -30,7 +30,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from megatron_c2r.config import load_config
-    from megatron_c2r.megatron_lm import train
+    from megatron_c2r.megatron_lm import entry as train
     from megatron_c2r.render import render
 
     cfg = load_config(args.config, args.overrides)

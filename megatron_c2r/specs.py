@@ -31,7 +31,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
 from megatron_c2r import compat
 from megatron_c2r.config import C2ROptions
-from megatron_c2r.moe.specs import apply_c2r_to_layer_spec
+from megatron_c2r.moe.spec_builders import apply_c2r_to_layer_spec
 from megatron_c2r.routing.config import C2RRouterConfig
 
 _OPTIONS = {

@@ -56,7 +56,7 @@ def build_model(cfg: CPUTrainConfig, seed: int):
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    from megatron_c2r.moe.specs import get_c2r_decoder_block_spec
+    from megatron_c2r.moe.spec_builders import get_c2r_decoder_block_spec
 
     config = transformer_config(cfg)
     torch.manual_seed(seed)

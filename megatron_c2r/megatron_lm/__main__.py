@@ -1,4 +1,4 @@
-from megatron_c2r.megatron_lm.train import main
+from megatron_c2r.megatron_lm.entry import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

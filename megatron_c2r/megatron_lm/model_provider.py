@@ -21,7 +21,7 @@ def c2r_gpt_builder(args, pre_process, post_process, vp_stage=None, config=None,
     from megatron.training import print_rank_0
     from megatron.training.arguments import core_transformer_config_from_args
 
-    from megatron_c2r.moe.specs import get_c2r_decoder_block_spec
+    from megatron_c2r.moe.spec_builders import get_c2r_decoder_block_spec
 
     for flag, value in (
         ("--use-legacy-models", getattr(args, "use_legacy_models", False)),
@@ -76,7 +76,7 @@ def _last_decoder_layer_spec(config, use_te, args, options):
     """The C2R'd spec of the model's last decoder layer (what the MTP block copies)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs
 
-    from megatron_c2r.moe.specs import apply_c2r_to_layer_spec
+    from megatron_c2r.moe.spec_builders import apply_c2r_to_layer_spec
 
     layer_specs = get_gpt_decoder_layer_specs(
         config, use_transformer_engine=use_te, normalization=args.normalization,

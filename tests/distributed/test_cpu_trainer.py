@@ -22,7 +22,7 @@ def tiny_config(out_dir, **changes):
 
 
 def _fixed_batch_losses(cfg):
-    from megatron_c2r.cpu.train import Trainer
+    from megatron_c2r.cpu.trainer import Trainer
 
     trainer = Trainer(cfg, torch.distributed.get_rank())
     batch = trainer._batch(trainer.train_ds, 0)
@@ -37,7 +37,7 @@ def test_loss_decreases_on_a_fixed_batch_under_group_routing(dist_pool, tmp_path
 
 
 def _train_with_refresh(cfg):
-    from megatron_c2r.cpu.train import Trainer
+    from megatron_c2r.cpu.trainer import Trainer
     from megatron_c2r.moe.router import c2r_routers
 
     trainer = Trainer(cfg, torch.distributed.get_rank())

@@ -22,7 +22,7 @@ CONFIG = os.path.join(ROOT, "configs", "olmoe_1b_7b_c2r.yaml")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_pretrain_without_checkout_or_cuda_says_what_is_missing_in_one_line(tmp_path, capsys, monkeypatch):
     from megatron_c2r import pretrain
-    from megatron_c2r.megatron_lm import train
+    from megatron_c2r.megatron_lm import entry as train
 
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     monkeypatch.setenv("MEGATRON_LM_PATH", "")
@@ -65,7 +65,7 @@ def test_supported_kwargs_drops_keywords_a_constructor_does_not_take():
 @pytest.fixture(scope="module")
 def layers(megatron_world1):
     from megatron_c2r.compat import build_from_spec
-    from megatron_c2r.moe.specs import get_c2r_decoder_block_spec
+    from megatron_c2r.moe.spec_builders import get_c2r_decoder_block_spec
 
     init_parallel()
     config = moe_config(num_layers=1)

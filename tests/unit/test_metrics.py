@@ -45,7 +45,7 @@ def test_routing_stats_skip_padding_and_measure_overload():
 def moe_layers(megatron_world1):
     """Two real MoE layers (layer numbers 1 and 2) built from our spec: C2R router, dedup layer."""
     from megatron_c2r.compat import build_from_spec
-    from megatron_c2r.moe.specs import get_c2r_decoder_block_spec
+    from megatron_c2r.moe.spec_builders import get_c2r_decoder_block_spec
 
     init_parallel()
     torch.manual_seed(0)

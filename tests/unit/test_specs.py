@@ -43,7 +43,7 @@ def as_partial_shape(block):
 def test_every_moe_layer_of_a_built_gpt_carries_our_router_and_dense_layers_stay_dense(world1):
     from megatron_c2r.moe.layer import C2RMoELayer
     from megatron_c2r.moe.router import C2RRouter
-    from megatron_c2r.moe.specs import get_c2r_decoder_block_spec
+    from megatron_c2r.moe.spec_builders import get_c2r_decoder_block_spec
     from megatron.core.transformer.mlp import MLP
 
     config = moe_config(num_layers=3, moe_layer_freq=[1, 0, 1], moe_shared_expert_intermediate_size=16)
@@ -61,7 +61,7 @@ def test_megatron_dispatcher_keeps_the_stock_layer_class_and_disabled_keeps_the_
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.moe.router import TopKRouter
     from megatron_c2r.moe.router import C2RRouter
-    from megatron_c2r.moe.specs import get_c2r_decoder_block_spec
+    from megatron_c2r.moe.spec_builders import get_c2r_decoder_block_spec
 
     config = moe_config(num_layers=1)
     spec = get_c2r_decoder_block_spec(config, C2ROptions(dispatcher="megatron"), use_transformer_engine=False)
@@ -76,7 +76,7 @@ def test_partial_spec_shape_of_newer_megatron_is_rewritten_in_the_same_shape(wor
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron_c2r.moe.layer import C2RMoELayer
     from megatron_c2r.moe.router import C2RRouter
-    from megatron_c2r.moe.specs import apply_c2r_to_block_spec
+    from megatron_c2r.moe.spec_builders import apply_c2r_to_block_spec
 
     config = moe_config(num_layers=2)
     stock = as_partial_shape(get_gpt_decoder_block_spec(config, use_transformer_engine=False))
@@ -95,7 +95,7 @@ def test_partial_spec_shape_of_newer_megatron_is_rewritten_in_the_same_shape(wor
 def test_stock_specs_are_not_mutated(world1):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.moe.router import TopKRouter
-    from megatron_c2r.moe.specs import apply_c2r_to_block_spec
+    from megatron_c2r.moe.spec_builders import apply_c2r_to_block_spec
 
     stock = get_gpt_decoder_block_spec(moe_config(num_layers=1), use_transformer_engine=False)
     apply_c2r_to_block_spec(stock, C2ROptions())
@@ -106,7 +106,7 @@ def test_stock_specs_are_not_mutated(world1):
 
 def test_bridge_callable_builds_a_block_spec_from_the_provider_config(world1):
     from megatron_c2r.moe.router import C2RRouter
-    from megatron_c2r.moe.specs import c2r_transformer_layer_spec
+    from megatron_c2r.moe.spec_builders import c2r_transformer_layer_spec
 
     config = moe_config(num_layers=2, moe_layer_freq=[0, 1])
     make_spec = c2r_transformer_layer_spec(C2ROptions(dispatcher="megatron"), use_transformer_engine=False)

@@ -223,7 +223,7 @@ class Trainer:
     def plan_and_relabel(self) -> Dict:
         """Sum every router's tracker over ranks, plan a balanced placement per layer, and
         relabel experts in place (weights and optimizer state move between ranks)."""
-        from megatron_c2r.cpu.replan import plan_and_relabel_model
+        from megatron_c2r.cpu.replanning import plan_and_relabel_model
 
         return plan_and_relabel_model(self.model, self.optimizer, seed=self.cfg.seed)
 
