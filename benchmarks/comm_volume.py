@@ -160,7 +160,7 @@ def train_and_capture(settings: dict, model_dir: str) -> str:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        from megatron_c2r.cpu.config import load_cpu_config
+        from megatron_c2r.cpu.job_config import load_cpu_config
         from megatron_c2r.cpu.trainer import Trainer
         from megatron_c2r.moe.router import c2r_routers
 

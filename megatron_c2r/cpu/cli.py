@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_c2r.cpu.config import load_cpu_config
+    from megatron_c2r.cpu.job_config import load_cpu_config
     from megatron_c2r.cpu.trainer import run as train
 
     cfg = load_cpu_config(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron_c2r.cpu.config import CPUTrainConfig
+from megatron_c2r.cpu.job_config import CPUTrainConfig
 from megatron_c2r.cpu.data import PADDED_VOCAB_SIZE
 from megatron_c2r.cpu.platform import cpu_block_spec
 

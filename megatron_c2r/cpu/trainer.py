@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_c2r.cpu.config import CPUTrainConfig, as_dict
+from megatron_c2r.cpu.job_config import CPUTrainConfig, as_dict
 from megatron_c2r.cpu.model import expert_parameter
 
 SUMMARY_FILE = "summary.json"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_c2r.config import C2ROptions
-from megatron_c2r.cpu.config import CPUTrainConfig
+from megatron_c2r.cpu.job_config import CPUTrainConfig
 from megatron_c2r.routing.config import C2RRouterConfig
 
 

@@ -210,7 +210,7 @@ def test_cluster_path_requires_the_flags_every_gpt_run_sets(tmp_path):
 
 
 def test_cpu_runner_refuses_refresh_windows_it_would_not_replan(tmp_path):
-    from megatron_c2r.cpu.config import load_cpu_config
+    from megatron_c2r.cpu.job_config import load_cpu_config
 
     sets = ["c2r.mode=group", "c2r.refresh_interval=50", "cpu.replan=false"]
     with pytest.raises(ConfigError, match=r"c2r.refresh_interval=50 re-plans.*cpu.replan=false"):
