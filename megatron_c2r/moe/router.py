@@ -118,11 +118,23 @@ class C2RRouter(TopKRouter):
             torch.tensor(cfg.mode == "group" and cfg.warmup_steps == 0, device=device),
         )
         self.tracker = CollaborationTracker(num_experts).to(device)
-        self._allowed_cache: Optional[torch.Tensor] = None
+        # Derived from the buffers above; rebuilt lazily, reset only by _invalidate_caches().
+        self._allowed_cache: Optional[torch.Tensor] = None  # bool [E, E] (c2r statistics)
+        self._groups_cache: Optional[torch.Tensor] = None  # int64 [G, N] experts per group
+        self._contiguous_groups = False  # _groups_cache is arange(E).view(G, N)
         self._last: Dict[str, object] = {}  # 0-d tensors (no host sync) or floats
         # Host-side mirror of ``constraint_active`` so routing never syncs with the device.
         self._active = bool(self.constraint_active)
         self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    def _invalidate_caches(self) -> None:
+        """Drop every table derived from the buffers (groups, allowed sets) and re-read the
+        host mirror of ``constraint_active``. Call after anything that changes ``expert_to_group``,
+        ``top_t_lists`` or ``constraint_active`` in place: loading, relabelling, new lists."""
+        self._allowed_cache = None
+        self._groups_cache = None
+        self._contiguous_groups = False
+        self._active = bool(self.constraint_active)
 
     # ------------------------------------------------------------------------------------------
     # Construction helpers
@@ -445,8 +457,7 @@ class C2RRouter(TopKRouter):
 
 
 def _refresh_after_load(module: "C2RRouter", incompatible_keys) -> None:
-    module._active = bool(module.constraint_active)
-    module._allowed_cache = None
+    module._invalidate_caches()
 
 
 def _global_aux_coeff(config) -> float:

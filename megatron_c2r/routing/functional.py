@@ -93,6 +93,30 @@ def groups_from_expert_to_group(expert_to_group_E: torch.Tensor, num_groups: int
     return order_E.view(num_groups, -1)
 
 
+def groups_per_token(
+    routing_map_TE: torch.Tensor,
+    expert_to_group_E: torch.Tensor,
+    num_groups: int,
+    *,
+    groups_GN: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """int64 [T]: distinct groups holding each token's routed experts. With the default groups
+    (contiguous blocks of E/P experts = the EP ranks) this is the rows per token a
+    one-row-per-destination dispatcher ships. No host sync; [T, E] bool intermediates only.
+
+    Args:
+        routing_map_TE: bool [T, E].
+        expert_to_group_E: int64 [E], a balanced partition into ``num_groups`` groups.
+        groups_GN: optional cached ``groups_from_expert_to_group(expert_to_group_E, num_groups)``;
+            ``routing_map_TE`` is then read through it (pass ``None`` only for cold paths).
+    """
+    if groups_GN is None:
+        groups_GN = groups_from_expert_to_group(expert_to_group_E, num_groups)
+    num_tokens = routing_map_TE.shape[0]
+    map_TGN = routing_map_TE.index_select(1, groups_GN.flatten()).view(num_tokens, *groups_GN.shape)
+    return map_TGN.any(dim=2).sum(dim=1)
+
+
 # ------------------------------------------------------------------------------------------------
 # Selection rules
 # ------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from megatron_c2r.collaboration import coactivation_counts, top_t_lists
 from megatron_c2r.routing.functional import (
     c2r_topk,
     group_topk,
+    groups_per_token,
     probs_from_selection,
     validate_groups,
     validate_top_t_lists,
@@ -73,6 +74,18 @@ def test_group_score_rule_matches_megatron_group_limited_topk_on_contiguous_grou
     ours_v, ours_i = group_topk(scores, 8, contiguous, 8, 2, anchored=False)
     ref_v, ref_i = group_limited_topk(scores, 8, 400, 64, 8, 2)
     assert torch.equal(ours_i, ref_i) and torch.equal(ours_v, ref_v)
+
+
+def test_groups_per_token_counts_distinct_groups_of_each_token_like_a_brute_force_count():
+    gen = torch.Generator().manual_seed(8)
+    for num_experts, groups, k in [(16, 4, 4), (64, 8, 8), (8, 8, 3)]:
+        e2g = torch.randperm(num_experts, generator=gen) % groups
+        idx = torch.stack([torch.randperm(num_experts, generator=gen)[:k] for _ in range(100)])
+        routing_map = torch.zeros(100, num_experts, dtype=torch.bool).scatter_(1, idx, True)
+        routing_map[7] = False  # a dropped token uses no group
+        expected = torch.tensor([len(set(e2g[routing_map[t]].tolist())) for t in range(100)])
+        got = groups_per_token(routing_map, e2g, groups)
+        assert got.dtype == torch.int64 and torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("score_function,pre", [("softmax", False), ("softmax", True), ("sigmoid", False)])
