@@ -276,3 +276,30 @@ def save_dist_checkpoint(sharded_state_dict: dict, checkpoint_dir: str) -> None:
     dist_checkpointing.save(
         sharded_state_dict, checkpoint_dir, sharded_strategy=_SyncTorchDistSave("torch_dist", 1)
     )
+
+
+# --- router (C2RRouter): constructor keywords and gating ---
+def topk_router_kwargs(router_kwargs: dict) -> dict:
+    """The keywords a ``TopKRouter`` subclass forwards to ``TopKRouter.__init__`` beyond
+    ``config``/``pg_collection``: 0.16/0.17 MoELayers pass none, 0.18+ pass ``is_mtp_layer``.
+    Forwarded unchanged when this TopKRouter accepts them; a keyword it does not know (a mixed
+    install) is a one-line TypeError instead of a traceback from deep inside Megatron."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    accepted = supported_kwargs(TopKRouter, router_kwargs)
+    unknown = sorted(set(router_kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"TopKRouter of megatron-core {MCORE_VERSION} does not accept {unknown}: the MoE layer "
+            "and the router come from different Megatron versions; reinstall one megatron-core"
+        )
+    return accepted
+
+
+def use_stock_router_gating(device: Any) -> bool:
+    """True where a router should run Megatron's own ``Router.gating``: on CUDA, where
+    ``router_gating_linear`` takes bf16 activations straight into TE's fp32-output GEMM
+    (``te_general_gemm``; no fp32 copy of the [T, H] input). Elsewhere False: 0.16-0.20's
+    ``Router.gating`` moves CPU weights to ``torch.cuda.current_device()``, so the caller keeps a
+    device-agnostic copy of the same math (``C2RRouter``'s ``_GatingLinear``)."""
+    return torch.device(device).type == "cuda"

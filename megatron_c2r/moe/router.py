@@ -1,16 +1,20 @@
 """``C2RRouter``: Megatron-core's ``TopKRouter`` with collaboration-constrained routing.
 
 Naming contract (Megatron's): logits -> scores -> probs, routing_map. Ours, once: collaboration
-(co-activation counts), top-T list, group, placement.
+(co-activation counts), top-T list, group, placement. Shape suffixes: the legend in
+``megatron_c2r/routing/__init__.py`` (S sequence, B micro-batch, T tokens, E experts, ...).
 
-The routing math lives in ``megatron_c2r.routing`` (pure functions); this class adapts it to
-Megatron:
-    * ``gating`` is device-agnostic (the stock one moves CPU weights to CUDA).
-    * mode 'topk' delegates to ``TopKRouter.routing`` -> identical probs/routing_map, bit for bit.
-    * modes 'c2r'/'group' replace only the expert *selection*; probs are computed from the chosen
-      experts exactly as Megatron computes them, then capacity dropping, the aux losses (on the
-      constrained routing map) and the expert-bias update run as in ``TopKRouter``.
-    * the collaboration tracker, the penalty, warm-up and list refresh sit around that.
+The routing math lives in ``megatron_c2r.routing`` (pure functions and one rule object per mode,
+``routing.rules``); this class adapts it to Megatron and never branches on the mode string:
+    * ``gating``: Megatron's own on CUDA (TE's bf16-in / fp32-out GEMM); a device-agnostic copy
+      elsewhere (the stock one moves CPU weights to CUDA). The choice is ``compat``'s.
+    * unconstrained (mode 'topk', and every mode during warm-up) delegates to
+      ``TopKRouter.routing`` -> identical probs/routing_map, bit for bit.
+    * constrained rules replace only the expert *selection* (``rule.select``); probs are computed
+      from the chosen experts exactly as Megatron computes them, then capacity dropping, the aux
+      losses (on the constrained routing map) and the expert-bias counts run as in ``TopKRouter``.
+    * the collaboration tracker, the penalty (``rule.penalty``), warm-up, list refresh and the
+      statistics (``rule.violated_T``) sit around that.
 
 Select it through the layer spec: ``MoESubmodules(router=functools.partial(C2RRouter,
 c2r_config=C2RRouterConfig(...)))``. Call ``step_routers(model, iteration)`` once per training
@@ -31,21 +35,20 @@ from megatron_c2r import compat
 from megatron_c2r.collaboration import CollaborationTracker
 from megatron_c2r.routing.config import C2RRouterConfig
 from megatron_c2r.routing.functional import (
-    allowed_from_top_t,
-    c2r_topk,
-    group_topk,
-    groups_from_expert_to_group,
+    contiguous_groups,
+    groups_per_token,
     probs_from_selection,
     selection_scores,
-    validate_groups,
     validate_top_t_lists,
 )
-from megatron_c2r.routing.penalty import collaboration_penalty, full_scores
+from megatron_c2r.routing.penalty import full_scores
+from megatron_c2r.routing.rules import RoutingRule, RoutingTables, build_rule
 
 
 class _GatingLinear(torch.autograd.Function):
     """logits = input @ weight.T (+ bias) computed in ``router_dtype``; gradients returned in the
-    input's and weight's dtypes (the same math as Megatron's non-TE router gating, on any device)."""
+    input's and weight's dtypes (the same math as Megatron's non-TE router gating, on any device).
+    Used off CUDA only (``compat.use_stock_router_gating``): it casts [T, H] to the router dtype."""
 
     @staticmethod
     def forward(ctx, inp, weight, bias, router_dtype):
@@ -75,9 +78,22 @@ class C2RRouter(TopKRouter):
 
     Persistent state (in ``state_dict``, so ``--load`` resumes with identical routing):
         tracker.counts/pending/...   co-activation counts (CollaborationTracker)
-        top_t_lists  int64 [E, T]    collaborator lists (c2r mode)
-        expert_to_group int64 [E]    the group partition (group mode / penalty)
+        top_t_lists  int64 [E, L]    collaborator lists (c2r mode; L = 0 otherwise)
+        expert_to_group int64 [E]    the group partition (group mode / penalty / statistics)
         constraint_active bool []    False during warm-up
+
+    Derived state (never saved): ``rule`` (built once from the config), the host mirror
+    ``_active`` of ``constraint_active`` and the cached ``RoutingTables``; all reset by
+    ``_invalidate_caches`` (after a load, a relabelling, new lists, activation).
+
+    Finite-logits check (``c2r.check_finite_logits``), two ways:
+        ``defer_finite_check = False`` (default; the router inside a stock Megatron MoELayer):
+            each forward syncs once and raises a one-line ValueError before any collective.
+        ``defer_finite_check = True`` (set by our ``C2RMoELayer``): no sync; each forward stores
+            ``logits_finite``, a 0-d bool tensor on the logits' device, which the layer folds
+            into its dispatcher's count exchange so that every rank raises
+            ``nonfinite_logits_error(...)`` after it (no extra host round trip, no hang).
+        ``logits_finite`` stays None while the check is off.
     """
 
     def __init__(
@@ -88,53 +104,63 @@ class C2RRouter(TopKRouter):
         c2r_config: Optional[C2RRouterConfig] = None,
         **router_kwargs,
     ):
-        """``router_kwargs``: what newer Megatron passes routers (0.18+: ``is_mtp_layer``),
-        forwarded to ``TopKRouter`` unchanged."""
+        """``router_kwargs``: what this Megatron's MoELayer passes routers beyond ``config`` and
+        ``pg_collection`` (see ``compat.topk_router_kwargs``)."""
         if pg_collection is None:
             pg_collection = compat.get_default_pg_collection()
-        self._init_topk_router(config, pg_collection, router_kwargs)
+        self._init_topk_router(config, pg_collection, compat.topk_router_kwargs(router_kwargs))
         c2r_config = c2r_config if c2r_config is not None else C2RRouterConfig()
         ep_size = pg_collection.ep.size() if getattr(pg_collection, "ep", None) is not None else 1
-        self.c2r_config = c2r_config.resolve(
+        self.c2r_config = cfg = c2r_config.resolve(
             num_experts=config.num_moe_experts, topk=config.moe_router_topk, ep_size=ep_size
+        )
+        self.rule: RoutingRule = build_rule(
+            cfg.mode, cfg.group_selection, topk=self.topk, num_groups=cfg.num_groups,
+            max_groups=cfg.max_groups,
         )
         self._check_megatron_features()
         num_experts, device = config.num_moe_experts, self.weight.device
-        cfg = self.c2r_config
 
         if cfg.expert_to_group is not None:
-            expert_to_group = torch.tensor(cfg.expert_to_group, dtype=torch.int64)
+            expert_to_group_E = torch.tensor(cfg.expert_to_group, dtype=torch.int64)
         else:  # contiguous blocks = the EP ranks' expert sets (after any placement relabelling)
-            expert_to_group = torch.arange(num_experts) // (num_experts // cfg.num_groups)
-        validate_groups(expert_to_group, cfg.num_groups, self.topk, cfg.max_groups if cfg.mode == "group" else 1)
-        self.register_buffer("expert_to_group", expert_to_group.to(device))
+            expert_to_group_E = contiguous_groups(num_experts, cfg.num_groups)
+        self.rule.check_groups(expert_to_group_E)
+        self.register_buffer("expert_to_group", expert_to_group_E.to(device))
         top_t = cfg.top_t if cfg.top_t is not None else 0
         self.register_buffer(
             "top_t_lists", torch.zeros(num_experts, top_t, dtype=torch.int64, device=device)
         )
-        # c2r with no warm-up needs lists before the first step (set_top_t_lists / a plan file).
-        self.register_buffer(
-            "constraint_active",
-            torch.tensor(cfg.mode == "group" and cfg.warmup_steps == 0, device=device),
-        )
+        # A rule that needs lists (c2r) with no warm-up starts inactive until lists are installed
+        # (set_top_t_lists / a plan file); other constrained rules start active.
+        starts_active = self.rule.constrained and not self.rule.needs_lists and cfg.warmup_steps == 0
+        self.register_buffer("constraint_active", torch.tensor(starts_active, device=device))
         self.tracker = CollaborationTracker(num_experts).to(device)
-        # Derived from the buffers above; rebuilt lazily, reset only by _invalidate_caches().
-        self._allowed_cache: Optional[torch.Tensor] = None  # bool [E, E] (c2r statistics)
-        self._groups_cache: Optional[torch.Tensor] = None  # int64 [G, N] experts per group
-        self._contiguous_groups = False  # _groups_cache is arange(E).view(G, N)
-        self._last: Dict[str, object] = {}  # 0-d tensors (no host sync) or floats
-        # Host-side mirror of ``constraint_active`` so routing never syncs with the device.
-        self._active = bool(self.constraint_active)
+
+        self.defer_finite_check = False  # set True by C2RMoELayer (see the class docstring)
+        self.logits_finite: Optional[torch.Tensor] = None  # 0-d bool, last forward (deferred)
+        self._last: Dict[str, object] = {}  # statistics of the last forward (0-d tensors, floats)
+        # Caches derived from the buffers above; declared here, reset only by _invalidate_caches.
+        self._tables: Optional[RoutingTables] = None
+        self._active = starts_active  # host mirror of constraint_active: routing never syncs
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def _invalidate_caches(self) -> None:
         """Drop every table derived from the buffers (groups, allowed sets) and re-read the
-        host mirror of ``constraint_active``. Call after anything that changes ``expert_to_group``,
-        ``top_t_lists`` or ``constraint_active`` in place: loading, relabelling, new lists."""
-        self._allowed_cache = None
-        self._groups_cache = None
-        self._contiguous_groups = False
+        host mirror of ``constraint_active`` (one host sync; off the hot path). Call after
+        anything that changes ``expert_to_group``, ``top_t_lists`` or ``constraint_active``:
+        loading, relabelling, new lists, activation."""
+        self._tables = None
         self._active = bool(self.constraint_active)
+
+    def _routing_tables(self) -> RoutingTables:
+        """The rule's tables for the current buffers, built on first use after an invalidation.
+        Also rebuilt when a buffer object was replaced (``Module.to``/``.cuda`` move buffers
+        without telling us; in-place loads are covered by ``_invalidate_caches``)."""
+        tables = self._tables
+        if tables is None or not tables.built_from(self.expert_to_group, self.top_t_lists):
+            tables = self._tables = self.rule.tables(self.expert_to_group, self.top_t_lists)
+        return tables
 
     # ------------------------------------------------------------------------------------------
     # Construction helpers
@@ -155,22 +181,22 @@ class C2RRouter(TopKRouter):
         self.routing_type = config.moe_router_load_balancing_type
         self.enable_expert_bias = config.moe_router_enable_expert_bias
         device, num_experts = self.weight.device, config.num_moe_experts
-        zeros = torch.zeros(num_experts, dtype=torch.float32, device=device)
+        zeros_E = torch.zeros(num_experts, dtype=torch.float32, device=device)
         if self.enable_expert_bias:
             del self.local_tokens_per_expert, self.expert_bias  # TopKRouter set them to None
-            self.register_buffer("local_tokens_per_expert", zeros.clone(), persistent=False)
-            self.register_buffer("expert_bias", zeros.clone())
+            self.register_buffer("local_tokens_per_expert", zeros_E.clone(), persistent=False)
+            self.register_buffer("expert_bias", zeros_E.clone())
         if self.get_aux_loss_coeff("global_aux_loss") > 0:
             del self.global_tokens_per_expert, self.ga_steps
-            self.register_buffer("global_tokens_per_expert", zeros.clone(), persistent=False)
+            self.register_buffer("global_tokens_per_expert", zeros_E.clone(), persistent=False)
             self.register_buffer(
                 "ga_steps", torch.tensor(0, dtype=torch.float32, device=device), persistent=False
             )
 
     def _check_megatron_features(self) -> None:
-        """Reject Megatron options that contradict a constrained mode (one-line errors)."""
+        """Reject Megatron options that contradict a constrained rule (one-line errors)."""
         cfg, mc = self.c2r_config, self.config
-        if cfg.mode == "topk":
+        if not self.rule.constrained:
             return
         if self.routing_type == "sinkhorn":
             raise ValueError(
@@ -184,11 +210,11 @@ class C2RRouter(TopKRouter):
                 f"{mc.moe_router_group_topk} (use c2r.mode='group', c2r.group_selection="
                 "'group_score' for the same rule)"
             )
-        if getattr(mc, "moe_router_fusion", False):
+        if mc.moe_router_fusion:
             raise ValueError(
                 f"c2r.mode={cfg.mode!r} selects experts in PyTorch: set moe_router_fusion=False"
             )
-        if getattr(mc, "moe_enable_routing_replay", False):
+        if mc.moe_enable_routing_replay:
             raise ValueError(
                 f"c2r.mode={cfg.mode!r} does not support moe_enable_routing_replay=True"
             )
@@ -197,7 +223,7 @@ class C2RRouter(TopKRouter):
     # Lists, groups, schedule
     # ------------------------------------------------------------------------------------------
     def set_top_t_lists(self, top_t_lists_EL: torch.Tensor) -> None:
-        """Install [E, T] collaborator lists (from a file or the tracker); validated first."""
+        """Install [E, L] collaborator lists (from a file or the tracker); validated first."""
         top_t_lists_EL = torch.as_tensor(top_t_lists_EL)
         validate_top_t_lists(top_t_lists_EL, self.config.num_moe_experts, self.topk)
         if self.c2r_config.top_t is not None and top_t_lists_EL.shape[1] != self.c2r_config.top_t:
@@ -206,23 +232,21 @@ class C2RRouter(TopKRouter):
                 f"{self.c2r_config.top_t}: regenerate the lists or change c2r.top_t"
             )
         self.top_t_lists = top_t_lists_EL.to(self.expert_to_group.device, torch.int64).clone()
-        self._allowed_cache = None
-        if self.c2r_config.mode == "c2r" and self.c2r_config.warmup_steps == 0:
+        self._invalidate_caches()
+        if self.rule.needs_lists and self.c2r_config.warmup_steps == 0:
             self._set_active(True)
 
     def _set_active(self, active: bool) -> None:
         self.constraint_active.fill_(active)
-        self._active = active
-        self._allowed_cache = None
+        self._invalidate_caches()
 
     def activate(self, reduce_group=None) -> None:
         """End the warm-up: sum the tracker over ``reduce_group`` (collective), derive the top-T
-        lists (c2r) and turn the constraint on."""
+        lists (rules that need them) and turn the constraint on."""
         self.tracker.reduce_(reduce_group if reduce_group is not None else self.tp_dp_cp_group)
-        if self.c2r_config.mode == "c2r":
+        if self.rule.needs_lists:
             self.top_t_lists = self.tracker.top_t_lists(self.c2r_config.top_t)
-            self._allowed_cache = None
-        self._set_active(self.c2r_config.mode != "topk")
+        self._set_active(self.rule.constrained)
         if self.c2r_config.refresh_interval:
             self.tracker.reset_()  # the next refresh sees only its own window
 
@@ -232,7 +256,7 @@ class C2RRouter(TopKRouter):
         (the CPU trainer) just before ``step_routers``."""
         cfg, done = self.c2r_config, iteration + 1
         return bool(
-            cfg.mode != "topk" and cfg.track_collaboration and cfg.refresh_interval
+            self.rule.constrained and cfg.track_collaboration and cfg.refresh_interval
             and done > cfg.warmup_steps and (done - cfg.warmup_steps) % cfg.refresh_interval == 0
         )
 
@@ -240,7 +264,7 @@ class C2RRouter(TopKRouter):
         """Advance the schedule after training iteration ``iteration`` (0-based, all ranks)."""
         cfg = self.c2r_config
         done = iteration + 1
-        if cfg.mode == "topk" or not cfg.track_collaboration:
+        if not self.rule.constrained or not cfg.track_collaboration:
             return
         if (not self._active and done >= cfg.warmup_steps) or self.refresh_due(iteration):
             self.activate()
@@ -270,28 +294,14 @@ class C2RRouter(TopKRouter):
         self._allowed_cache = None
         self._groups_cache = None
 
-    def _allowed(self) -> torch.Tensor:
-        """bool [E, E]: {e} U top_t(e) per expert (c2r violation statistics)."""
-        if self._allowed_cache is None or self._allowed_cache.device != self.weight.device:
-            self._allowed_cache = allowed_from_top_t(self.top_t_lists, self.config.num_moe_experts)
-        return self._allowed_cache
-
-    def _groups_GN(self) -> torch.Tensor:
-        """[G, N] expert ids per group, cached (groups change only through relabelling)."""
-        cached = getattr(self, "_groups_cache", None)
-        if cached is None or cached.device != self.expert_to_group.device:
-            cached = groups_from_expert_to_group(self.expert_to_group, self.c2r_config.num_groups)
-            self._groups_cache = cached
-            self._contiguous_groups = bool(
-                (cached.flatten() == torch.arange(cached.numel(), device=cached.device)).all()
-            )
-        return cached
-
     # ------------------------------------------------------------------------------------------
     # Forward
     # ------------------------------------------------------------------------------------------
     def gating(self, input: torch.Tensor) -> torch.Tensor:
-        """Device-agnostic router linear: logits [S, B, E] in the router dtype."""
+        """Router linear: logits [S, B, E] in the router dtype. Megatron's own gating on CUDA;
+        elsewhere the same math device-agnostically (``compat.use_stock_router_gating``)."""
+        if compat.use_stock_router_gating(self.weight.device):
+            return super().gating(input)
         router_dtype = input.dtype
         if self.config.moe_router_dtype == "fp32":
             router_dtype = torch.float32
@@ -300,26 +310,21 @@ class C2RRouter(TopKRouter):
         return _GatingLinear.apply(input, self.weight, self.bias, router_dtype)
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        """logits [S, B, E] -> (probs [S*B, E], routing_map [S*B, E]); see the class docstring."""
+        """logits [S, B, E] -> (probs [T, E], routing_map [T, E]); see the class docstring.
+        ``padding_mask`` [S, B] bool, True marks padding (Megatron's convention)."""
         logits_TE = logits.view(-1, self.config.num_moe_experts)
         padding_T = padding_mask.reshape(-1) if padding_mask is not None else None
-        # NaN/Inf propagate into the sum: one reduction instead of an elementwise isfinite pass.
-        if self.c2r_config.check_finite_logits and not bool(torch.isfinite(logits_TE.sum())):
-            bad = int((~torch.isfinite(logits_TE)).any(dim=1).sum())
+        self._check_finite_logits(logits_TE)
+        if self.rule.needs_lists and not self._active and self.c2r_config.warmup_steps == 0:
             raise ValueError(
-                f"router logits of layer {self.layer_number} hold NaN/Inf for {bad} of "
-                f"{logits_TE.shape[0]} tokens: check the input activations / lower the LR"
-            )
-        if self.c2r_config.mode == "c2r" and not self._active and self.c2r_config.warmup_steps == 0:
-            raise ValueError(
-                f"c2r.mode='c2r' with c2r.warmup_steps=0 needs top-T lists before the first "
-                f"forward (layer {self.layer_number}): load them (megatron_c2r.moe.lists."
-                "load_top_t_lists_) or set c2r.warmup_steps > 0 to derive them"
+                f"c2r.mode={self.c2r_config.mode!r} with c2r.warmup_steps=0 needs top-T lists "
+                f"before the first forward (layer {self.layer_number}): load them (megatron_c2r."
+                "moe.lists.load_top_t_lists_) or set c2r.warmup_steps > 0 to derive them"
             )
         training = self.training and torch.is_grad_enabled()
         counting = training and self.c2r_config.track_collaboration
         preferred = None
-        if self._active and self.c2r_config.mode != "topk":
+        if self._active and self.rule.constrained:
             # Under the constraint the routing map only confirms the current groups; refresh
             # windows count what plain top-k would have picked instead.
             probs, routing_map, preferred = self._constrained_routing(
@@ -335,12 +340,33 @@ class C2RRouter(TopKRouter):
         self._record_stats(probs, routing_map, padding_T)
         return probs, routing_map
 
+    def _check_finite_logits(self, logits_TE: torch.Tensor) -> None:
+        """``c2r.check_finite_logits``: sync and raise now, or record ``logits_finite`` for the
+        layer (``defer_finite_check``); see the class docstring."""
+        if not self.c2r_config.check_finite_logits:
+            return
+        # NaN/Inf propagate into the sum: one reduction instead of an elementwise isfinite pass.
+        finite = torch.isfinite(logits_TE.detach().sum())
+        if self.defer_finite_check:
+            self.logits_finite = finite
+        elif not bool(finite):
+            bad = int((~torch.isfinite(logits_TE)).any(dim=1).sum())
+            raise self.nonfinite_logits_error(f"for {bad} of {logits_TE.shape[0]} tokens")
+
+    def nonfinite_logits_error(self, where: str) -> ValueError:
+        """The one-line error for NaN/Inf router logits; ``where`` says which tokens or ranks
+        (e.g. "for 3 of 4096 tokens", "on EP rank(s) [1]")."""
+        return ValueError(
+            f"router logits of layer {self.layer_number} hold NaN/Inf {where}: check the input "
+            "activations / lower the LR"
+        )
+
     def _constrained_routing(self, logits_TE, padding_T, seq_batch, want_preferred=False):
-        """TopKRouter.routing with the constrained selection in place of plain top-k.
-        ``logits_TE`` [S*B, E], ``padding_T`` [S*B] or None, ``seq_batch`` = (S, B).
-        Returns (probs, routing_map, preferred): ``preferred`` is plain top-k's map of the same
-        scores if ``want_preferred`` (refresh windows count it), else None."""
-        cfg, mc = self.c2r_config, self.config
+        """TopKRouter.routing with the rule's selection in place of plain top-k.
+        ``logits_TE`` [T, E], ``padding_T`` [T] or None, ``seq_batch`` = (S, B).
+        Returns (probs_TE, routing_map_TE, preferred_TE): ``preferred_TE`` is plain top-k's map
+        of the same scores if ``want_preferred`` (refresh windows count it), else None."""
+        mc = self.config
         seq_length, bsz = seq_batch
         logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_T)
 
@@ -351,25 +377,14 @@ class C2RRouter(TopKRouter):
             use_pre_softmax=mc.moe_router_pre_softmax,
             expert_bias_E=self.expert_bias if self.score_function == "sigmoid" else None,
         )
-        if cfg.mode == "c2r":
-            _, indices_TK = c2r_topk(scores_TE, self.topk, self.top_t_lists)
-        else:
-            _, indices_TK = group_topk(
-                scores_TE,
-                self.topk,
-                self.expert_to_group,
-                cfg.num_groups,
-                cfg.max_groups,
-                anchored=cfg.group_selection == "anchored",
-                groups_GN=self._groups_GN(),
-            )
-        preferred = None
+        indices_TK = self.rule.select(scores_TE, self._routing_tables())
+        preferred_TE = None
         if want_preferred:
-            preferred = torch.zeros_like(logits_TE, dtype=torch.bool).scatter_(
+            preferred_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter_(
                 1, scores_TE.topk(self.topk, dim=1).indices, True
             )
         # 2. Megatron's probs for that selection.
-        probs, routing_map = probs_from_selection(
+        probs_TE, routing_map_TE = probs_from_selection(
             logits_TE,
             indices_TK,
             score_function=self.score_function,
@@ -378,9 +393,9 @@ class C2RRouter(TopKRouter):
         )
         # 3. Capacity dropping, as TopKRouter does.
         if mc.moe_expert_capacity_factor is not None:
-            probs, routing_map = apply_router_token_dropping(
-                probs,
-                routing_map,
+            probs_TE, routing_map_TE = apply_router_token_dropping(
+                probs_TE,
+                routing_map_TE,
                 router_topk=self.topk,
                 capacity_factor=mc.moe_expert_capacity_factor,
                 drop_policy=mc.moe_token_drop_policy,
@@ -390,58 +405,55 @@ class C2RRouter(TopKRouter):
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
             # Megatron's compute_routing_scores_for_aux_loss also runs a plain top-k whose map
             # we would discard; only its full score distribution is needed here.
-            scores_for_aux = full_scores(logits_TE, self.score_function)
+            scores_for_aux_TE = full_scores(logits_TE, self.score_function)
             if padding_T is not None:
-                scores_for_aux = scores_for_aux * (~padding_T).unsqueeze(-1)
-            aux_map = routing_map if padding_T is None else routing_map & ~padding_T.unsqueeze(-1)
-            masked = padding_T is not None
-            probs = self._apply_aux_loss(probs, scores_for_aux, aux_map, with_padding_mask=masked)
-            probs = self._apply_seq_aux_loss(
-                probs, scores_for_aux, aux_map, seq_length, bsz, with_padding_mask=masked
+                scores_for_aux_TE = scores_for_aux_TE * (~padding_T).unsqueeze(-1)
+            aux_map_TE = (
+                routing_map_TE if padding_T is None else routing_map_TE & ~padding_T.unsqueeze(-1)
             )
-            probs = self._apply_global_aux_loss(
-                probs, scores_for_aux, aux_map, with_padding_mask=masked
+            masked = padding_T is not None
+            probs_TE = self._apply_aux_loss(
+                probs_TE, scores_for_aux_TE, aux_map_TE, with_padding_mask=masked
+            )
+            probs_TE = self._apply_seq_aux_loss(
+                probs_TE, scores_for_aux_TE, aux_map_TE, seq_length, bsz, with_padding_mask=masked
+            )
+            probs_TE = self._apply_global_aux_loss(
+                probs_TE, scores_for_aux_TE, aux_map_TE, with_padding_mask=masked
             )
         # 5. Expert-bias token counts (the bias itself is updated by the training loop).
         if self.enable_expert_bias and torch.is_grad_enabled():
             with torch.no_grad():
-                counted = routing_map if padding_T is None else routing_map & ~padding_T.unsqueeze(-1)
-                self.local_tokens_per_expert += counted.sum(dim=0)
-        return probs, routing_map, preferred
+                counted_TE = (
+                    routing_map_TE if padding_T is None else routing_map_TE & ~padding_T.unsqueeze(-1)
+                )
+                self.local_tokens_per_expert += counted_TE.sum(dim=0)
+        return probs_TE, routing_map_TE, preferred_TE
 
-    def _apply_collaboration_penalty(self, probs, logits_TE, padding_T):
+    def _apply_collaboration_penalty(self, probs_TE, logits_TE, padding_T):
+        """Attach ``c2r.penalty_coeff`` x the rule's penalty to ``probs_TE`` (Megatron's aux-loss
+        mechanism, logged as ``c2r_penalty`` over the TP x CP group); no host sync."""
         coeff = self.c2r_config.penalty_coeff
-        if coeff == 0 or (self.c2r_config.mode == "c2r" and not self._active):
-            return probs
-        if self.c2r_config.mode == "c2r":
-            where = dict(top_t_lists_EL=self.top_t_lists)
-        else:
-            where = dict(expert_to_group_E=self.expert_to_group, num_groups=self.c2r_config.num_groups)
-        penalty = collaboration_penalty(
-            logits_TE, score_function=self.score_function, padding_mask_T=padding_T, **where
+        if coeff == 0 or not self.rule.penalty_applies(self._active):
+            return probs_TE
+        penalty = self.rule.penalty(
+            logits_TE, self._routing_tables(), score_function=self.score_function,
+            padding_mask_T=padding_T,
         )
         self._last["penalty"] = penalty.detach()
         valid = None if padding_T is None else (~padding_T).sum()
         return self.attach_and_log_load_balancing_loss(
-            probs, coeff, coeff * penalty, "c2r_penalty", self.tp_cp_group, valid_token_count=valid
+            probs_TE, coeff, coeff * penalty, "c2r_penalty", self.tp_cp_group, valid_token_count=valid
         )
 
     @torch.no_grad()
     def _record_stats(self, probs_TE, routing_map_TE, padding_T) -> None:
         """Cheap per-step statistics, kept as tensors (no host sync) until ``c2r_metrics``."""
-        num_tokens, groups_GN = routing_map_TE.shape[0], self._groups_GN()
-        if self._contiguous_groups:
-            map_TGN = routing_map_TE.view(num_tokens, *groups_GN.shape)
-        else:
-            map_TGN = routing_map_TE.index_select(1, groups_GN.flatten()).view(num_tokens, *groups_GN.shape)
-        groups_T = map_TGN.any(dim=2).sum(dim=1).float()
-        if self.c2r_config.mode == "c2r" and self._active:
-            # c2r constraint: every expert inside {top-1} U top_t(top-1); top-1 = largest prob.
-            anchor_T = (probs_TE.detach()).argmax(dim=-1)
-            violated_T = (routing_map_TE & ~self._allowed().index_select(0, anchor_T)).any(dim=1)
-        else:
-            limit = self.c2r_config.max_groups if self.c2r_config.mode == "group" else 1
-            violated_T = groups_T > limit
+        tables = self._routing_tables()
+        groups_T = groups_per_token(
+            routing_map_TE, tables.expert_to_group_E, self.rule.num_groups, groups_GN=tables.groups_GN
+        ).float()
+        violated_T = self.rule.violated_T(probs_TE, routing_map_TE, groups_T, tables, self._active)
         if padding_T is not None:
             groups_T, violated_T = groups_T[~padding_T], violated_T[~padding_T]
         self._last["groups_per_token"] = groups_T.mean()
@@ -451,8 +463,9 @@ class C2RRouter(TopKRouter):
     def c2r_metrics(self) -> Dict[str, float]:
         """Per-layer metrics of the last forward (host sync happens here, at logging time).
         groups_per_token: distinct groups (= EP ranks by default) per token; violation_rate:
-        share of tokens using more groups than the mode allows (0 in hard modes, and with the
-        1-group reference in topk/c2r modes); penalty: the collaboration penalty (no coeff)."""
+        share of tokens outside the rule (``rule.violated_T``: 0 in hard modes; the 1-group
+        reference in topk mode and during a c2r warm-up); penalty: the collaboration penalty
+        (without its coefficient); constraint_active: 0/1."""
         return {k: float(v) for k, v in self._last.items()}
 
 

@@ -22,11 +22,13 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Optional
 
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_c2r import compat
 from megatron_c2r.config import C2ROptions
+from megatron_c2r.moe.layer import c2r_moe_spec
 from megatron_c2r.moe.router import C2RRouter
 
 
@@ -50,8 +52,6 @@ def apply_c2r_to_moe_spec(moe_spec: Any, options: C2ROptions) -> Any:
         return moe_spec
     spec = compat.replace_moe_submodules(moe_spec, router=c2r_router_builder(options))
     if options.dispatcher == "dedup":
-        from megatron_c2r.moe.layer import c2r_moe_spec
-
         spec = c2r_moe_spec(spec, dispatcher="dedup")
     return spec
 
@@ -93,8 +93,6 @@ def get_c2r_decoder_block_spec(
         use_transformer_engine: TE modules (GPU) or Megatron's local modules (CPU-capable).
     Returns the block spec for this pipeline stage (and virtual stage).
     """
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
     block = get_gpt_decoder_block_spec(
         config,
         use_transformer_engine=use_transformer_engine,

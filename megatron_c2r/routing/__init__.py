@@ -1,11 +1,19 @@
-"""Pure routing functions: tensor in, tensor out, no Megatron imports, CPU-testable.
+"""Pure routing code: tensor in, tensor out, no Megatron imports, CPU-testable.
 
-Shape legend used across this package:
-    T  tokens (S*B flattened)      E  experts         K  top-k
-    G  groups (EP ranks by default) N  experts per group (E // G)
-    L  top-T list length
+    config.py      C2RRouterConfig (the router's options; imports no torch)
+    functional.py  the selection rules as functions, score functions, validation
+    penalty.py     the collaboration penalty
+    rules.py       one routing-rule object per mode (what ``moe/router.py`` adapts to Megatron)
 
-Import from the submodules (``routing.functional``, ``routing.penalty``, ``routing.config``).
-This package imports nothing at load, so ``routing.config`` stays importable without torch (the
-SLURM scripts render configs on batch hosts that may not have it).
+Shape-suffix legend, one meaning per letter in this package and in ``moe/router.py``:
+    S  sequence length             B  micro-batch size       T  tokens (S*B flattened)
+    E  experts                     K  top-k                  R  K-1 (the experts after the top-1)
+    G  groups (EP ranks by default)                          N  experts per group (E // G)
+    M  groups kept per token (max_groups)                    C  candidate columns (M*N)
+    L  length of a top-T collaborator list (the paper's "T"; never T, which is tokens)
+    H  hidden size
+
+Import from the submodules (``routing.functional``, ``routing.rules``, ...). This package
+imports nothing at load, so ``routing.config`` stays importable without torch (the SLURM
+scripts render configs on batch hosts that may not have it).
 """

@@ -6,8 +6,28 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from megatron_c2r.parallel import experts_per_rank
+
 MODES = ("topk", "c2r", "group")
 GROUP_SELECTIONS = ("anchored", "group_score")
+
+
+def experts_per_group(
+    num_experts: int,
+    num_groups: int,
+    *,
+    groups_name: str = "c2r.num_groups",
+    experts_name: str = "num_moe_experts",
+) -> int:
+    """E / G, the experts in each of ``num_groups`` balanced groups. The one place for "groups
+    split the experts evenly"; raises a one-line ValueError naming both fields as the caller
+    spells them. (The same rule for EP ranks is ``megatron_c2r.parallel.experts_per_rank``.)"""
+    if num_groups < 1 or num_experts % num_groups:
+        raise ValueError(
+            f"{groups_name}={num_groups} must divide {experts_name}={num_experts} "
+            f"(groups are balanced): pick a divisor of {num_experts}"
+        )
+    return num_experts // num_groups
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -18,13 +38,13 @@ class C2RRouterConfig:
         the top-1 expert's group first; 'c2r' is the paper's rule (top-1 free, the other k-1 from
         the top-1 expert's top-T collaborators); 'topk' is Megatron's TopKRouter, bit for bit, plus
         the collaboration tracker and optional penalty.
-    top_t: length T of the collaborator lists (c2r). T = E-1 is plain top-k.
+    top_t: length of the collaborator ("top-T") lists (c2r). top_t = E-1 is plain top-k.
     num_groups: G, number of groups (group mode, penalty). None -> the EP size, so one group is
         one EP rank's expert block (after any placement relabelling).
     max_groups: M, groups a token may use (group mode). 1 -> every token is sent to one rank.
-    group_selection: 'anchored' (top-1 expert's group + best other groups; REFERENCE.md section 9
-        measured it clearly better than Megatron's rule at equal ranks per token) or
-        'group_score' (the best M groups by group score: Megatron's group-limited rule).
+    group_selection: 'anchored' (top-1 expert's group + best other groups; lower loss than
+        Megatron's rule at equal ranks per token, see docs/quality.md) or 'group_score' (the
+        best M groups by group score: Megatron's group-limited rule).
     expert_to_group: explicit balanced partition (length E, group id per expert). None -> the
         contiguous blocks of E/G ids, i.e. the EP ranks' expert sets.
     penalty_coeff: collaboration penalty coefficient (0 = off). See routing/penalty.py.
@@ -37,8 +57,10 @@ class C2RRouterConfig:
         costs one top-k per forward while on). 0 = frozen after warm-up, as in the paper.
     track_collaboration: count co-activation on every training forward (needed for warm-up,
         refresh and placement planning).
-    check_finite_logits: raise on NaN/Inf router logits before any collective runs (one small
-        device->host sync per layer; turn off once a run is known to be stable).
+    check_finite_logits: raise on NaN/Inf router logits before they reach a collective. In a
+        stock Megatron MoELayer this costs one small device->host sync per layer; our
+        C2RMoELayer defers it into the dispatcher's count exchange (no extra sync; see
+        ``C2RRouter.defer_finite_check``).
     """
 
     mode: str = "group"
@@ -74,14 +96,18 @@ class C2RRouterConfig:
     def resolve(self, *, num_experts: int, topk: int, ep_size: int) -> "C2RRouterConfig":
         """Fill defaults that depend on the model (num_groups <- EP size) and validate against it.
         Errors name the field, the values and the fix."""
-        num_groups = self.num_groups
-        if num_groups is None:
-            num_groups = len(set(self.expert_to_group)) if self.expert_to_group else ep_size
-        if num_groups < 1 or num_experts % num_groups:
+        if not 1 <= topk <= num_experts:  # first: the group checks below assume it
             raise ValueError(
-                f"c2r.num_groups={num_groups} must divide num_moe_experts={num_experts}"
-                + (" (num_groups defaults to expert_model_parallel_size)" if self.num_groups is None else "")
+                f"moe_router_topk={topk} must be in [1, num_moe_experts={num_experts}]: lower "
+                "moe_router_topk or raise num_moe_experts"
             )
+        num_groups = self.num_groups
+        if num_groups is None and self.expert_to_group:
+            num_groups = len(set(self.expert_to_group))
+        if num_groups is None:  # one group per EP rank: the EP rule
+            experts_per_rank(num_experts, ep_size, experts_name="num_moe_experts")
+            num_groups = ep_size
+        experts_per_group(num_experts, num_groups)
         if self.mode == "c2r" and not topk - 1 <= self.top_t <= num_experts - 1:
             raise ValueError(
                 f"c2r.top_t={self.top_t} must satisfy moe_router_topk-1={topk - 1} <= top_t <= "

@@ -7,7 +7,8 @@ sigmoid scores plus expert bias for sigmoid), and return ``(values_TK, indices_T
 exactly the way Megatron does, so the constrained router differs from ``TopKRouter`` only in
 *which* experts are chosen.
 
-Shape legend: T tokens, E experts, K top-k, G groups, N experts per group, L top-T list length.
+Shape suffixes: the legend in ``megatron_c2r/routing/__init__.py`` (here also R = K-1 experts
+after the top-1, M = groups kept per token, C = M*N candidate columns).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+
+from megatron_c2r.routing.config import experts_per_group
 
 
 # ------------------------------------------------------------------------------------------------
@@ -62,14 +65,11 @@ def validate_groups(
 ) -> None:
     """Check an expert->group map: a balanced partition into ``num_groups`` groups of E/G experts,
     1 <= max_groups <= G, and k <= max_groups * E/G (enough experts under the constraint)."""
-    num_experts = expert_to_group_E.numel()
-    if num_groups < 1 or num_experts % num_groups:
-        raise ValueError(
-            f"num_groups={num_groups} must divide num_experts={num_experts} (groups are balanced)"
-        )
+    per_group = experts_per_group(
+        expert_to_group_E.numel(), num_groups, groups_name="num_groups", experts_name="num_experts"
+    )
     if not 1 <= max_groups <= num_groups:
         raise ValueError(f"max_groups={max_groups} must be in [1, num_groups={num_groups}]")
-    per_group = num_experts // num_groups
     if topk > max_groups * per_group:
         raise ValueError(
             f"topk={topk} exceeds the {max_groups} group(s) x {per_group} experts available "
@@ -85,6 +85,14 @@ def validate_groups(
             f"{num_groups} groups of {per_group}: each group id in [0, {num_groups - 1}] must "
             f"appear exactly {per_group} times"
         )
+
+
+def contiguous_groups(num_experts: int, num_groups: int) -> torch.Tensor:
+    """int64 [E]: the default partition, contiguous blocks of E/G ids (= the EP ranks' expert
+    sets when G is the EP size, after any placement relabelling)."""
+    per_group = experts_per_group(num_experts, num_groups, groups_name="num_groups",
+                                  experts_name="num_experts")
+    return torch.arange(num_experts, dtype=torch.int64) // per_group
 
 
 def groups_from_expert_to_group(expert_to_group_E: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -195,6 +203,44 @@ def group_topk(
 
 
 # ------------------------------------------------------------------------------------------------
+# Score functions (the one place that branches on Megatron's ``moe_router_score_function``)
+# ------------------------------------------------------------------------------------------------
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+
+
+def expert_scores(logits: torch.Tensor, score_function: str, *, keep_fp32: bool = False) -> torch.Tensor:
+    """Megatron's score function over the last dim, computed in fp32: softmax, or elementwise
+    sigmoid (not normalised). Returned in ``logits``' dtype, as Megatron does for the scores it
+    ranks and turns into probs, or kept fp32 (``keep_fp32=True``: the losses' distribution)."""
+    if score_function == "softmax":
+        scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    elif score_function == "sigmoid":
+        scores = torch.sigmoid(logits.float())
+    else:
+        raise ValueError(
+            f"moe_router_score_function={score_function!r} must be one of {', '.join(SCORE_FUNCTIONS)}"
+        )
+    return scores if keep_fp32 else scores.type_as(logits)
+
+
+def selection_scores(
+    logits_TE: torch.Tensor,
+    *,
+    score_function: str,
+    use_pre_softmax: bool,
+    expert_bias_E: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """The tensor Megatron runs its top-k on (see the module docstring): logits for softmax
+    without pre-softmax, softmax scores with it, sigmoid scores plus the expert bias."""
+    if score_function == "softmax" and not use_pre_softmax:
+        return logits_TE
+    scores_TE = expert_scores(logits_TE, score_function)
+    if score_function == "sigmoid" and expert_bias_E is not None:
+        return scores_TE + expert_bias_E
+    return scores_TE
+
+
+# ------------------------------------------------------------------------------------------------
 # Selection -> Megatron probs
 # ------------------------------------------------------------------------------------------------
 def probs_from_selection(
@@ -214,39 +260,14 @@ def probs_from_selection(
     then times ``scaling_factor``. Returns dense (probs_TE, routing_map_TE).
     """
     topk = indices_TK.shape[1]
-    if score_function == "softmax":
-        if use_pre_softmax:
-            scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32).type_as(logits_TE)
-            probs_TK = scores_TE.gather(1, indices_TK)
-        else:
-            probs_TK = torch.softmax(
-                logits_TE.gather(1, indices_TK), dim=-1, dtype=torch.float32
-            ).type_as(logits_TE)
-    elif score_function == "sigmoid":
-        scores_TK = torch.sigmoid(logits_TE.float()).type_as(logits_TE).gather(1, indices_TK)
-        probs_TK = scores_TK / (scores_TK.sum(dim=-1, keepdim=True) + 1e-20) if topk > 1 else scores_TK
+    if score_function == "softmax" and not use_pre_softmax:
+        probs_TK = expert_scores(logits_TE.gather(1, indices_TK), score_function)
     else:
-        raise ValueError(f"score_function={score_function!r} must be 'softmax' or 'sigmoid'")
+        probs_TK = expert_scores(logits_TE, score_function).gather(1, indices_TK)
+        if score_function == "sigmoid" and topk > 1:
+            probs_TK = probs_TK / (probs_TK.sum(dim=-1, keepdim=True) + 1e-20)
     if scaling_factor:
         probs_TK = probs_TK * scaling_factor
     probs_TE = torch.zeros_like(logits_TE).scatter(1, indices_TK, probs_TK)
     routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(1, indices_TK, True)
     return probs_TE, routing_map_TE
-
-
-def selection_scores(
-    logits_TE: torch.Tensor,
-    *,
-    score_function: str,
-    use_pre_softmax: bool,
-    expert_bias_E: Optional[torch.Tensor],
-) -> torch.Tensor:
-    """The tensor Megatron runs its top-k on, for each score function (see module docstring)."""
-    if score_function == "softmax":
-        if use_pre_softmax:
-            return torch.softmax(logits_TE, dim=-1, dtype=torch.float32).type_as(logits_TE)
-        return logits_TE
-    if score_function == "sigmoid":
-        scores_TE = torch.sigmoid(logits_TE.float()).type_as(logits_TE)
-        return scores_TE + expert_bias_E if expert_bias_E is not None else scores_TE
-    raise ValueError(f"score_function={score_function!r} must be 'softmax' or 'sigmoid'")

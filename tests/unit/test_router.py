@@ -1,5 +1,6 @@
 """C2RRouter against Megatron-core's TopKRouter, and its own invariants, on CPU."""
 
+import dataclasses
 import functools
 
 import pytest
@@ -265,6 +266,21 @@ def test_bad_router_options_fail_at_construction_with_one_line_errors(cfg, overr
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "cfg,sizes,match",
+    [
+        (dict(mode="group"), dict(num_experts=8, topk=9, ep_size=2), r"^moe_router_topk=9 must be in \[1, num_moe_experts=8\]"),
+        (dict(mode="topk"), dict(num_experts=8, topk=0, ep_size=1), r"^moe_router_topk=0 must be in \[1"),
+        (dict(mode="group"), dict(num_experts=8, topk=2, ep_size=3), r"^num_moe_experts=8 must be divisible by expert_model_parallel_size=3"),
+        (dict(mode="group", num_groups=3), dict(num_experts=8, topk=2, ep_size=2), r"^c2r.num_groups=3 must divide num_moe_experts=8"),
+    ],
+)
+def test_config_resolve_checks_topk_against_the_experts_first_and_groups_with_one_rule(cfg, sizes, match):
+    with pytest.raises(ValueError, match=match) as err:
+        C2RRouterConfig(**cfg).resolve(**sizes)
+    assert "\n" not in str(err.value)
+
+
 def test_c2r_mode_without_warmup_refuses_to_route_before_lists_are_loaded():
     router = C2RRouter(make_config(), c2r_config=C2RRouterConfig(mode="c2r", top_t=3, warmup_steps=0))
     with pytest.raises(ValueError, match=r"needs top-T lists before the first forward"):
@@ -371,3 +387,94 @@ def test_top_t_lists_from_a_tensor_file_are_validated_before_any_router_changes(
     torch.save(good, tmp_path / "one.pt")
     assert load_top_t_lists_(routers, str(tmp_path / "one.pt")) == 2
     assert torch.equal(routers[0].top_t_lists, good)
+
+
+def test_loading_a_state_dict_with_other_groups_rebuilds_the_routers_group_tables():
+    """The group tables are cached on the first forward; a checkpoint with another
+    expert_to_group (loaded in place) must be what the next forward selects and counts with."""
+    config = make_config()
+    cfg = C2RRouterConfig(mode="group", num_groups=4, max_groups=1)
+    router = C2RRouter(config, c2r_config=cfg)  # default contiguous groups
+    x = torch.randn(64, 2, H, generator=torch.Generator().manual_seed(12))
+    router.eval()
+    with torch.no_grad():
+        _route(router, x)  # fills the caches with the contiguous groups
+    loaded_groups = torch.randperm(E, generator=torch.Generator().manual_seed(13)) % 4
+    reference = C2RRouter(config, c2r_config=dataclasses.replace(cfg, expert_to_group=tuple(loaded_groups.tolist())))
+    reference.load_state_dict({"weight": router.weight.detach()}, strict=False)
+    router.load_state_dict(reference.state_dict())
+    reference.eval()
+    with torch.no_grad():
+        _, routing_map = _route(router, x)
+        _, expected_map = _route(reference, x)
+    assert torch.equal(routing_map, expected_map), "selection used the groups cached before the load"
+    used = [len(set(loaded_groups[routing_map[t]].tolist())) for t in range(routing_map.shape[0])]
+    assert max(used) == 1
+    assert router.c2r_metrics()["groups_per_token"] == 1.0 and router.c2r_metrics()["violation_rate"] == 0.0
+
+
+def test_topk_and_c2r_modes_accept_more_experts_per_token_than_one_group_holds():
+    # 8 groups of 2 experts, top-4: only group mode with max_groups=1 must refuse this.
+    for cfg in (C2RRouterConfig(mode="topk", num_groups=8), C2RRouterConfig(mode="c2r", top_t=5, num_groups=8)):
+        router = C2RRouter(make_config(), c2r_config=cfg)
+        if cfg.mode == "c2r":
+            router.set_top_t_lists(torch.stack([torch.tensor([(e + d) % E for d in range(1, 6)]) for e in range(E)]))
+        _, routing_map = _route(router, torch.randn(16, 2, H))
+        assert torch.all(routing_map.sum(dim=1) == K)
+        assert router.c2r_metrics()["groups_per_token"] >= 2.0  # 4 experts need >= 2 groups of 2
+    with pytest.raises(ValueError, match=r"moe_router_topk=4 exceeds c2r.max_groups=1 x 2"):
+        C2RRouter(make_config(), c2r_config=C2RRouterConfig(mode="group", num_groups=8))
+
+
+def test_deferred_finite_check_records_a_device_flag_instead_of_raising():
+    router = C2RRouter(make_config(), c2r_config=C2RRouterConfig(mode="group", num_groups=4))
+    router.set_layer_number(3)
+    router.defer_finite_check = True
+    x = torch.randn(8, 2, H)
+    _route(router, x)
+    flag = router.logits_finite
+    assert isinstance(flag, torch.Tensor) and flag.dim() == 0 and flag.dtype == torch.bool and bool(flag)
+    x[2, 0, 5] = float("inf")
+    _route(router, x)  # no raise, no sync: the layer decides after its count exchange
+    assert not bool(router.logits_finite)
+    err = router.nonfinite_logits_error("on EP rank(s) [1]")
+    assert str(err) == ("router logits of layer 3 hold NaN/Inf on EP rank(s) [1]: check the input "
+                        "activations / lower the LR")
+    router.defer_finite_check = False
+    with pytest.raises(ValueError, match=r"layer 3 hold NaN/Inf for 1 of 16 tokens"):
+        _route(router, x)
+    quiet = C2RRouter(make_config(), c2r_config=C2RRouterConfig(mode="group", num_groups=4, check_finite_logits=False))
+    quiet.defer_finite_check = True
+    _route(quiet, x)
+    assert quiet.logits_finite is None
+
+
+def test_gating_runs_megatrons_own_gating_exactly_where_compat_chooses_it(monkeypatch):
+    from megatron.core.transformer.moe.router import TopKRouter
+    from megatron_c2r import compat
+
+    assert compat.use_stock_router_gating(torch.device("cuda", 0))
+    assert compat.use_stock_router_gating("cuda")
+    assert not compat.use_stock_router_gating(torch.device("cpu"))
+    router = C2RRouter(make_config(moe_router_dtype="fp32", params_dtype=torch.bfloat16, bf16=True),
+                       c2r_config=C2RRouterConfig(mode="topk"))
+    x = torch.randn(4, 2, H, dtype=torch.bfloat16)
+
+    def stock_gating(self, inp):
+        raise AssertionError("stock gating called on a CPU router")
+
+    monkeypatch.setattr(TopKRouter, "gating", stock_gating)
+    logits = router.gating(x)  # CPU: the device-agnostic path
+    assert logits.dtype == torch.float32
+    expected = x.float().view(-1, H) @ router.weight.float().t()
+    torch.testing.assert_close(logits.view(-1, E), expected)
+    sentinel = torch.zeros(())
+    monkeypatch.setattr(TopKRouter, "gating", lambda self, inp: sentinel)
+    monkeypatch.setattr(compat, "use_stock_router_gating", lambda device: True)  # as on CUDA
+    assert router.gating(x) is sentinel
+
+
+def test_unknown_router_keywords_get_a_one_line_error():
+    with pytest.raises(TypeError, match=r"does not accept \['no_such_flag'\]") as err:
+        C2RRouter(make_config(), c2r_config=C2RRouterConfig(mode="topk"), no_such_flag=True)
+    assert "\n" not in str(err.value)

@@ -1,5 +1,7 @@
 """Property tests of the pure routing rules (many random seeds, every token checked)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from megatron_c2r.routing.functional import (
     validate_groups,
     validate_top_t_lists,
 )
-from megatron_c2r.routing.penalty import collaboration_penalty
+from megatron_c2r.routing.penalty import collaboration_penalty, mass_in_group, mass_in_top_t
 
 SHAPES = [(8, 2, 5), (16, 4, 3), (16, 4, 15), (64, 8, 12), (60, 4, 30)]  # E, k, T
 
@@ -124,13 +126,14 @@ def test_top_t_lists_rank_partners_by_count_and_break_ties_by_id():
 
 def test_penalty_is_the_mass_outside_the_anchor_group():
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.1, 0.1, 0.2, 0.6]]))
-    groups = dict(expert_to_group_E=torch.tensor([0, 0, 1, 1]), num_groups=2)
-    p = collaboration_penalty(logits, **groups)
+    in_group = functools.partial(mass_in_group, expert_to_group_E=torch.tensor([0, 0, 1, 1]), num_groups=2)
+    p = collaboration_penalty(logits, in_group)
     assert torch.allclose(p, torch.tensor((0.3 + 0.2) / 2))
     padding = torch.tensor([False, True])
-    assert torch.allclose(collaboration_penalty(logits, padding_mask_T=padding, **groups), torch.tensor(0.3))
+    assert torch.allclose(collaboration_penalty(logits, in_group, padding_mask_T=padding), torch.tensor(0.3))
     lists = torch.tensor([[2], [0], [1], [2]])  # c2r: allowed = {anchor} U list(anchor)
-    assert torch.allclose(collaboration_penalty(logits, top_t_lists_EL=lists), torch.tensor((0.3 + 0.2) / 2))
+    in_list = functools.partial(mass_in_top_t, top_t_lists_EL=lists)
+    assert torch.allclose(collaboration_penalty(logits, in_list), torch.tensor((0.3 + 0.2) / 2))
 
 
 @pytest.mark.parametrize(
@@ -161,3 +164,88 @@ def test_bad_top_t_lists_get_one_line_errors_naming_the_problem(lists, match):
 def test_bad_groups_get_one_line_errors_naming_the_problem(e2g, groups, k, m, match):
     with pytest.raises(ValueError, match=match):
         validate_groups(e2g, groups, k, m)
+
+
+def test_every_configurable_mode_has_exactly_one_rule_whose_selection_is_the_pure_function():
+    from megatron_c2r.routing.config import GROUP_SELECTIONS, MODES
+    from megatron_c2r.routing.rules import RULES, build_rule
+
+    gen = torch.Generator().manual_seed(21)
+    e2g = torch.randperm(16, generator=gen) % 4
+    lists = random_lists(16, 5, gen)
+    scores = torch.randn(200, 16, generator=gen)
+    expected = {
+        "topk": scores.topk(4, dim=1).indices,
+        "c2r": c2r_topk(scores, 4, lists)[1],
+        "group/anchored": group_topk(scores, 4, e2g, 4, 2, anchored=True)[1],
+        "group/group_score": group_topk(scores, 4, e2g, 4, 2, anchored=False)[1],
+    }
+    built = {}
+    for mode in MODES:
+        for selection in GROUP_SELECTIONS:
+            rule = build_rule(mode, selection, topk=4, num_groups=4, max_groups=2)
+            assert rule.mode == mode
+            key = f"{mode}/{selection}" if mode == "group" else mode
+            built.setdefault(key, type(rule))
+            assert built[key] is type(rule), "group_selection must not change a non-group rule"
+            got = rule.select(scores, rule.tables(e2g, lists))
+            assert torch.equal(got, expected[key]), key
+    assert len(set(built.values())) == len(RULES) == len(expected)
+    with pytest.raises(ValueError, match=r"c2r.mode='nodes' .* has no routing rule"):
+        build_rule("nodes", None, topk=4, num_groups=4, max_groups=1)
+
+
+def test_rule_statistics_and_penalty_match_a_brute_force_oracle():
+    from megatron_c2r.routing.rules import build_rule
+
+    gen = torch.Generator().manual_seed(22)
+    e2g = torch.randperm(16, generator=gen) % 4
+    lists = random_lists(16, 3, gen)
+    logits = torch.randn(300, 16, generator=gen)
+    probs = torch.softmax(logits, dim=1)
+    idx = torch.stack([torch.randperm(16, generator=gen)[:4] for _ in range(300)])
+    routing_map = torch.zeros(300, 16, dtype=torch.bool).scatter_(1, idx, True)
+    groups_T = groups_per_token(routing_map, e2g, 4).float()
+    anchor = probs.argmax(dim=1)
+    outside_list = torch.tensor([
+        bool(set(routing_map[t].nonzero().flatten().tolist()) - {int(anchor[t])} - set(lists[anchor[t]].tolist()))
+        for t in range(300)
+    ])
+    for mode, selection, max_groups, active, expected in [
+        ("topk", None, 2, True, groups_T > 1),           # the 1-group reference
+        ("group", "anchored", 2, True, groups_T > 2),
+        ("group", "group_score", 3, False, groups_T > 3),
+        ("c2r", None, 1, False, groups_T > 1),           # warm-up: no lists yet
+        ("c2r", None, 1, True, outside_list),
+    ]:
+        rule = build_rule(mode, selection, topk=4, num_groups=4, max_groups=max_groups)
+        tables = rule.tables(e2g, lists)
+        assert torch.equal(rule.violated_T(probs, routing_map, groups_T, tables, active), expected), mode
+    # Penalty: each rule's allowed set, against the pure function.
+    in_group = functools.partial(mass_in_group, expert_to_group_E=e2g, num_groups=4)
+    in_list = functools.partial(mass_in_top_t, top_t_lists_EL=lists)
+    for mode, selection, inside in [("topk", None, in_group), ("group", "anchored", in_group), ("c2r", None, in_list)]:
+        rule = build_rule(mode, selection, topk=4, num_groups=4, max_groups=1)
+        got = rule.penalty(logits, rule.tables(e2g, lists), score_function="softmax", padding_mask_T=None)
+        assert torch.equal(got, collaboration_penalty(logits, inside)), mode
+    c2r = build_rule("c2r", None, topk=4, num_groups=4, max_groups=1)
+    assert not c2r.penalty_applies(False) and c2r.penalty_applies(True)
+
+
+@pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
+def test_score_functions_have_one_source_and_bad_names_get_one_line_errors(score_function):
+    from megatron_c2r.routing.functional import expert_scores, selection_scores
+    from megatron_c2r.routing.penalty import full_scores
+
+    logits = torch.randn(32, 8, generator=torch.Generator().manual_seed(23)).to(torch.bfloat16)
+    ref = torch.softmax(logits.float(), dim=-1) if score_function == "softmax" else torch.sigmoid(logits.float())
+    assert torch.equal(expert_scores(logits, score_function, keep_fp32=True), ref)
+    assert torch.equal(expert_scores(logits, score_function), ref.to(torch.bfloat16))
+    full = full_scores(logits, score_function)
+    torch.testing.assert_close(full.sum(dim=1), torch.ones(32))
+    for bad in (lambda: expert_scores(logits, "relu"), lambda: full_scores(logits, "relu"),
+                lambda: selection_scores(logits, score_function="relu", use_pre_softmax=True, expert_bias_E=None),
+                lambda: probs_from_selection(logits, logits.topk(2).indices, score_function="relu",
+                                             use_pre_softmax=False, scaling_factor=None)):
+        with pytest.raises(ValueError, match=r"^moe_router_score_function='relu' must be one of softmax, sigmoid$"):
+            bad()
