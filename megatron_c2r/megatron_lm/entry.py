@@ -4,21 +4,28 @@
 
 Takes every flag ``pretrain_gpt.py`` takes plus our ``--c2r-*`` group, and reuses the checkout's
 own pieces (``pretrain_gpt.forward_step``, its dataset provider, ``model_provider``) with three
-changes: our model builder (C2R block spec), our flags (``extra_args_provider``) and our
-per-iteration hooks around ``forward_step`` (router schedule, ``moe/c2r/*`` metrics).
+changes: our model builder (C2R block spec, MTP layers included), our flags
+(``extra_args_provider``) and our per-iteration hooks around ``forward_step`` (router schedule,
+``moe/c2r/*`` metrics).
 
-Needs a Megatron-LM checkout (``$MEGATRON_LM_PATH``, or ``pretrain_gpt`` importable) and CUDA.
-Without them it stops with one line saying what is missing, before touching anything.
+Before anything starts, in this order, each a one-line error and exit status 2:
+    1. flags that would make Megatron-LM build something else (``--modelopt-enabled``,
+       ``--spec``, ...; ``preflight.refusal``),
+    2. a missing Megatron-LM checkout (``$MEGATRON_LM_PATH``, or ``pretrain_gpt`` importable)
+       or CUDA,
+    3. ``--load`` of a stock checkpoint without a ``--dist-ckpt-strictness`` that lets our new
+       router buffers start fresh (``preflight.resume_from_stock``).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
 import sys
 from typing import List, Optional, Sequence
+
+from megatron_c2r.megatron_lm import preflight
 
 CHECKOUT_ENV = "MEGATRON_LM_PATH"
 _CHECKOUT_HINT = (
@@ -70,19 +77,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]  # Megatron's parser reads sys.argv
     try:
+        problem = preflight.refusal_in_argv(sys.argv[1:])
+        if problem:
+            raise preflight.UnsupportedSetting(problem)
         ensure_requirements()
-    except MissingRequirement as exc:
+        stock = preflight.resume_from_stock(sys.argv[1:])
+    except (MissingRequirement, preflight.UnsupportedSetting) as exc:
         print(f"megatron_c2r.megatron_lm: error: {exc}", file=sys.stderr)
         return 2
+    if stock is not None and os.environ.get("RANK", "0") == "0":
+        print(
+            f"megatron_c2r.megatron_lm: --load {stock.checkpoint_dir} has no C2R router state: "
+            f"C2R router buffers start fresh at iteration {stock.start_iteration}",
+            flush=True,
+        )
 
+    # Heavy imports (megatron.training, torch, the checkout's modules) only past the checks.
     pretrain_gpt = importlib.import_module("pretrain_gpt")
-    model_provider = importlib.import_module("model_provider").model_provider
+    checkout_model_provider = importlib.import_module("model_provider").model_provider
     from megatron.core.enums import ModelType
+    from megatron.training.global_vars import get_args
 
     from megatron_c2r import compat
     from megatron_c2r.megatron_lm.arguments import add_c2r_args
     from megatron_c2r.megatron_lm.hooks import megatron_lm_hooks
-    from megatron_c2r.megatron_lm.model_provider import c2r_gpt_builder
+    from megatron_c2r.megatron_lm.model_provider import c2r_model_provider
 
     extra_args_provider = add_c2r_args
     if getattr(pretrain_gpt, "has_nvidia_modelopt", False):
@@ -96,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     hooks = megatron_lm_hooks()
     compat.run_megatron_pretrain(
         train_valid_test_dataset_provider=datasets,
-        model_provider=functools.partial(model_provider, c2r_gpt_builder),
+        model_provider=c2r_model_provider(checkout_model_provider, get_args),
         model_type=ModelType.encoder_or_decoder,
         forward_step_func=hooks.wrap_forward_step(pretrain_gpt.forward_step),
         extra_args_provider=extra_args_provider,
