@@ -4,7 +4,7 @@
 # (sourced, never run). Functions are prefixed c2r_; every knob is read by the calling script.
 #
 # What lives here (and why not in the scripts): reading the run config (one Python call that
-# prints bash assignments, megatron_c2r/launch_helpers.py), the fail-fast checks, the restart and
+# prints bash assignments, `megatron-c2r render --format bash`), the fail-fast checks, the restart and
 # nsys argument blocks, the per-task prelude that derives RANK/WORLD_SIZE/... from SLURM, and the
 # wait loop that turns a time-limit signal into checkpoint + requeue.
 
@@ -42,7 +42,7 @@ c2r_render() {
   err=$(mktemp)
   if [[ $RENDER != container ]]; then
     out=$(PYTHONPATH="$C2R_DIR${PYTHONPATH:+:$PYTHONPATH}" \
-      "$C2R_PYTHON" -m megatron_c2r.launch_helpers "$CONFIG" "${SET_ARGS[@]}" 2>"$err") || rc=$?
+      "$C2R_PYTHON" -m megatron_c2r render "$CONFIG" "${SET_ARGS[@]}" --format bash 2>"$err") || rc=$?
     if ((rc == 2)); then  # the config itself is wrong: its one-line message says what to fix
       cat "$err" >&2; rm -f "$err"; exit 2
     fi
@@ -56,7 +56,7 @@ c2r_render() {
     rc=0
     out=$(srun --nodes=1 --ntasks=1 --container-image="$CONTAINER_IMAGE" \
       --container-mounts="$C2R_DIR:$C2R_DIR" --container-workdir="$C2R_DIR" \
-      python -m megatron_c2r.launch_helpers "$CONFIG" "${SET_ARGS[@]}" 2>"$err") || rc=$?
+      python -m megatron_c2r render "$CONFIG" "${SET_ARGS[@]}" --format bash 2>"$err") || rc=$?
     if ((rc != 0)); then
       cat "$err" >&2; rm -f "$err"
       c2r_die "rendering $CONFIG inside $CONTAINER_IMAGE failed (exit $rc)"

@@ -1,73 +1,363 @@
-"""The ``megatron-c2r`` command.
+"""The ``megatron-c2r`` command: every subcommand's arguments and error handling, in one place.
 
-Subcommands register themselves through ``_SUBCOMMANDS``: each entry names a module exposing
-``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their subcommand
-runs, so ``megatron-c2r --help`` stays fast and never imports megatron.core or torch.
+    megatron-c2r train    [--config FILE] [--set K=V] [--steps N] [--out DIR] [--resume]
+    megatron-c2r pretrain CONFIG.yaml [--set K=V] [--dry-run]    one Megatron-LM process
+    megatron-c2r render   CONFIG.yaml [--set K=V] [--format F]   the exact command and env
+    megatron-c2r plan     --collab SRC --ep P [--top-k K] [--top-t T] [--out plan.json]
+    megatron-c2r convert  --load CKPT --plan plan.json --save OUT
+
+``python -m megatron_c2r ...`` is the same command; ``python -m megatron_c2r.pretrain CONFIG``
+is ``pretrain`` for ``torchrun -m`` / ``srun``. Each subcommand is an argument builder and a
+``_run_<name>(args) -> exit status`` that calls the library function owning the work
+(``run_config``, ``cpu.job_config`` + ``cpu.trainer``, ``render``, ``placement.*``,
+``megatron_lm.entry``). Inputs are validated first and torch/Megatron are imported only after
+that, inside the run function, so ``--help`` and every config error take milliseconds.
+
+Errors: any ``errors.USER_ERRORS`` (``ValueError`` and so ``ConfigError``, missing, unwritable or
+misplaced paths) raised while a subcommand runs, and any argument error, print ONE line
+``megatron-c2r <command>: error: <message>`` on stderr and exit with status 2, no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import os
+import socket
 import sys
-from typing import Optional, Sequence
+import tempfile
+from typing import Callable, Dict, NoReturn, Optional, Sequence, Tuple
 
-from megatron_c2r import __version__
+from megatron_c2r import __version__, parallel
+from megatron_c2r.cpu.job_config import load_train_job
+from megatron_c2r.errors import USER_ERRORS, one_line
+from megatron_c2r.render import FORMATS, render
+from megatron_c2r.run_config import load_config
 
-# name -> (module, one-line help)
-_SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": (
-        "megatron_c2r.cpu.cli",
-        "the CPU main job: tiny real C2R MoE pretraining on gloo (no GPU needed)",
-    ),
-    "pretrain": (
-        "megatron_c2r.pretrain",
-        "run one process of Megatron-LM GPT pretraining with C2R from a YAML config",
-    ),
-    "render": (
-        "megatron_c2r.render",
-        "print the exact command line and environment a YAML config runs",
-    ),
-    "plan": (
-        "megatron_c2r.placement.cli_plan",
-        "plan a collaboration-aware expert placement (and Top-T lists) from routing statistics",
-    ),
-    "convert": (
-        "megatron_c2r.placement.cli_convert",
-        "apply a placement plan to a torch_dist checkpoint (relabel experts, offline)",
-    ),
+PROG = "megatron-c2r"
+DEFAULT_TRAIN_CONFIG = "configs/tiny_cpu.yaml"
+# Where --help sends readers (the README's sections; its YAML block is the config schema).
+CONFIG_DOC = "README: 'Megatron-LM pretraining with C2R'"
+TRAIN_DOC = "README: 'The main job on any machine'"
+PLACEMENT_DOC = "README: 'Collaboration-aware placement'"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors follow our rule: one line, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_set(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+        help=f"override a YAML value, e.g. --set {example} (repeatable; the value is YAML; "
+        "errors it causes name the --set)",
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Output paths (checked before anything is written or spawned; nothing is created here)
+# --------------------------------------------------------------------------------------------
+def check_output_dir(path: str, name: str) -> None:
+    """Raise NotADirectoryError / PermissionError (one line naming ``name``, e.g. ``--out``) unless
+    ``path`` is, or can be created as, a directory we can write in. Probes the nearest existing
+    ancestor with an anonymous temporary file (nothing is left behind)."""
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise NotADirectoryError(
+            f"{name}={path!r}: {probe!r} is a file, not a directory: choose another {name}"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise PermissionError(
+            f"{name}={path!r}: cannot write in {probe!r} ({exc.strerror}): choose a writable "
+            "directory"
+        ) from None
+
+
+def check_output_file(path: str, name: str) -> None:
+    """Like ``check_output_dir`` for a file ``path`` whose directory must already exist."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{name}={path!r} is a directory: name the file to write")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.lexists(parent):
+        raise FileNotFoundError(f"{name}={path!r}: directory {parent!r} does not exist: create it")
+    check_output_dir(parent, name)
+
+
+# --------------------------------------------------------------------------------------------
+# train: the CPU main job
+# --------------------------------------------------------------------------------------------
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=DEFAULT_TRAIN_CONFIG,
+                        help=f"run config YAML (default {DEFAULT_TRAIN_CONFIG}; schema: {CONFIG_DOC})")
+    _add_set(parser, "c2r.max_groups=2")
+    parser.add_argument("--steps", type=int, metavar="N",
+                        help="training iterations: overrides megatron.--train-iters in the YAML "
+                             "(a c2r.warmup_steps that would not end within N is scaled to the "
+                             "same fraction of the run, with one printed line)")
+    parser.add_argument("--out", metavar="DIR", help="output directory: overrides cpu.out_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in the output directory "
+                             "(pass the same --config, --set and --steps)")
+    parser.add_argument("--exit-after", type=int, metavar="N",
+                        help="stop after iteration N (schedule unchanged), checkpoint, exit")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar: overrides cpu.progress")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    cfg, notes = load_train_job(
+        args.config, args.sets, train_iters=args.steps, out_dir=args.out,
+        progress=False if args.no_progress else None,
+    )  # fmt: skip
+    if args.exit_after is not None:
+        parallel.require_positive(args.exit_after, "--exit-after")
+    check_output_dir(cfg.out_dir, "--out" if args.out is not None else "cpu.out_dir")
+    for note in notes:
+        print(f"{PROG} train: {note}", file=sys.stderr)
+    from megatron_c2r.cpu.trainer import run as train  # heavy: torch, megatron.core
+
+    train(cfg, resume=args.resume, exit_after=args.exit_after)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# pretrain / render: a cluster config
+# --------------------------------------------------------------------------------------------
+def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help=f"run config YAML (schema: {CONFIG_DOC})")
+    _add_set(parser, "megatron.train-iters=100")
+    parser.add_argument("--dry-run", action="store_true", help="print the command, do not run")
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.sets)
+    cfg.check_megatron_lm()
+    if args.dry_run:
+        sys.stdout.write(render(cfg, "shell"))
+        return 0
+    # Light at import (stdlib); its checks import torch, its main() Megatron-LM.
+    from megatron_c2r.megatron_lm import entry
+
+    try:
+        entry.ensure_requirements(cfg.launch.megatron_lm)
+    except entry.MissingRequirement as exc:
+        _print_error("pretrain", exc)
+        return 2
+    os.environ.update(cfg.environment())
+    return entry.main(cfg.megatron_argv() + cfg.c2r_argv())
+
+
+def _render_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help=f"run config YAML (schema: {CONFIG_DOC})")
+    _add_set(parser, "megatron.train-iters=10")
+    parser.add_argument("--format", choices=FORMATS, default="shell",
+                        help="shell (default), json, args, args0 (NUL-separated), env, launch "
+                             "(SLURM knobs), bash (everything, for launch scripts)")
+
+
+def _run_render(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.sets)
+    cfg.check_megatron_lm()
+    sys.stdout.write(render(cfg, args.format))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# plan / convert: placement
+# --------------------------------------------------------------------------------------------
+def _plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--collab", required=True, metavar="PATH",
+                        help="collaboration source: .npy/.pt matrix [L,E,E] or [E,E], tracker "
+                             "state dict (.pt), routing dump (.pt), Megatron routing-trace "
+                             f".jsonl or its directory ({PLACEMENT_DOC})")
+    parser.add_argument("--ep", type=int, required=True, metavar="P",
+                        help="expert-parallel size: experts are split into P groups of E/P")
+    parser.add_argument("--top-k", type=int, default=None, metavar="K",
+                        help="experts per token (required for matrices; checked for traces)")
+    parser.add_argument("--top-t", type=int, default=None, metavar="T",
+                        help="also write Top-T collaborator lists (the C2R paper's rule)")
+    parser.add_argument("--num-experts", type=int, default=None, metavar="E",
+                        help="number of experts (traces: default max id + 1)")
+    parser.add_argument("--seed", type=int, default=0, help="planner seed (deterministic)")
+    parser.add_argument("--restarts", type=int, default=4,
+                        help="heuristic starts per layer (greedy, identity, random...)")
+    parser.add_argument("--out", default="plan.json", help="plan file to write (atomically)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def format_plan_table(plans, exact: bool) -> str:
+    """Per-layer predicted ranks/token: identity, random, planned, and the planned gain."""
+    lines = [f"{'layer':>5}  {'identity':>8}  {'random':>8}  {'planned':>8}  "
+             f"{'vs identity':>11}  {'vs random':>9}"]
+    sums = [0.0, 0.0, 0.0]
+    for i, p in enumerate(plans):
+        r = p.predicted_ranks_per_token
+        vals = [r["identity"], r["random"], r["planned"]]
+        sums = [s + v for s, v in zip(sums, vals)]
+        lines.append(_plan_row(str(i), vals))
+    if len(plans) > 1:
+        lines.append(_plan_row("mean", [s / len(plans) for s in sums]))
+    how = "exact, from full top-k sets" if exact else "estimated from pair counts"
+    lines.append(f"(predicted distinct EP ranks per token, {how})")
+    return "\n".join(lines)
+
+
+def _plan_row(label: str, vals) -> str:
+    ident, rand, planned = vals
+    return (f"{label:>5}  {ident:8.3f}  {rand:8.3f}  {planned:8.3f}  "
+            f"{100 * (planned / ident - 1):+10.1f}%  {100 * (planned / rand - 1):+8.1f}%")
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    parallel.require_positive(args.ep, "--ep")
+    parallel.require_positive(args.restarts, "--restarts")
+    for name in ("top_k", "num_experts"):
+        if getattr(args, name) is not None:
+            parallel.require_positive(getattr(args, name), "--" + name.replace("_", "-"))
+    check_output_file(args.out, "--out")
+    # Heavy: torch and numpy (sources, planner).
+    import torch
+
+    from megatron_c2r.collaboration import top_t_lists
+    from megatron_c2r.placement.plan_file import Plan, PlanLayer, write_plan
+    from megatron_c2r.placement.planner import PlannerConfig, plan_layers
+    from megatron_c2r.placement.sources import load_collaboration
+
+    layers = load_collaboration(args.collab, top_k=args.top_k, num_experts=args.num_experts)
+    num_experts, top_k = layers[0].num_experts, layers[0].top_k
+    if any(layer.num_experts != num_experts or layer.top_k != top_k for layer in layers):
+        raise ValueError(f"{args.collab}: layers differ in num_experts or top_k; plan them "
+                         "separately")
+    parallel.experts_per_rank(num_experts, args.ep, experts_name=f"{args.collab}: num_experts",
+                              ep_name="--ep")
+    if args.top_t is not None and not 0 <= args.top_t <= num_experts - 1:
+        raise ValueError(f"--top-t {args.top_t} must be in [0, num_experts-1={num_experts - 1}]")
+
+    config = PlannerConfig(ep_size=args.ep, seed=args.seed, restarts=args.restarts)
+    plans = plan_layers(layers, config, progress=not args.no_progress)
+    plan_layers_out = []
+    for i, (layer, p) in enumerate(zip(layers, plans)):
+        lists = None
+        if args.top_t is not None:
+            lists = top_t_lists(torch.from_numpy(layer.counts_EE), args.top_t).tolist()
+        plan_layers_out.append(
+            PlanLayer(i, p.groups, p.expert_to_rank, p.predicted_ranks_per_token, lists)
+        )
+    plan = Plan(num_experts=num_experts, ep_size=args.ep, top_k=top_k, layers=plan_layers_out)
+    print(format_plan_table(plans, exact=all(p.exact for p in plans)))
+    write_plan(plan, args.out)
+    print(f"wrote {args.out} ({len(plans)} layers, E={num_experts}, EP={args.ep}, k={top_k})",
+          file=sys.stderr)
+    return 0
+
+
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--load", required=True, metavar="CKPT",
+                        help="torch_dist checkpoint directory, or a Megatron-LM --save directory "
+                             "(latest_checkpointed_iteration.txt)")
+    parser.add_argument("--plan", required=True, metavar="PLAN", help="plan.json from `plan`")
+    parser.add_argument("--save", required=True, metavar="OUT",
+                        help="new directory for the relabelled checkpoint (same layout)")
+    parser.add_argument("--drop-optimizer", action="store_true",
+                        help="leave optimizer state out (needed for flat DistributedOptimizer "
+                             "buffers, which mix experts)")
+
+
+def _single_process_group() -> bool:
+    """dist_checkpointing needs a process group: one gloo process on an OS-assigned local port.
+    Returns whether we created it (and so must destroy it)."""
+    import torch.distributed as dist  # heavy: torch
+
+    if dist.is_initialized():
+        return False
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return True
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    # Reading the plan and resolving the checkpoint import no Megatron; converting does.
+    from megatron_c2r.placement.checkpoint import convert_checkpoint, resolve_checkpoint
+    from megatron_c2r.placement.plan_file import read_plan
+
+    plan = read_plan(args.plan)
+    resolve_checkpoint(args.load)  # fail fast on a wrong path before importing megatron
+    check_output_dir(args.save, "--save")
+    created = _single_process_group()
+    try:
+        out = convert_checkpoint(args.load, plan, args.save, drop_optimizer=args.drop_optimizer)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    moved = sum(o != i for layer in plan.layers for i, o in enumerate(layer.order))
+    print(f"wrote {out}: {len(plan.layers)} MoE layers relabelled "
+          f"({moved} of {len(plan.layers) * plan.num_experts} expert slots changed)",
+          file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+# name -> (one-line help, add arguments, run)
+_Subcommand = Tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]
+SUBCOMMANDS: Dict[str, _Subcommand] = {
+    "train": ("the CPU main job: tiny real C2R MoE pretraining on gloo (no GPU needed; "
+              f"{TRAIN_DOC})", _train_arguments, _run_train),
+    "pretrain": ("run one process of Megatron-LM GPT pretraining with C2R from a YAML config",
+                 _pretrain_arguments, _run_pretrain),
+    "render": ("print the exact command line and environment a YAML config runs",
+               _render_arguments, _run_render),
+    "plan": ("plan a collaboration-aware expert placement (and Top-T lists) from routing "
+             "statistics", _plan_arguments, _run_plan),
+    "convert": ("apply a placement plan to a Megatron-LM torch_dist checkpoint (relabel "
+                "experts, offline)", _convert_arguments, _run_convert),
 }
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="megatron-c2r",
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
         description=(
             "Collaboration-constrained MoE routing and de-duplicating expert parallelism "
             "for Megatron-core."
         ),
     )
-    parser.add_argument("--version", action="version", version=f"megatron-c2r {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in _SUBCOMMANDS.items():
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (help_text, add_arguments, run) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        sp.set_defaults(_module=module_name)
-        importlib.import_module(module_name).add_arguments(sp)
+        sp.set_defaults(_run=run)
+        add_arguments(sp)
     return parser
 
 
+def _print_error(command: str, exc: BaseException) -> None:
+    print(f"{PROG} {command}: error: {one_line(exc)}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = _build_parser()
+    """Run ``megatron-c2r`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    module = importlib.import_module(args._module)
     try:
-        return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        # Our validation errors are one line that names the field, value and fix.
-        print(f"megatron-c2r {args.command}: error: {exc}", file=sys.stderr)
+        return int(args._run(args) or 0)
+    except USER_ERRORS as exc:
+        _print_error(args.command, exc)
         return 2
 
 

@@ -1,17 +1,23 @@
-"""``megatron-c2r render CONFIG.yaml [--set k=v ...] [--format FMT]``: what a run would execute.
+"""What a run config executes, as text: ``megatron-c2r render CONFIG.yaml [--set k=v] [--format FMT]``.
 
-Prints, deterministically (same file + overrides -> same bytes; golden-tested), the command ONE
-training process runs and the environment it needs. Launchers (srun, torchrun, the SLURM
-scripts) wrap that command; they never rebuild it. Formats:
+``render(cfg, fmt)`` is deterministic (same file + overrides -> same bytes; golden-tested): the
+command ONE training process runs and the environment it needs. Launchers (srun, torchrun, the
+SLURM scripts) wrap that command; they never rebuild it. Formats:
 
     shell   (default) ``export K=V`` lines, then the command, one flag per line; paste-runnable
-    json    {"command": [...], "env": {...}, "world_size": N, "launch": {...}, "slurm": {...}}
+    json    {"command": [...], "env": {...}, "world_size": N, "launch": {...}}
     args    the command, one argv element per line
     args0   the command, each argv element followed by NUL (safe for any characters)
     env     the environment, ``KEY=VALUE`` lines, values shell-quoted
     launch  launch/SLURM knobs as ``KEY=VALUE`` lines, values shell-quoted: NNODES GPUS_PER_NODE
             WORLD_SIZE PARTITION ACCOUNT QOS TIME_LIMIT JOB_NAME CONTAINER_IMAGE CONTAINER_MOUNTS
             (comma-joined, pyxis syntax) EXCLUSIVE (1/0); unset ones are empty
+    bash    all of it in one call, as bash assignments a launch script ``eval``s (one Python
+            start-up on a batch host instead of three):
+                CFG_NNODES=8 ...      every ``launch`` key, prefixed CFG_ so the config's
+                                      WORLD_SIZE never clobbers torch's WORLD_SIZE
+                C2R_ENV=(CUDA_DEVICE_MAX_CONNECTIONS=1 MEGATRON_LM_PATH=/opt/Megatron-LM ...)
+                C2R_CMD=(python -m megatron_c2r.megatron_lm --num-layers 32 ...)
 
 In a script::
 
@@ -19,41 +25,29 @@ In a script::
     mapfile -d '' -t CMD < <(megatron-c2r render "$CONFIG" --format args0)
     set -a; eval "$(megatron-c2r render "$CONFIG" --format env)"; set +a
     srun ... "${CMD[@]}"        # or: torchrun ... -m megatron_c2r.megatron_lm "${CMD[@]:3}"
+    eval "$(python -m megatron_c2r render "$CONFIG" --format bash)"    # what launch/lib.sh does
 
-``env`` and ``launch`` lines are ``KEY=VALUE`` with the value shell-quoted only when it needs
-quoting, so ``eval``/``source`` read them back exactly. The command always starts with ``<python> -m
-megatron_c2r.megatron_lm``. Exit status 2 and one line on stderr for a bad config.
+``env``, ``launch`` and ``bash`` values are shell-quoted only when they need quoting, so
+``eval``/``source`` read them back exactly. The command always starts with ``<python> -m
+megatron_c2r.megatron_lm``. The command line exits with status 2 and one line on stderr for a bad
+config; any other failure (no PyYAML on a batch host) exits 1, which the SLURM scripts take as
+"render inside the container instead". Imports no torch.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
-import sys
 
-FORMATS = ("shell", "json", "args", "args0", "env", "launch")
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("config", help="run config YAML (see megatron_c2r/config.py)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a value, e.g. --set c2r.max_groups=2 --set megatron.train-iters=10",
-    )  # fmt: skip
-    parser.add_argument("--format", choices=FORMATS, default="shell", help="output format")
-
-
-def run(args) -> int:
-    from megatron_c2r.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    cfg.check_megatron_lm()
-    sys.stdout.write(render(cfg, args.format))
-    return 0
+FORMATS = ("shell", "json", "args", "args0", "env", "launch", "bash")
+BASH_PREFIX = "CFG_"  # launch keys in the bash format
 
 
 def render(cfg, fmt: str) -> str:
-    """The text ``render`` prints for a validated RunConfig."""
+    """The text ``render`` prints for a validated RunConfig, in one of ``FORMATS``. Raises
+    ValueError (one line) for a command the format cannot carry (a newline in ``args``/``bash``)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r} must be one of {', '.join(FORMATS)}")
     command, env = cfg.program_argv(), cfg.environment()
     if fmt == "args0":
         return "".join(f"{a}\0" for a in command)
@@ -66,6 +60,8 @@ def render(cfg, fmt: str) -> str:
         return "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items())
     if fmt == "launch":
         return "".join(f"{k}={shlex.quote(v)}\n" for k, v in launch_vars(cfg).items())
+    if fmt == "bash":
+        return bash_assignments(cfg)
     if fmt == "json":
         doc = {
             "command": command,
@@ -93,6 +89,19 @@ def launch_vars(cfg) -> dict:
         "CONTAINER_MOUNTS": ",".join(slurm.container_mounts),
         "EXCLUSIVE": "1" if slurm.exclusive else "0",
     }
+
+
+def bash_assignments(cfg) -> str:
+    """``CFG_<KEY>=value`` lines, then the ``C2R_ENV`` and ``C2R_CMD`` bash arrays."""
+    command = cfg.program_argv()
+    bad = [a for a in command if "\n" in a]
+    if bad:  # bash would read it back fine, but a multi-line flag is never what a user meant
+        raise ValueError(f"{cfg.source}: argument {bad[0]!r} contains a newline")
+    lines = [f"{BASH_PREFIX}{k}={shlex.quote(v)}" for k, v in launch_vars(cfg).items()]
+    env = [f"{k}={v}" for k, v in cfg.environment().items()]
+    lines.append("C2R_ENV=(" + " ".join(shlex.quote(e) for e in env) + ")")
+    lines.append("C2R_CMD=(" + " ".join(shlex.quote(a) for a in command) + ")")
+    return "\n".join(lines) + "\n"
 
 
 def _shell(cfg, command, env) -> str:

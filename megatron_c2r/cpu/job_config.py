@@ -1,19 +1,24 @@
 """``CPUTrainConfig``: the CPU main job's settings, read from a run YAML (``configs/tiny_cpu.yaml``).
 
-The same YAML schema as the cluster path (``megatron_c2r.config``): Megatron flags under
+The same YAML schema as the cluster path (``megatron_c2r.run_config``): Megatron flags under
 ``megatron:`` describe the model and the optimisation, ``c2r:`` the router and dispatcher, and a
 ``cpu:`` section the runner's own knobs. The CPU runner honours the subset of Megatron flags
 below; any other Megatron flag in a config it runs is an error (it would be silently ignored
-otherwise).
+otherwise). Loading and validating import no torch: every error is one line before anything runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from megatron_c2r.config import C2ROptions, ConfigError, RunConfig, load_config
+from megatron_c2r import parallel
+from megatron_c2r.errors import ConfigError
+from megatron_c2r.moe.options import C2ROptions
+from megatron_c2r.run_config import RunConfig, load_config
+from megatron_c2r.yaml_files import checked, load_raw
 
 # Megatron flag -> (CPUTrainConfig field, type)
 MEGATRON_FLAGS = {
@@ -113,30 +118,40 @@ class CPUTrainConfig:
     source: str = "<defaults>"
 
     def __post_init__(self):
-        where = self.source
-        if self.num_experts % self.ep_size:
-            raise ConfigError(
-                f"{where}: megatron.--num-experts={self.num_experts} must be divisible by "
-                f"--expert-model-parallel-size={self.ep_size}"
-            )
+        try:
+            self._check()
+        except ValueError as exc:
+            raise CPUConfigError(self.source, str(exc)) from None
+
+    def _check(self) -> None:
+        """Raise ValueError (one line, YAML names, no file prefix) for a job that cannot run."""
+        for name in ("train_iters", "micro_batch_size", "seq_length", "log_interval", "threads",
+                     "corpus_bytes"):  # fmt: skip
+            parallel.require_positive(getattr(self, name), _yaml_name(name))
+        parallel.experts_per_rank(
+            self.num_experts, self.ep_size, experts_name="megatron.--num-experts",
+            ep_name="--expert-model-parallel-size",
+        )  # fmt: skip
+        parallel.check_topk(
+            self.topk, self.num_experts, topk_name="megatron.--moe-router-topk",
+            experts_name="--num-experts",
+        )  # fmt: skip
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
-            raise ConfigError(
-                f"{where}: megatron.--lr-decay-style={self.lr_decay_style!r}: the CPU runner "
-                "supports cosine, linear, constant"
-            )
-        for name in ("train_iters", "micro_batch_size", "seq_length", "log_interval", "ep_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{where}: {name}={getattr(self, name)} must be >= 1")
-        if self.c2r.enabled and self.c2r.router.warmup_steps >= self.train_iters:
-            raise ConfigError(
-                f"{where}: c2r.warmup_steps={self.c2r.router.warmup_steps} must be below "
-                f"megatron.--train-iters={self.train_iters}, or training never leaves the warm-up"
+            raise ValueError(
+                f"megatron.--lr-decay-style={self.lr_decay_style!r}: the CPU runner supports "
+                "cosine, linear, constant"
             )
         router = self.c2r.router
+        if self.c2r.enabled and router.warmup_steps >= self.train_iters:
+            raise ValueError(
+                f"c2r.warmup_steps={router.warmup_steps} must be below megatron.--train-iters="
+                f"{self.train_iters}, or training never leaves the warm-up: lower it with --set "
+                f"c2r.warmup_steps=N (N < {self.train_iters}) and repeat that with --resume"
+            )
         if self.c2r.enabled and router.mode == "group" and router.refresh_interval and not self.replan:
-            raise ConfigError(
-                f"{where}: c2r.refresh_interval={router.refresh_interval} re-plans the group "
-                "placement, but cpu.replan=false: set cpu.replan: true or c2r.refresh_interval: 0"
+            raise ValueError(
+                f"c2r.refresh_interval={router.refresh_interval} re-plans the group placement, "
+                "but cpu.replan=false: set cpu.replan: true or c2r.refresh_interval: 0"
             )
 
     @property
@@ -144,35 +159,123 @@ class CPUTrainConfig:
         return self.micro_batch_size * self.seq_length * self.ep_size
 
 
-def cpu_config_from_run(run: RunConfig, **overrides: Any) -> CPUTrainConfig:
-    """Map a validated RunConfig onto CPUTrainConfig (errors name the YAML path)."""
+class CPUConfigError(ConfigError):
+    """A CPUTrainConfig that cannot run: ``'<source>: <detail>'``; ``detail`` alone is kept so a
+    RunConfig can blame the ``--set`` that caused it instead of the file."""
+
+    def __init__(self, source: str, detail: str):
+        super().__init__(f"{source}: {detail}")
+        self.detail = detail
+
+
+def _yaml_name(name: str) -> str:
+    """A CPUTrainConfig field as the YAML spells it (``train_iters`` -> ``megatron.--train-iters``)."""
+    for flag, (field_name, _) in MEGATRON_FLAGS.items():
+        if field_name == name:
+            return f"megatron.--{flag}"
+    return f"cpu.{name}"
+
+
+# Command-line flags of `megatron-c2r train` that stand for a YAML key: field -> (key, flag).
+CLI_KEYS = {
+    "train_iters": ("megatron.train-iters", "--steps"),
+    "out_dir": ("cpu.out_dir", "--out"),
+    "progress": ("cpu.progress", "--no-progress"),
+}
+
+
+def cpu_config_from_run(run: RunConfig) -> CPUTrainConfig:
+    """Map a validated RunConfig onto CPUTrainConfig (errors name the YAML path, or the --set /
+    flag that set it)."""
+    hints = typing.get_type_hints(CPUTrainConfig)
     values: Dict[str, Any] = {}
     for flag, value in run.megatron.items():
         if flag not in MEGATRON_FLAGS:
-            raise ConfigError(
-                f"{run.source}: megatron.--{flag} is not supported by the CPU runner "
-                f"(supported: {', '.join(sorted(MEGATRON_FLAGS))}); remove it or use "
-                "`megatron-c2r pretrain` on a GPU cluster"
+            raise run.error(
+                f"megatron.--{flag} is not supported by the CPU runner (supported: "
+                f"{', '.join(sorted(MEGATRON_FLAGS))}); remove it or use `megatron-c2r pretrain` "
+                "on a GPU cluster"
             )
         name, kind = MEGATRON_FLAGS[flag]
-        try:
-            values[name] = kind(value) if kind is not bool else bool(value)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"{run.source}: megatron.--{flag}={value!r} must be {kind.__name__}"
-            ) from None
+        values[name] = _typed(run, f"megatron.--{flag}", value, kind)
     for key, value in run.cpu.items():
         if key not in CPU_KEYS:
-            raise ConfigError(
-                f"{run.source}: cpu.{key} is unknown; expected one of {', '.join(CPU_KEYS)}"
-            )
-        values[key] = value
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return CPUTrainConfig(c2r=run.c2r, source=run.source, **values)
+            raise run.error(f"cpu.{key} is unknown; expected one of {', '.join(CPU_KEYS)}")
+        values[key] = _typed(run, f"cpu.{key}", value, hints[key])
+    try:
+        return CPUTrainConfig(c2r=run.c2r, source=run.source, **values)
+    except CPUConfigError as exc:
+        raise run.error(exc.detail) from None
 
 
-def load_cpu_config(path: str, sets=None, **overrides: Any) -> CPUTrainConfig:
-    return cpu_config_from_run(load_config(path, sets), **overrides)
+def _typed(run: RunConfig, path: str, value: Any, hint: Any) -> Any:
+    try:
+        return checked(path, value, hint)
+    except ConfigError as exc:
+        raise run.error(str(exc)) from None
+
+
+def load_cpu_config(path: str, sets: Optional[Sequence[str]] = None, **flags: Any) -> CPUTrainConfig:
+    """The CPU job of ``path`` + ``--set`` overrides + command-line ``flags`` (``train_iters``,
+    ``out_dir``, ``progress``; None = not given), validated. Raises ConfigError."""
+    return load_train_job(path, sets, **flags)[0]
+
+
+def load_train_job(
+    path: str,
+    sets: Optional[Sequence[str]] = None,
+    *,
+    train_iters: Optional[int] = None,
+    out_dir: Optional[str] = None,
+    progress: Optional[bool] = None,
+) -> Tuple[CPUTrainConfig, List[str]]:
+    """``(config, notes)`` for ``megatron-c2r train``: notes are lines to print about values we
+    chose for the user (a warm-up scaled to a short ``--steps`` run, see ``short_run_warmup``)."""
+    given = {"train_iters": train_iters, "out_dir": out_dir, "progress": progress}
+    values = []
+    for name, value in given.items():
+        if value is not None:
+            key, flag = CLI_KEYS[name]
+            label = flag if isinstance(value, bool) else f"{flag} {value}"
+            values.append((key, value, label))
+    notes = []
+    if train_iters is not None:
+        tree, origins = load_raw(path, sets)
+        scaled = short_run_warmup(tree, [key for key, _ in origins], train_iters)
+        if scaled is not None:
+            warmup, note = scaled
+            values.append(("c2r.warmup_steps", warmup, f"--steps {train_iters}"))
+            notes.append(note)
+    return cpu_config_from_run(load_config(path, sets, values=values)), notes
+
+
+def short_run_warmup(tree: dict, set_keys: Sequence[str], steps: int) -> Optional[Tuple[int, str]]:
+    """The warm-up for ``--steps N`` when the config's ``c2r.warmup_steps`` would not end within
+    N steps: the same fraction of the run (at least 1 step, at most N - 1), with the line saying
+    so. None when the config's warm-up fits, was set with ``--set``, or the config is not one
+    this rule can read (validation then reports it).
+
+    Why scale rather than refuse: ``--steps 20`` is how a first run is tried; the rule is a pure
+    function of the config and N, so ``--resume`` with the same ``--steps`` gets the same warm-up,
+    and a warm-up that fits (the default 300 steps, or ``--steps 80``) is never touched."""
+    c2r = tree.get("c2r")
+    if not isinstance(c2r, dict) or c2r.get("enabled", True) is not True:
+        return None
+    if any(key in ("c2r", "c2r.warmup_steps") for key in set_keys):
+        return None
+    warmup = c2r.get("warmup_steps", 0)
+    megatron = tree.get("megatron") if isinstance(tree.get("megatron"), dict) else {}
+    total = megatron.get("train-iters", CPUTrainConfig.train_iters)
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (warmup, total, steps))
+    if not ints or not 0 < warmup < total or warmup < steps or steps < 1:
+        return None
+    scaled = 0 if steps == 1 else max(1, min(steps - 1, steps * warmup // total))
+    note = (
+        f"--steps {steps}: c2r.warmup_steps={warmup} would not end within {steps} steps; "
+        f"warm-up set to {scaled} (the config's {warmup}/{total} of the run). Pass the same "
+        f"--steps with --resume, or choose with --set c2r.warmup_steps=N"
+    )
+    return scaled, note
 
 
 def as_dict(cfg: CPUTrainConfig) -> Dict[str, Any]:
@@ -180,5 +283,3 @@ def as_dict(cfg: CPUTrainConfig) -> Dict[str, Any]:
     out["c2r"] = {"enabled": cfg.c2r.enabled, "dispatcher": cfg.c2r.dispatcher,
                   "router": dataclasses.asdict(cfg.c2r.router)}
     return out
-
-

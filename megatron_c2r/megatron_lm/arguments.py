@@ -2,15 +2,15 @@
 
 ``add_c2r_args`` is the ``extra_args_provider`` our entry point hands to Megatron-LM's
 ``pretrain()`` (0.16/0.17) or ``parse_and_validate_args()`` (0.18+): it adds one argument group
-and returns the parser, as Megatron expects. The flag table is ``megatron_c2r.config.C2R_FLAGS``,
+and returns the parser, as Megatron expects. The flag table is ``megatron_lm.flags.C2R_FLAGS``,
 the same table ``render`` writes argv from, so the two cannot drift apart.
 
     --c2r-disable                  baseline: stock router/dispatcher, our metrics still logged
     --c2r-mode topk|c2r|group      --c2r-top-t T   --c2r-num-groups G   --c2r-max-groups M
     --c2r-group-selection anchored|group_score     --c2r-expert-to-group 0,0,1,1,...
     --c2r-penalty-coeff F          --c2r-warmup-steps N   --c2r-refresh-interval R
-    --c2r-no-track-collaboration   --c2r-dispatcher dedup|megatron
-    --c2r-metrics-csv PATH
+    --c2r-no-track-collaboration   --c2r-no-check-finite-logits
+    --c2r-dispatcher dedup|megatron   --c2r-metrics-csv PATH
     (one flag per C2RRouterConfig field; booleans that default to true get --c2r-no-<name>)
 """
 
@@ -19,13 +19,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from megatron_c2r.config import (
-    C2R_FLAGS,
-    DISPATCHERS,
-    ROUTER_FIELDS,
-    C2ROptions,
-    check_static_placement,
-)
+from megatron_c2r.megatron_lm.flags import C2R_FLAGS, ROUTER_FIELDS, check_static_placement
+from megatron_c2r.moe.options import DISPATCHERS, C2ROptions
 from megatron_c2r.routing.config import GROUP_SELECTIONS, MODES, C2RRouterConfig
 
 _CHOICES = {"mode": MODES, "group_selection": GROUP_SELECTIONS, "dispatcher": DISPATCHERS}
@@ -41,6 +36,8 @@ _HELP = {
     "refresh_interval": "c2r mode: re-derive top-T lists every R iterations after warm-up from "
     "plain top-k's preference in that window (0 = never; group mode re-plans between jobs)",
     "track_collaboration": "do not count expert co-activation",
+    "check_finite_logits": "do not check router logits for NaN/Inf (saves one small device-to-host "
+    "sync per layer)",
     "dispatcher": "dedup (one row per destination rank) or megatron (--moe-token-dispatcher-type)",
     "metrics_csv": "also append moe/c2r/* metrics to this CSV file",
 }
@@ -66,7 +63,7 @@ def add_c2r_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for key, (flag, kind) in C2R_FLAGS.items():
         dest = f"c2r_{key}"
         default = getattr(defaults, key) if key in ROUTER_FIELDS else getattr(C2ROptions(), key)
-        help_text = _HELP.get(key, "see megatron_c2r.routing.config.C2RRouterConfig")
+        help_text = _HELP.get(key, "a C2RRouterConfig field (README: Collaboration-constrained routing)")
         if kind in ("bool_on", "bool_off"):
             action = "store_true" if kind == "bool_on" else "store_false"
             group.add_argument(flag, dest=dest, action=action, help=help_text)

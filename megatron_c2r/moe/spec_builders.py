@@ -27,7 +27,7 @@ from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_c2r import compat
-from megatron_c2r.config import C2ROptions
+from megatron_c2r.moe.options import C2ROptions
 from megatron_c2r.moe.layer import c2r_moe_spec
 from megatron_c2r.moe.router import C2RRouter
 

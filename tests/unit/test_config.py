@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from megatron_c2r.config import load_config
-from megatron_c2r.config_files import ConfigError
+from megatron_c2r.run_config import load_config
+from megatron_c2r.errors import ConfigError
 from megatron_c2r.megatron_lm.arguments import add_c2r_args, c2r_options_from_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -155,7 +155,7 @@ def test_each_bad_config_fails_with_one_line_naming_the_yaml_path(tmp_path, case
 CONTRADICTIONS = [
     ("c2r without MoE", ["megatron.num-experts=null", "c2r.mode=group"], "c2r: C2R options need an MoE model"),
     ("EP does not divide experts", ["megatron.expert-model-parallel-size=3", "launch.gpus_per_node=3"],
-     "megatron.--expert-model-parallel-size=3 must divide --num-experts=8"),
+     "megatron.--num-experts=8 must be divisible by --expert-model-parallel-size=3"),
     ("dedup with flex", ["c2r.mode=group", "megatron.moe-token-dispatcher-type=flex"],
      "c2r.dispatcher='dedup' replaces Megatron's dispatcher"),
     ("group-limited with c2r", ["c2r.mode=group", "megatron.moe-router-num-groups=2"],

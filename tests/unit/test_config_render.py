@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from megatron_c2r.cli import main as cli_main
-from megatron_c2r.config import load_config
+from megatron_c2r.run_config import load_config
 from megatron_c2r.render import FORMATS, render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -3,7 +3,7 @@ torchrun and megatron-c2r from tests/launch_fakes.py; the real renderer for the 
 
 from __future__ import annotations
 
-from megatron_c2r.config import load_config
+from megatron_c2r.run_config import load_config
 from tests.launch_fakes import REPO, FakeCluster
 
 

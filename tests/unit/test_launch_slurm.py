@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from megatron_c2r.config import load_config
+from megatron_c2r.run_config import load_config
 from tests.launch_fakes import JOB_ID, REPO, FakeCluster
 
 CONFIG = "configs/qwen1.5_moe_a2.7b_c2r.yaml"

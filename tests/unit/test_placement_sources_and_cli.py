@@ -168,7 +168,7 @@ def test_the_plan_command_writes_groups_table_and_paper_top_t_lists(tmp_path, to
 @pytest.mark.parametrize(
     "args,match",
     [
-        (["--ep", "3", "--top-k", "4"], "divisible by --ep (3)"),
+        (["--ep", "3", "--top-k", "4"], "num_experts=16 must be divisible by --ep=3"),
         (["--ep", "4"], "pass --top-k"),
         (["--ep", "4", "--top-k", "4", "--top-t", "16"], "--top-t 16 must be in"),
     ],

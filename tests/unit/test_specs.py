@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_c2r import compat
-from megatron_c2r.config import C2ROptions
+from megatron_c2r.moe.options import C2ROptions
 from megatron_c2r.routing.config import C2RRouterConfig
 from tests.megatron_cpu import init_parallel, megatron_cpu, moe_config
 
