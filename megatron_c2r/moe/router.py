@@ -28,8 +28,10 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping
 from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 
 from megatron_c2r import compat
 from megatron_c2r.collaboration import CollaborationTracker
@@ -220,6 +222,26 @@ class C2RRouter(TopKRouter):
             )
 
     # ------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------
+    # Distributed checkpointing
+    # ------------------------------------------------------------------------------------------
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Megatron's sharded state (every buffer replicated across TP and DP, main replica
+        saved; one entry per layer via ``sharded_offsets``) with one change: a zero-size tensor
+        (``top_t_lists`` [E, 0] in modes without lists) goes as a ShardedObject, because
+        torch_dist's sharding check divides by each dimension (ZeroDivisionError on 0).
+
+        Tracker ``pending`` counts are rank-local but saved like the rest (the main replica's
+        copy): reduce them over DP (``tracker.reduce_``) before saving for exact counts."""
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for name, value in list(sharded.items()):
+            data = getattr(value, "data", None)
+            if isinstance(value, ShardedTensor) and data is not None and data.numel() == 0:
+                sharded[name] = make_sharded_object_for_checkpoint(
+                    data, value.key, sharded_offsets, replica_id=value.replica_id
+                )
+        return sharded
+
     # Lists, groups, schedule
     # ------------------------------------------------------------------------------------------
     def set_top_t_lists(self, top_t_lists_EL: torch.Tensor) -> None:
