@@ -19,15 +19,10 @@ def experts_per_group(
     groups_name: str = "c2r.num_groups",
     experts_name: str = "num_moe_experts",
 ) -> int:
-    """E / G, the experts in each of ``num_groups`` balanced groups. The one place for "groups
-    split the experts evenly"; raises a one-line ValueError naming both fields as the caller
-    spells them. (The same rule for EP ranks is ``megatron_c2r.parallel.experts_per_rank``.)"""
-    if num_groups < 1 or num_experts % num_groups:
-        raise ValueError(
-            f"{groups_name}={num_groups} must divide {experts_name}={num_experts} "
-            f"(groups are balanced): pick a divisor of {num_experts}"
-        )
-    return num_experts // num_groups
+    """E / G, the experts in each of ``num_groups`` balanced groups: the EP rule
+    (``parallel.experts_per_rank``, one source for "parts split the experts evenly") with the
+    group fields named in its one-line error."""
+    return experts_per_rank(num_experts, num_groups, experts_name=experts_name, ep_name=groups_name)
 
 
 @dataclass(frozen=True, kw_only=True)

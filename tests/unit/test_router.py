@@ -252,7 +252,7 @@ def test_relabelling_experts_permutes_routing_consistently():
     [
         (dict(mode="c2r", top_t=2), {}, r"c2r.top_t=2 must satisfy moe_router_topk-1=3"),
         (dict(mode="c2r", top_t=16), {}, r"c2r.top_t=16 must satisfy .* num_moe_experts-1=15"),
-        (dict(mode="group", num_groups=3), {}, r"c2r.num_groups=3 must divide num_moe_experts=16"),
+        (dict(mode="group", num_groups=3), {}, r"num_moe_experts=16 must be divisible by c2r.num_groups=3"),
         (dict(mode="group", num_groups=4, max_groups=5), {}, r"c2r.max_groups=5 must be in \[1, num_groups=4\]"),
         (dict(mode="group", num_groups=8, max_groups=1), {}, r"moe_router_topk=4 exceeds c2r.max_groups=1 x 2"),
         (dict(mode="c2r"), {}, r"c2r.top_t is required"),
@@ -272,7 +272,7 @@ def test_bad_router_options_fail_at_construction_with_one_line_errors(cfg, overr
         (dict(mode="group"), dict(num_experts=8, topk=9, ep_size=2), r"^moe_router_topk=9 must be in \[1, num_moe_experts=8\]"),
         (dict(mode="topk"), dict(num_experts=8, topk=0, ep_size=1), r"^moe_router_topk=0 must be in \[1"),
         (dict(mode="group"), dict(num_experts=8, topk=2, ep_size=3), r"^num_moe_experts=8 must be divisible by expert_model_parallel_size=3"),
-        (dict(mode="group", num_groups=3), dict(num_experts=8, topk=2, ep_size=2), r"^c2r.num_groups=3 must divide num_moe_experts=8"),
+        (dict(mode="group", num_groups=3), dict(num_experts=8, topk=2, ep_size=2), r"^num_moe_experts=8 must be divisible by c2r.num_groups=3"),
     ],
 )
 def test_config_resolve_checks_topk_against_the_experts_first_and_groups_with_one_rule(cfg, sizes, match):

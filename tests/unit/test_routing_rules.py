@@ -155,7 +155,7 @@ def test_bad_top_t_lists_get_one_line_errors_naming_the_problem(lists, match):
 @pytest.mark.parametrize(
     "e2g,groups,k,m,match",
     [
-        (torch.tensor([0, 0, 1, 1, 2, 2]), 4, 2, 1, "num_groups=4 must divide num_experts=6"),
+        (torch.tensor([0, 0, 1, 1, 2, 2]), 4, 2, 1, "num_experts=6 must be divisible by num_groups=4"),
         (torch.tensor([0, 0, 0, 1]), 2, 2, 1, "not a balanced partition"),
         (torch.tensor([0, 0, 1, 1]), 2, 2, 3, r"max_groups=3 must be in \[1, num_groups=2\]"),
         (torch.tensor([0, 0, 1, 1]), 2, 3, 1, "topk=3 exceeds the 1 group"),
