@@ -303,3 +303,64 @@ def use_stock_router_gating(device: Any) -> bool:
     ``Router.gating`` moves CPU weights to ``torch.cuda.current_device()``, so the caller keeps a
     device-agnostic copy of the same math (``C2RRouter``'s ``_GatingLinear``)."""
     return torch.device(device).type == "cuda"
+
+# --- dedup dispatcher (moe/dispatcher.py): config fields that differ between versions ---
+# Router padding for quantized GEMMs: 0.16/0.17 keep moe_router_padding_for_fp8 as an alias of
+# moe_router_padding_for_quantization; older releases have only the fp8 name.
+_ROUTER_PADDING_FIELDS = ("moe_router_padding_for_quantization", "moe_router_padding_for_fp8")
+# CUDA-graph scope names (0.16-0.18 ``CudaGraphScope``, 0.19+ ``CudaGraphModule``) that capture
+# an MoE layer or part of it; "attn", "mlp" (dense layers only) and "mamba" do not.
+_MOE_CAPTURING_SCOPES = frozenset(
+    {"full_iteration", "full_iteration_inference", "moe", "moe_router", "moe_preprocess"}
+)
+
+
+def router_padding_flag(config) -> Optional[str]:
+    """The name of the router-padding-for-quantization field set True on ``config``, or None."""
+    for name in _ROUTER_PADDING_FIELDS:
+        if getattr(config, name, False):
+            return name
+    return None
+
+
+def _scope_names(scopes) -> list:
+    """Scope names from any accepted spelling: None, "a,b", "full", an enum, a list of either."""
+    if scopes is None:
+        return []
+    if isinstance(scopes, str):
+        scopes = [s.strip() for s in scopes.split(",") if s.strip()]
+    elif not isinstance(scopes, (list, tuple)):
+        scopes = [scopes]
+    names = [getattr(s, "name", str(s)) for s in scopes]
+    return [] if names == ["full"] else names  # "full" (deprecated) = [] = the whole layer
+
+
+def moe_cuda_graph_capture(config) -> Optional[str]:
+    """``"field=value"`` for the CUDA-graph setting of ``config`` that would capture an MoE layer
+    (or its router / preprocess), or None when MoE layers run eagerly.
+
+    0.16-0.18: ``cuda_graph_impl`` ('none' | 'local' | 'transformer_engine', also set by the
+    deprecated ``enable_cuda_graph`` / ``external_cuda_graph``) with ``cuda_graph_scope`` (a list
+    of ``CudaGraphScope``; empty or the default "full" = the whole layer; ``full_iteration``).
+    0.19+: the whole-iteration graph moves to ``cuda_graph_impl='full_iteration'`` and the scope
+    field becomes ``cuda_graph_modules`` (``CudaGraphModule``); ``inference_cuda_graph_scope=block``
+    graphs whole blocks.
+    """
+    impl = getattr(config, "cuda_graph_impl", "none") or "none"
+    legacy = [n for n in ("enable_cuda_graph", "external_cuda_graph") if getattr(config, n, False)]
+    if impl == "none" and not legacy:
+        return None
+    if impl == "full_iteration":
+        return "cuda_graph_impl='full_iteration'"
+    field = "cuda_graph_modules" if hasattr(config, "cuda_graph_modules") else "cuda_graph_scope"
+    names = _scope_names(getattr(config, field, None))
+    setting = f"cuda_graph_impl={impl!r}" if impl != "none" else f"{legacy[0]}=True"
+    if not names:
+        return f"{setting} with {field}=[] (the whole layer)"
+    captured = [n for n in names if n in _MOE_CAPTURING_SCOPES]
+    if captured:
+        return f"{setting} with {field}={captured}"
+    inference = getattr(config, "inference_cuda_graph_scope", None)
+    if getattr(inference, "name", inference) == "block":
+        return f"{setting} with inference_cuda_graph_scope=block"
+    return None

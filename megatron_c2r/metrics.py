@@ -2,16 +2,24 @@
 
     metrics = C2RMetrics().attach(model)      # forward hooks on every MoE router (stock or ours)
     ... training forwards ...                 # hooks accumulate routing statistics on device
-    metrics.record(model)                     # pull router c2r_metrics() and dispatcher CommStats
+    metrics.record(model)                     # pull router statistics and dispatcher CommStats
     values = metrics.report(iteration, tb_writer=w, wandb_run=r, csv_path=p, print_fn=print)
     metrics.reset()
 
-Nothing is global: every number lives in one ``C2RMetrics`` instance. Accumulators stay on the
-device until ``compute``/``report`` (one host sync per report, none per step). Names:
+Nothing is global: every number lives in one ``C2RMetrics`` instance. Host syncs: none while
+recording (hooks and ``record`` keep 0-dim tensors on the device; nothing runs while
+``recording`` is False), one per ``compute``/``report`` (the copy of one table holding every
+metric of every layer), plus one collective when a group is given. Names:
 
     moe/c2r/<metric>            mean over this model's MoE layers
     moe/c2r/<metric>_layer_<i>  one MoE layer, i = global layer index (layer_number - 1), as
                                 Megatron's ``moe/<name>_layer_<i>``
+
+Reduction (``compute(group)``): per layer, the sum of every rank's records over the sum of their
+counts; layers are slots of one table indexed by the global layer index, so over a group spanning
+data-parallel ranks and pipeline stages each layer is averaged over the DP ranks that hold it and
+the stages fill disjoint slots -- what Megatron's tracker does for its own losses (sum over PP,
+average over DP). ``penalty`` is the value Megatron's tracker logs as ``c2r_penalty``.
 
 Metrics (per MoE layer; local tokens of this rank, averaged over records and ranks):
     ranks_per_token            distinct EP ranks holding a token's experts = rows per token that a
@@ -22,7 +30,7 @@ Metrics (per MoE layer; local tokens of this rank, averaged over records and ran
     intra_group_share          share of a token's co-activated expert pairs inside one group
     tokens_per_expert_max_over_mean, tokens_per_expert_cv   load balance across experts
     overload_factor            busiest EP rank's (token, expert) assignments / the balanced share
-    groups_per_token, violation_rate, penalty, constraint_active   from C2RRouter.c2r_metrics()
+    groups_per_token, violation_rate, penalty, constraint_active   from C2RRouter (its last forward)
     dispatched_rows_per_token, remote_byte_reduction          measured by the dedup dispatcher
 
 Megatron-LM's loop clears its own MoE tracker every iteration; these metrics do not go through
@@ -34,9 +42,13 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
+import torch.distributed as dist
+
+from megatron_c2r.moe.layer import moe_layers
+from megatron_c2r.routing.functional import groups_per_token
 
 PREFIX = "moe/c2r"
 # Fixed order: also the order ranks agree on when reducing.
@@ -57,6 +69,8 @@ METRIC_NAMES = (
     "remote_byte_reduction",
 )
 
+Value = Union[float, torch.Tensor]
+
 
 # --------------------------------------------------------------------------------------------
 # Pure statistics of one routing map
@@ -71,20 +85,29 @@ def routing_stats(
     num_groups: Optional[int] = None,
     padding_T: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
-    """Routing statistics of one forward, as 0-dim float tensors on the map's device (no sync).
+    """Routing statistics of one forward, as 0-dim float32 tensors on the map's device.
+
+    No host sync: padding tokens are masked out of the map instead of indexed away (every
+    statistic counts routed entries only, so a padded token with no experts adds nothing).
 
     Args:
         routing_map_TE: bool [T, E], token t uses expert e.
         ep_size, ep_rank: EP ranks P (expert e lives on rank e // (E/P)) and this rank.
-        expert_to_group_E: int64 [E] group per expert (None -> the EP blocks).
-        padding_T: bool [T], True for padding tokens (excluded).
+        expert_to_group_E: int64 [E] group per expert (None -> the EP blocks); needs
+            ``num_groups``.
+        padding_T: bool [T] (any shape with T elements), True for padding tokens (excluded).
     """
     T, E = routing_map_TE.shape
+    L, device = E // ep_size, routing_map_TE.device
     rmap_TE = routing_map_TE.bool()
     if padding_T is not None:
-        rmap_TE = rmap_TE[~padding_T.reshape(-1).bool()]
-    rank_TP = rmap_TE.view(-1, ep_size, E // ep_size).any(dim=2)
-    ranks_T = rank_TP.sum(dim=1).float()
+        rmap_TE = rmap_TE & ~padding_T.reshape(T, 1).bool()
+    experts_E = torch.arange(E, device=device)
+    # Distinct EP ranks per token: the groups-per-token rule with the EP blocks as groups.
+    ranks_T = groups_per_token(
+        rmap_TE, experts_E // L, ep_size, groups_GN=experts_E.view(ep_size, L)
+    ).float()
+    local_T = rmap_TE[:, ep_rank * L : (ep_rank + 1) * L].any(dim=1)  # a row to this rank
     experts_T = rmap_TE.sum(dim=1).float()
     routed_T = experts_T > 0
     n_routed = routed_T.sum().clamp(min=1).float()
@@ -97,19 +120,21 @@ def routing_stats(
     tokens_P = tokens_E.view(ep_size, -1).sum(dim=1)
 
     if expert_to_group_E is None:
-        expert_to_group_E = torch.arange(E, device=rmap_TE.device) // (E // ep_size)
-        num_groups = ep_size
-    expert_to_group_E = expert_to_group_E.to(rmap_TE.device)
-    num_groups = num_groups or int(expert_to_group_E.max()) + 1
-    per_group_TG = torch.zeros(rmap_TE.shape[0], num_groups, device=rmap_TE.device)
-    per_group_TG.index_add_(1, expert_to_group_E, rmap_TE.float())
+        expert_to_group_E, num_groups = experts_E // L, ep_size
+    elif num_groups is None:
+        raise ValueError(
+            "routing_stats got expert_to_group_E without num_groups; pass num_groups (reading "
+            "it from the map's max would sync with the device)"
+        )
+    per_group_TG = torch.zeros(T, num_groups, device=device)
+    per_group_TG.index_add_(1, expert_to_group_E.to(device), rmap_TE.float())
     intra = (per_group_TG * (per_group_TG - 1) / 2).sum()
     pairs = (experts_T * (experts_T - 1) / 2).sum()
     return {
         "ranks_per_token": ranks_per_token,
         "rows_per_token_alltoall": alltoall,
         "row_reduction": alltoall / ranks_per_token.clamp(min=1e-12),
-        "remote_fraction": (ranks_T.sum() - rank_TP[:, ep_rank].sum()) / rows,
+        "remote_fraction": (ranks_T.sum() - local_T.sum()) / rows,
         "intra_group_share": torch.where(pairs > 0, intra / pairs.clamp(min=1), torch.ones_like(pairs)),
         "tokens_per_expert_max_over_mean": tokens_E.max() / mean_E,
         "tokens_per_expert_cv": tokens_E.std(unbiased=False) / mean_E,
@@ -120,32 +145,42 @@ def routing_stats(
 # --------------------------------------------------------------------------------------------
 # The owner
 # --------------------------------------------------------------------------------------------
-def moe_layers(model) -> Iterable[torch.nn.Module]:
-    """Every Megatron MoE layer (``BaseMoELayer``) in a model or a list of model chunks."""
-    from megatron.core.transformer.moe.moe_layer import BaseMoELayer
-
-    for chunk in model if isinstance(model, (list, tuple)) else [model]:
-        for module in chunk.modules():
-            if isinstance(module, BaseMoELayer):
-                yield module
-
-
 def _layer_index(layer) -> Optional[int]:
     number = getattr(layer, "layer_number", None)
     return None if number is None else int(number) - 1
 
 
+def _num_layers(model) -> Optional[int]:
+    """Decoder layers (+ MTP layers) from a model chunk's ``config``: the same on every rank of
+    every pipeline stage, so it sizes the reduced table without a collective."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        config = getattr(chunk, "config", None)
+        if isinstance(getattr(config, "num_layers", None), int):
+            return config.num_layers + (getattr(config, "mtp_num_layers", None) or 0)
+    return None
+
+
 class C2RMetrics:
     """Per-layer C2R metrics of one model; see the module docstring for the cycle and names.
 
-    State: ``_sums[name][layer]`` (float or 0-dim tensor) and ``_counts[name][layer]`` (int);
-    ``recording`` gates the forward hooks (the entry point records only iterations it logs).
+    Args:
+        prefix: metric name prefix.
+        num_layers: size of the per-layer table reduced across ranks (global layers, MTP
+            included). ``None``: taken from the first model chunk ``attach`` sees with a
+            ``config``; if still unknown, ``compute(group)`` spends one extra collective (a MAX
+            of the local sizes) to agree on it.
+
+    State: ``_sums[name][layer]`` (float, or a 0-dim tensor on the device accumulated in its
+    producer's dtype, at least fp32) and ``_counts[name][layer]`` (int); ``recording`` gates
+    the forward hooks (the entry point records only iterations it logs).
     """
 
-    def __init__(self, prefix: str = PREFIX):
+    def __init__(self, prefix: str = PREFIX, num_layers: Optional[int] = None):
         self.prefix = prefix
+        self.num_layers = num_layers
         self.recording = True
-        self._sums: Dict[str, Dict[int, object]] = {}
+        self._sums: Dict[str, Dict[int, Value]] = {}
         self._counts: Dict[str, Dict[int, int]] = {}
         self._handles: List = []
 
@@ -154,6 +189,8 @@ class C2RMetrics:
         """Register a forward hook on each MoE layer's router (side effect on ``model``; undo
         with ``detach``). Works for Megatron's TopKRouter too, so baselines get the same
         routing metrics."""
+        if self.num_layers is None:
+            self.num_layers = _num_layers(model)
         for layer in moe_layers(model):
             hook = self._router_hook(layer)
             self._handles.append(layer.router.register_forward_hook(hook, with_kwargs=True))
@@ -189,25 +226,28 @@ class C2RMetrics:
 
         return hook
 
-    def add(self, layer_index: int, values: Dict[str, object]) -> None:
-        """Accumulate one record of ``values`` (floats or 0-dim tensors) for a layer."""
+    def add(self, layer_index: int, values: Dict[str, Value]) -> None:
+        """Accumulate one record of ``values`` (floats or 0-dim tensors) for a layer. Tensors stay
+        on their device (no sync), summed in their dtype promoted to at least fp32."""
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
-                value = value.detach().float()
+                value = value.detach().to(torch.promote_types(value.dtype, torch.float32))
             sums, counts = self._sums.setdefault(name, {}), self._counts.setdefault(name, {})
             sums[layer_index] = sums[layer_index] + value if layer_index in sums else value
             counts[layer_index] = counts.get(layer_index, 0) + 1
 
     def record(self, model) -> None:
-        """Pull what routers and dispatchers computed themselves: ``C2RRouter.c2r_metrics()``
-        (last forward) and the dedup dispatcher's ``CommStats`` (read, then reset)."""
+        """Pull what routers and dispatchers computed themselves, without a host sync: the C2R
+        router's statistics of its last forward (0-dim tensors, summed in fp64 as the floats of
+        earlier releases were) and the dedup dispatcher's ``CommStats`` (host ints; read, then
+        reset)."""
         for layer in moe_layers(model):
             index = _layer_index(layer)
             if index is None:
                 continue
-            router_metrics = getattr(layer.router, "c2r_metrics", None)
-            if router_metrics is not None:
-                self.add(index, router_metrics())
+            last = getattr(layer.router, "_last", None)  # C2RRouter; TopKRouter has none
+            if last:
+                self.add(index, {k: _as_fp64(v) for k, v in last.items()})
             stats = getattr(layer, "comm_stats", None)
             if stats is not None and stats.calls:
                 self.add(
@@ -223,47 +263,80 @@ class C2RMetrics:
     def compute(self, group=None) -> Dict[str, float]:
         """Per-layer means and their mean over layers, named ``<prefix>/<metric>[_layer_<i>]``.
 
-        ``group``: a torch.distributed group to average over (sum of sums / sum of counts; a
-        collective: every rank of ``group`` must call it). Only METRIC_NAMES are reduced."""
+        ``group``: a torch.distributed group to average over (sum of sums / sum of counts per
+        layer slot; a collective: every rank of ``group`` must call it, with the same
+        ``num_layers``). Only METRIC_NAMES are reduced; other names stay local. One host sync;
+        one collective (two if ``num_layers`` is unknown)."""
+        reduce = group is not None and dist.is_initialized()
         names = [n for n in METRIC_NAMES if n in self._sums] + sorted(
             n for n in self._sums if n not in METRIC_NAMES
         )
-        per_layer = {n: self._local_means(n) for n in names}
-        if group is not None and torch.distributed.is_initialized():
-            per_layer.update(self._reduced(group))
+        rows = list(METRIC_NAMES) if reduce else names
+        rows += [n for n in names if n not in rows]  # local extras after the reduced block
+        width = self._table_width(group if reduce else None)
+        device = self._table_device(group if reduce else None)
+        table = self._table(rows, width, device)  # [rows, width, 2] fp64: sums, counts
+        if reduce:
+            reduced = table[: len(METRIC_NAMES)]  # a view: reduced in place
+            dist.all_reduce(reduced, group=group)
+        host = table.cpu().tolist()  # the one device->host sync of a report
+        per_layer = {
+            name: {i: s / c for i, (s, c) in enumerate(host[row]) if c > 0}
+            for row, name in enumerate(rows)
+        }
         out: Dict[str, float] = {}
-        for name in names + [n for n in per_layer if n not in names]:
-            layers = per_layer.get(name) or {}
-            if not layers:
-                continue
-            out[f"{self.prefix}/{name}"] = sum(layers.values()) / len(layers)
-        for name, layers in per_layer.items():
-            for index in sorted(layers):
-                out[f"{self.prefix}/{name}_layer_{index}"] = layers[index]
+        for name in rows:
+            layers = per_layer[name]
+            if layers:
+                out[f"{self.prefix}/{name}"] = sum(layers.values()) / len(layers)
+        for name in rows:
+            for index, value in per_layer[name].items():
+                out[f"{self.prefix}/{name}_layer_{index}"] = value
         return out
 
-    def _local_means(self, name: str) -> Dict[int, float]:
-        return {i: float(s) / self._counts[name][i] for i, s in self._sums[name].items()}
-
-    def _reduced(self, group) -> Dict[str, Dict[int, float]]:
-        dist = torch.distributed
-        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-        local_max = max((max(v) for v in self._sums.values() if v), default=-1)
-        size = torch.tensor([local_max + 1], dtype=torch.int64, device=device)
+    def _table_width(self, group) -> int:
+        local = 1 + max((max(v) for v in self._sums.values() if v), default=-1)
+        if self.num_layers is not None:
+            if local > self.num_layers:
+                raise ValueError(
+                    f"a metric was recorded for layer index {local - 1} but num_layers="
+                    f"{self.num_layers}; pass C2RMetrics(num_layers=...) covering every layer"
+                )
+            return self.num_layers
+        if group is None:
+            return local
+        size = torch.tensor([local], dtype=torch.int64, device=self._table_device(group))
         dist.all_reduce(size, op=dist.ReduceOp.MAX, group=group)
-        table = torch.zeros(len(METRIC_NAMES), int(size.item()), 2, dtype=torch.float64, device=device)
-        for row, name in enumerate(METRIC_NAMES):
+        return int(size.item())
+
+    def _table_device(self, group) -> torch.device:
+        if group is not None:
+            return torch.device("cuda" if dist.get_backend(group) == "nccl" else "cpu")
+        for sums in self._sums.values():
+            for value in sums.values():
+                if isinstance(value, torch.Tensor):
+                    return value.device
+        return torch.device("cpu")
+
+    def _table(self, rows: List[str], width: int, device: torch.device) -> torch.Tensor:
+        """``[len(rows), width, 2]`` fp64 on ``device``: per (metric, layer) the sum and count.
+        Host floats and counts go in one host->device copy, device sums in one index_add (no
+        host sync, no per-element device op)."""
+        host = [[[0.0, 0.0] for _ in range(width)] for _ in rows]
+        slots, tensors = [], []
+        for row, name in enumerate(rows):
             for index, value in self._sums.get(name, {}).items():
-                table[row, index, 0] = float(value)
-                table[row, index, 1] = self._counts[name][index]
-        dist.all_reduce(table, group=group)
-        out: Dict[str, Dict[int, float]] = {}
-        for row, name in enumerate(METRIC_NAMES):
-            counts = table[row, :, 1]
-            out[name] = {
-                int(i): float(table[row, i, 0] / counts[i]) for i in torch.nonzero(counts).flatten()
-            }
-        return {k: v for k, v in out.items() if v}
+                host[row][index][1] = float(self._counts[name][index])
+                if isinstance(value, torch.Tensor):
+                    slots.append((row * width + index) * 2)
+                    tensors.append(value.to(device, torch.float64))
+                else:
+                    host[row][index][0] = value
+        table = torch.tensor(host, dtype=torch.float64).reshape(len(rows), width, 2).to(device)
+        if tensors:
+            slots_t = torch.tensor(slots, dtype=torch.int64).to(device)
+            table.view(-1).index_add_(0, slots_t, torch.stack(tensors))
+        return table
 
     def report(
         self,
@@ -297,6 +370,10 @@ class C2RMetrics:
         """Forget everything recorded (hooks stay attached)."""
         self._sums.clear()
         self._counts.clear()
+
+
+def _as_fp64(value: Value) -> Value:
+    return value.detach().to(torch.float64) if isinstance(value, torch.Tensor) else value
 
 
 def console_line(iteration: int, values: Dict[str, float], prefix: str = PREFIX) -> str:

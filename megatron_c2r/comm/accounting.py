@@ -8,7 +8,7 @@ counted twice. "Remote" excludes rows a rank addresses to itself (those never le
 For comparison every record also counts what Megatron's alltoall dispatcher would ship for the
 same routing: one row per (token, expert) plus one prob per row.
 
-Legend for shape suffixes: T tokens, E experts, P EP ranks, L = E/P, C = 1 + L count columns.
+Shape suffixes: see the legend in ``megatron_c2r/comm/__init__.py``.
 """
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ def stats_from_counts(
 
 def count_rows(routing_map_TE: torch.Tensor, ep_size: int, rank: int) -> dict:
     """Rows a rank dispatches for a routing map, without building any rows (vectorised; used for
-    volume studies and as a cross-check of the dispatcher's counters).
+    volume studies and as a cross-check of the dispatcher's counters). Cold path: returns host
+    ints, so it syncs on CUDA.
 
     Returns a dict: ``rows``, ``rows_remote`` (dedup), ``megatron_rows``, ``megatron_rows_remote``,
     ``routed_tokens``, ``ranks_per_token``.
@@ -149,7 +150,7 @@ def count_rows(routing_map_TE: torch.Tensor, ep_size: int, rank: int) -> dict:
 def expected_ranks_per_token_uniform(num_experts: int, topk: int, ep_size: int) -> float:
     """E[distinct destination ranks per token] when each token picks ``topk`` of ``num_experts``
     uniformly without replacement and each of ``ep_size`` ranks owns E/P experts:
-    P * (1 - C(E - E/P, k) / C(E, k))  (REFERENCE.md section 2)."""
+    P * (1 - C(E - E/P, k) / C(E, k))  (measured against it in ``docs/comm_volume.md``)."""
     per_rank = num_experts // ep_size
     return ep_size * (
         1 - math.comb(num_experts - per_rank, topk) / math.comb(num_experts, topk)

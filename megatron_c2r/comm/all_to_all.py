@@ -2,15 +2,12 @@
 split sizes, differentiable, allocating on the input's device.
 
 Why ``all_to_all_single`` and not a list ``all_to_all``: gloo (CPU) supports only the single-tensor
-form with uneven splits (REFERENCE.md section 4), and NCCL runs it as one fused call. The same
-code therefore runs on gloo/CPU in tests and on NCCL/GPU in training; nothing here calls
-``torch.cuda``.
+form with uneven splits (``docs/hot_path.md``), and NCCL runs it as one fused call. The same code
+therefore runs on gloo/CPU in tests and on NCCL/GPU in training; nothing here calls ``torch.cuda``
+and nothing here syncs with the host: split sizes arrive as Python ints (the caller read them from
+its one count-table copy).
 
-Legend for shape suffixes (shared with ``rows.py``):
-    R   rows this rank sends (one per (token, destination rank))
-    Q   rows this rank receives
-    P   ranks in the expert-parallel (EP) group
-    C   columns of a small integer table (counts)
+Shape suffixes: see the legend in ``megatron_c2r/comm/__init__.py``.
 """
 
 from __future__ import annotations

@@ -20,9 +20,12 @@ The experts receive exactly what Megatron's alltoall hands them (rows grouped by
 source-rank-then-token order inside an expert, ``tokens_per_expert`` on the host, permuted probs
 in the probs dtype), so SequentialMLP, GroupedMLP and TEGroupedMLP work unchanged.
 
-Legend for shape suffixes (see ``megatron_c2r/comm/rows.py``): T tokens, H hidden, E experts,
-P EP ranks, L local experts, S slots, M = 2S metadata columns, R rows sent, Q rows received,
-N expert input rows, C count columns.
+Host syncs: one per forward (the copy of the exchanged count table in step 3), none in backward;
+see ``docs/hot_path.md`` for the budget and the test that counts them.
+
+Shape suffixes: the ``comm/`` legend (``megatron_c2r/comm/__init__.py``): T tokens, H hidden,
+E experts, P EP ranks, L local experts, S slots, M = 2S metadata columns, R rows sent, Q rows
+received, N expert input rows, C count columns.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from megatron_c2r.comm import (
     all_to_all_single,
     build_send_rows,
     combine_rows,
+    count_send_rows,
     exchange_counts,
     expand_rows,
     precombine_rows,
@@ -54,6 +58,8 @@ def validate_dedup_config(config, ep_size: int, expert_tp_size: int) -> None:
     dropping without padding (both are just a routing map), shared experts computed by the MoE
     layer, fp32/bf16/fp16. With expert TP 1 the dispatcher talks only to the EP group, as
     Megatron's alltoall does, so attention TP (with sequence parallel) needs nothing extra here.
+    Not supported: CUDA graphs that capture the MoE layer (its split sizes are data-dependent
+    host values read once per forward, which a captured graph would freeze).
     """
     alt = "or build the layer with dispatcher='megatron'"
     if expert_tp_size != 1:
@@ -69,30 +75,28 @@ def validate_dedup_config(config, ep_size: int, expert_tp_size: int) -> None:
         )
     if not topk or topk < 1 or topk > experts:
         raise ValueError(f"moe_router_topk={topk} must be in [1, num_moe_experts={experts}]")
-    if getattr(config, "moe_pad_expert_input_to_capacity", False):
+    if config.moe_pad_expert_input_to_capacity:
         raise ValueError(
             "moe_pad_expert_input_to_capacity=True (pad-to-capacity) is not supported by the "
             f"dedup dispatcher; set moe_pad_expert_input_to_capacity=False {alt}"
         )
-    if getattr(config, "moe_router_padding_for_quantization", False):
+    padding = compat.router_padding_flag(config)
+    if padding is not None:
         raise ValueError(
-            "moe_router_padding_for_quantization=True is not supported by the dedup dispatcher; "
-            f"set moe_router_padding_for_quantization=False {alt}"
+            f"{padding}=True is not supported by the dedup dispatcher; set {padding}=False {alt}"
         )
-    if getattr(config, "moe_shared_expert_overlap", False):
+    if config.moe_shared_expert_overlap:
         raise ValueError(
             "moe_shared_expert_overlap=True is not supported by the dedup dispatcher; set "
             "moe_shared_expert_overlap=False (shared experts still run, in the MoE layer) "
             f"{alt}"
         )
-    graph_impl = getattr(config, "cuda_graph_impl", "none")
-    scopes = getattr(config, "cuda_graph_scope", None) or []
-    scopes = scopes if isinstance(scopes, (list, tuple)) else [scopes]
-    moe_scopes = [str(s) for s in scopes if "moe" in str(s)]
-    if graph_impl != "none" and moe_scopes:
+    graphed = compat.moe_cuda_graph_capture(config)
+    if graphed is not None:
         raise ValueError(
-            f"cuda_graph_scope={moe_scopes} captures the MoE dispatcher, whose split sizes are "
-            f"data-dependent host values; drop the moe scopes from cuda_graph_scope {alt}"
+            f"{graphed} captures the MoE layer in a CUDA graph, but the dedup dispatcher's split "
+            "sizes are data-dependent host values; set cuda_graph_impl='none' or graph only "
+            f"attn/mlp/mamba scopes, {alt}"
         )
 
 
@@ -103,7 +107,8 @@ class DedupAlltoAllTokenDispatcher(MoETokenDispatcher):
         num_local_experts: L = E / P.
         local_expert_indices: the L consecutive global ids this rank owns (Megatron's
             contiguous blocks: rank r owns [r*L, (r+1)*L)).
-        config: the layer's ``TransformerConfig`` (validated by :func:`validate_dedup_config`).
+        config: the layer's ``TransformerConfig``, checked by :func:`validate_dedup_config`
+            unless ``config_validated`` (``C2RMoELayer`` checks it before building anything).
         pg_collection: Megatron process groups; ``None`` -> ``compat.get_default_pg_collection()``.
             Only ``pg_collection.ep`` carries traffic.
 
@@ -111,10 +116,15 @@ class DedupAlltoAllTokenDispatcher(MoETokenDispatcher):
         comm_stats: :class:`CommStats` accumulated over forward passes (rows, bytes, distinct ranks
             per token, what Megatron's alltoall would ship). The metrics owner reads and resets it.
         last_stats: the most recent forward pass's record.
+        finite_check_router: a router with ``defer_finite_check = True`` (set by
+            ``C2RMoELayer``): its ``logits_finite`` flag travels in the count exchange, so every
+            EP rank raises the router's one-line error together instead of each router syncing.
 
-    Each forward does one small count all-to-all and one host sync (split sizes must be host
-    ints, as in Megatron's alltoall), then two all-to-alls for dispatch (hidden rows, metadata)
-    and one for combine. Activation recompute of the layer records a second forward.
+    Host syncs (``docs/hot_path.md``): one per forward, the copy of the exchanged count table
+    (split sizes must be host ints, as in Megatron's alltoall); every other size is derived from
+    it. None in backward. Communication per forward: one count all-to-all on the EP group, two
+    for dispatch (hidden rows, metadata), one for combine. Activation recompute of the layer
+    records a second forward.
     """
 
     def __init__(
@@ -123,11 +133,14 @@ class DedupAlltoAllTokenDispatcher(MoETokenDispatcher):
         local_expert_indices: List[int],
         config,
         pg_collection=None,
+        *,
+        config_validated: bool = False,
     ) -> None:
         if pg_collection is None:
             pg_collection = compat.get_default_pg_collection()
         ep_size = utils.get_pg_size(pg_collection.ep)
-        validate_dedup_config(config, ep_size, utils.get_pg_size(pg_collection.expt_tp))
+        if not config_validated:
+            validate_dedup_config(config, ep_size, utils.get_pg_size(pg_collection.expt_tp))
         super().__init__(config=config, pg_collection=pg_collection)
         self.ep_rank = utils.get_pg_rank(self.ep_group)
         first = self.ep_rank * num_local_experts
@@ -148,26 +161,29 @@ class DedupAlltoAllTokenDispatcher(MoETokenDispatcher):
         self.num_slots = min(config.moe_router_topk, num_local_experts)  # S
         self.comm_stats = CommStats()
         self.last_stats = CommStats()
+        self.finite_check_router = None
 
     # ---------------------------------------------------------------------------------------
     # Dispatch
     # ---------------------------------------------------------------------------------------
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
-        """Steps 1-3a: rows per (token, destination rank), their metadata, and split sizes.
+        """Steps 1-3a: count table, its exchange and one host copy, then rows and metadata.
 
         Args:
-            hidden_states: ``[S, B, H]`` (or ``[T, H]``) any float dtype.
+            hidden_states: ``[seq, batch, H]`` (or ``[T, H]``) any float dtype.
             routing_map: ``[T, E]`` bool.
             probs: ``[T, E]`` float (dense; only routed entries are read).
 
         Returns:
             ``x_RH`` (rows grouped by destination rank, hidden dtype) and ``meta_RM`` (slot probs
             and slot local expert ids, :func:`meta_dtype` of probs). Side effects: one count
-            all-to-all on the EP group, one host sync, records ``comm_stats``.
+            all-to-all on the EP group, one host sync, records ``comm_stats``; raises (on every
+            EP rank alike) if any rank's router logits were not finite or a routing map gives a
+            token more experts on one rank than ``moe_router_topk`` allows.
         """
         self.hidden_shape = hidden_states.shape
         x_TH = hidden_states.reshape(-1, self.hidden_shape[-1])
-        T = x_TH.shape[0]
+        T, P, L = x_TH.shape[0], self.ep_size, self.num_local_experts
         if routing_map.dtype != torch.bool or tuple(routing_map.shape) != (T, self.num_experts):
             raise ValueError(
                 f"routing_map must be bool [tokens={T}, num_moe_experts={self.num_experts}], got "
@@ -179,41 +195,41 @@ class DedupAlltoAllTokenDispatcher(MoETokenDispatcher):
                 f"{list(probs.shape)}; pass the router's dense probs"
             )
         self.probs_dtype, self.num_tokens = probs.dtype, T
-        # 1-2. Destination ranks per token; one row per (token, rank) with its local experts.
-        send = build_send_rows(routing_map, probs, self.ep_size, self.num_slots)
+        # 1. Destination ranks per token and the count table, on the device.
+        counts = count_send_rows(routing_map, P)
+        # 3a. Exchange [rows, tokens per local expert..., max experts per row, logits finite]
+        #     per destination. Every rank sees every source's last two columns, so a bad routing
+        #     map or non-finite logits raise on all ranks together instead of leaving the others
+        #     waiting in the next collective.
+        finite = getattr(self.finite_check_router, "logits_finite", None)
+        finite = counts.counts_PC.new_ones(()) if finite is None else finite.long()
+        send_PC = torch.cat(
+            [counts.counts_PC, counts.max_experts_per_row.expand(P, 1), finite.expand(P, 1)],
+            dim=1,
+        )
+        recv_PC = exchange_counts(send_PC, self.ep_group)
+        # The one device->host sync of the layer: every size below comes from this copy.
+        host = torch.cat([send_PC.flatten(), recv_PC.flatten(), counts.routed_tokens.view(1)])
+        host = host.cpu()
+        send_host_PC, recv_host_PC = host[:-1].view(2, P, L + 3).unbind(0)
+        self._raise_on_bad_sources(recv_host_PC)
+        self.input_splits = send_host_PC[:, 0].tolist()
+        self.output_splits = recv_host_PC[:, 0].tolist()
+        # Tokens per local expert = what every source routes to our experts; host int64 [L], as
+        # Megatron's experts expect.
+        self.tokens_per_expert = recv_host_PC[:, 1 : 1 + L].sum(dim=0)
+        self.num_expert_rows = int(self.tokens_per_expert.sum())  # N, for expand_rows
+        # 2. One row per (token, destination rank), sized from the host table (no sync).
+        send = build_send_rows(
+            routing_map, probs, P, self.num_slots, counts=counts, num_rows=sum(self.input_splits)
+        )
         self.token_idx_R = send.token_idx_R
-        # 3a. Exchange per-destination counts: [rows, tokens per local expert..., max experts
-        #     per row]. Every rank sees every source's max, so a bad routing map raises on all
-        #     ranks together instead of leaving the others waiting in the next collective.
-        max_col_P1 = send.max_experts_per_row.expand(self.ep_size, 1)
-        send_counts_PC = torch.cat([send.counts_PC, max_col_P1], dim=1)
-        recv_counts_PC = exchange_counts(send_counts_PC, self.ep_group)
-        host = torch.cat(
-            [send_counts_PC.flatten(), recv_counts_PC.flatten(), send.routed_tokens.view(1)]
-        ).tolist()  # the one device->host sync of the forward pass
-        C = send_counts_PC.shape[1]
-        rows_of = [host[i * C : (i + 1) * C] for i in range(2 * self.ep_size)]
-        send_table, recv_table = rows_of[: self.ep_size], rows_of[self.ep_size :]
-        worst = max(row[-1] for row in recv_table)
-        if worst > self.num_slots:
-            raise ValueError(
-                f"routing_map routes a token to {worst} experts of one EP rank but "
-                f"moe_router_topk={self.config.moe_router_topk} allows {self.num_slots}; "
-                f"the router must select at most moe_router_topk experts per token"
-            )
-        self.input_splits = [row[0] for row in send_table]
-        self.output_splits = [row[0] for row in recv_table]
-        # Tokens per local expert = sum over sources of what they route to our experts.
-        self.tokens_per_expert = torch.tensor(
-            [sum(row[1 + j] for row in recv_table) for j in range(self.num_local_experts)],
-            dtype=torch.long,
-        )  # host tensor, as Megatron's experts expect
         self.last_stats = stats_from_counts(
-            [row[:-1] for row in send_table],
-            [row[:-1] for row in recv_table],
+            send_host_PC[:, : 1 + L].tolist(),
+            recv_host_PC[:, : 1 + L].tolist(),
             rank=self.ep_rank,
             tokens=T,
-            routed_tokens=host[-1],
+            routed_tokens=int(host[-1]),
             hidden_bytes_per_row=x_TH.shape[1] * x_TH.element_size(),
             meta_bytes_per_row=send.meta_RM.shape[1] * send.meta_RM.element_size(),
             prob_bytes=probs.element_size(),
@@ -222,10 +238,31 @@ class DedupAlltoAllTokenDispatcher(MoETokenDispatcher):
         x_RH = x_TH.index_select(0, send.token_idx_R)
         return x_RH, send.meta_RM
 
+    def _raise_on_bad_sources(self, recv_host_PC: torch.Tensor) -> None:
+        """One-line errors from the host copy of the received table (the same on every rank)."""
+        not_finite = (recv_host_PC[:, -1] == 0).nonzero().flatten().tolist()  # host tensor
+        if not_finite:
+            where = (
+                f"on EP rank(s) {not_finite} (c2r.check_finite_logits, found in the dedup "
+                "dispatcher's count exchange)"
+            )
+            router = self.finite_check_router
+            if router is not None:
+                raise router.nonfinite_logits_error(where)
+            raise ValueError(f"router logits hold NaN/Inf {where}: check the input activations")
+        worst = int(recv_host_PC[:, -2].max())
+        if worst > self.num_slots:
+            raise ValueError(
+                f"routing_map routes a token to {worst} experts of one EP rank but "
+                f"moe_router_topk={self.config.moe_router_topk} allows {self.num_slots}; "
+                f"the router must select at most moe_router_topk experts per token"
+            )
+
     def token_dispatch(self, x_RH, meta_RM):
         """Step 3b: ship rows and metadata to their destination ranks (EP all-to-all).
 
-        Returns ``x_QH`` and ``meta_QM``, grouped by source rank. Collective on the EP group.
+        Returns ``x_QH`` and ``meta_QM``, grouped by source rank. Collective on the EP group;
+        no host sync (the splits are host ints from ``dispatch_preprocess``).
         """
         x_QH = all_to_all_single(x_RH, self.output_splits, self.input_splits, self.ep_group)
         meta_QM = all_to_all_single(meta_RM, self.output_splits, self.input_splits, self.ep_group)
@@ -237,9 +274,9 @@ class DedupAlltoAllTokenDispatcher(MoETokenDispatcher):
         Returns:
             ``x_NH`` (expert inputs), ``tokens_per_expert`` (``[L]`` int64 on the host) and
             ``probs_N`` (in the router's probs dtype) -- the triple Megatron's experts take.
-            No communication.
+            No communication, no host sync (N comes from the count table).
         """
-        expanded = expand_rows(meta_QM, self.num_local_experts)
+        expanded = expand_rows(meta_QM, self.num_local_experts, self.num_expert_rows)
         self.row_idx_N = expanded.row_idx_N
         self.num_recv_rows = x_QH.shape[0]
         x_NH = x_QH.index_select(0, expanded.row_idx_N)
@@ -259,6 +296,6 @@ class DedupAlltoAllTokenDispatcher(MoETokenDispatcher):
         return all_to_all_single(y_QH, self.input_splits, self.output_splits, self.ep_group)
 
     def combine_postprocess(self, y_RH):
-        """Step 6b: sum each token's returned rows; reshape to the input's ``[S, B, H]``."""
+        """Step 6b: sum each token's returned rows; reshape to the input's ``[seq, batch, H]``."""
         out_TH = combine_rows(y_RH, self.token_idx_R, self.num_tokens)
         return out_TH.view(self.hidden_shape)

@@ -9,20 +9,21 @@ when ``dispatcher="dedup"``. Use it per model through the layer spec::
     moe_spec = c2r_moe_spec(stock_moe_spec, dispatcher="dedup")   # or "megatron"
 
 ``dispatcher="megatron"`` keeps Megatron's own choice (the config's dispatcher type): the baseline
-for A/B runs and the oracle in our tests.
+for A/B runs and the oracle in our tests. ``moe_layers(model)`` lists the MoE layers of a model
+for the metrics owner and the relabelling code.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional
 
+import torch
 from megatron.core import utils
-from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_layer import BaseMoELayer, MoELayer, MoESubmodules
 
 from megatron_c2r import compat
 from megatron_c2r.moe.dispatcher import DedupAlltoAllTokenDispatcher, validate_dedup_config
-
-DISPATCHERS = ("dedup", "megatron")
+from megatron_c2r.moe.options import DISPATCHERS
 
 
 class C2RMoELayer(MoELayer):
@@ -30,19 +31,21 @@ class C2RMoELayer(MoELayer):
     (``"megatron"``).
 
     Args:
-        config: ``TransformerConfig``; with ``"dedup"`` it is validated before anything is built
-            (see :func:`validate_dedup_config`).
+        config: ``TransformerConfig``; with ``"dedup"`` it is validated once, before anything is
+            built (see :func:`validate_dedup_config`).
         submodules: ``MoESubmodules`` (experts, shared experts, router -- any router returning
             ``(probs, routing_map)``).
         layer_number: as in ``MoELayer``.
         pg_collection: Megatron process groups. ``TransformerLayer`` passes them only to the exact
             ``MoELayer`` class, so ``None`` falls back to ``compat.get_default_pg_collection()``.
         dispatcher: ``"dedup"`` (one row per token and destination EP rank) or ``"megatron"``.
-        layer_kwargs: whatever else this Megatron's ``TransformerLayer`` passes to its MLP
-            (0.18+: ``is_mtp_layer``, ``name``), forwarded to ``MoELayer`` unchanged.
+        layer_kwargs: whatever else this Megatron's ``TransformerLayer`` passes to its MLP,
+            forwarded to ``MoELayer`` unchanged (which keywords exist is ``compat``'s concern).
 
-    Side effects: like ``MoELayer``. The dedup dispatcher's row/byte counters are at
-    ``self.token_dispatcher.comm_stats`` (see :attr:`comm_stats`).
+    Side effects: like ``MoELayer``. With ``"dedup"`` and a router that can defer its
+    finite-logits check (``C2RRouter.defer_finite_check``), the router's check is folded into
+    the dispatcher's count exchange: the layer's one host sync (``docs/hot_path.md``). The dedup
+    dispatcher's row/byte counters are at :attr:`comm_stats`.
     """
 
     def __init__(
@@ -74,7 +77,13 @@ class C2RMoELayer(MoELayer):
             self.local_expert_indices,
             config=self.config,
             pg_collection=pg_collection,
+            config_validated=True,
         )
+        if hasattr(self.router, "defer_finite_check"):
+            # The router records a device flag instead of syncing; the dispatcher ships it with
+            # its count table and raises the router's error on every EP rank after the exchange.
+            self.router.defer_finite_check = True
+            self.token_dispatcher.finite_check_router = self.router
 
     @property
     def comm_stats(self):
@@ -88,3 +97,16 @@ def c2r_moe_spec(moe_spec: Any, dispatcher: str = "dedup") -> Any:
     if dispatcher not in DISPATCHERS:
         raise ValueError(f"dispatcher={dispatcher!r} is not one of {DISPATCHERS}; pick one")
     return compat.with_moe_layer_params(moe_spec, C2RMoELayer, dispatcher=dispatcher)
+
+
+def moe_layers(model) -> List[torch.nn.Module]:
+    """Every Megatron MoE layer of a model or a list of model chunks, in module order (= the plan
+    file's layer order).
+
+    Matches ``BaseMoELayer``, the class that defines what both users read (``router``,
+    ``experts``, ``config``, ``num_local_experts``, ``local_expert_indices``, ``layer_number``):
+    Megatron's ``MoELayer``, our ``C2RMoELayer`` and any other subclass, so a custom MoE layer
+    gets metrics and relabelling too (relabelling then checks its experts module itself).
+    """
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, BaseMoELayer)]

@@ -26,6 +26,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from megatron_c2r.moe.layer import moe_layers  # the one definition (re-exported for replan)
+
 # One expert's tensors: a list of (parameter, chunk index, number of chunks). The expert's part
 # of a tensor t shaped like the parameter is t.view(num_chunks, -1)[chunk index].
 ExpertSlot = list[tuple[torch.nn.Parameter, int, int]]
@@ -149,13 +151,6 @@ def relabel_moe_layer_(layer: torch.nn.Module, order, optimizer=None) -> None:
         )
     permute_slots_(slots, order, optimizer)
     relabel_router_(layer.router, order, optimizer)
-
-
-def moe_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """MoE layers (modules with a router and experts), in module order = plan layer order."""
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
 def relabel_model_(

@@ -6,6 +6,7 @@ import torch
 from megatron_c2r.comm import (
     build_send_rows,
     combine_rows,
+    count_send_rows,
     expand_rows,
     precombine_rows,
     reference_all_to_all,
@@ -52,6 +53,33 @@ def test_send_rows_are_one_per_token_and_destination_rank_with_local_experts(T, 
     )
     assert int(send.counts_PC[:, 1:].sum()) == T * k
     assert int(send.max_experts_per_row) <= min(k, E // P)
+    # The dispatcher's path: counts first, then rows sized from the host copy of the table.
+    counts = count_send_rows(routing_map_TE, P)
+    num_rows = int(counts.counts_PC[:, 0].sum())
+    static = build_send_rows(
+        routing_map_TE, probs_TE, P, min(k, E // P), counts=counts, num_rows=num_rows
+    )
+    assert torch.equal(static.token_idx_R, send.token_idx_R)
+    assert torch.equal(static.meta_RM, send.meta_RM)
+    assert static.counts_PC is counts.counts_PC  # not recomputed
+
+
+def test_count_send_rows_matches_a_loop_count():
+    routing_map_TE, _ = random_routing(11, 8, 3, seed=5)
+    counts = count_send_rows(routing_map_TE, 4)
+    table = [[0] * 3 for _ in range(4)]
+    most = 0
+    for t in range(11):
+        for p in range(4):
+            experts = [j for j in range(2) if routing_map_TE[t, 2 * p + j]]
+            table[p][0] += bool(experts)
+            for j in experts:
+                table[p][1 + j] += 1
+            most = max(most, len(experts))
+    assert counts.counts_PC.tolist() == table
+    assert int(counts.max_experts_per_row) == most
+    assert int(counts.routed_tokens) == 11
+    assert counts.rank_mask_PT.shape == (4, 11)
 
 
 def test_a_row_with_more_experts_than_slots_is_reported_not_hidden():
@@ -68,10 +96,12 @@ def test_an_empty_routing_map_sends_no_rows():
     assert int(send.routed_tokens) == 0
 
 
-def test_expansion_groups_rows_by_local_expert_in_row_order():
+@pytest.mark.parametrize("sized", [False, True], ids=["nonzero", "host_sized"])
+def test_expansion_groups_rows_by_local_expert_in_row_order(sized):
     routing_map_TE, probs_TE = random_routing(15, 8, 3, seed=3)
     send = build_send_rows(routing_map_TE, probs_TE, ep_size=2, num_slots=3)
-    expanded = expand_rows(send.meta_RM, num_local_experts=4)
+    num_expert_rows = int(routing_map_TE.sum()) if sized else None
+    expanded = expand_rows(send.meta_RM, num_local_experts=4, num_expert_rows=num_expert_rows)
     oracle = reference_expand(reference_send_rows(routing_map_TE, probs_TE, 2), 4)
     pairs = list(zip(expanded.row_idx_N.tolist(), expanded.probs_N.tolist()))
     got, start = [], 0
@@ -79,6 +109,22 @@ def test_expansion_groups_rows_by_local_expert_in_row_order():
         got.append(pairs[start : start + count])
         start += count
     assert got == oracle
+    assert expanded.expert_N.tolist() == sorted(expanded.expert_N.tolist())
+
+
+def test_expansion_passes_gradients_to_the_slot_probs_it_read():
+    routing_map_TE, probs_TE = random_routing(9, 8, 2, seed=4)
+    send = build_send_rows(routing_map_TE, probs_TE, ep_size=2, num_slots=2)
+    meta_QM = send.meta_RM.clone().requires_grad_()
+    expanded = expand_rows(meta_QM, 4, num_expert_rows=int(routing_map_TE.sum()))
+    weights_N = torch.arange(1.0, expanded.probs_N.numel() + 1)
+    (expanded.probs_N * weights_N).sum().backward()
+    want = torch.zeros_like(meta_QM)
+    slots = meta_QM.shape[1] // 2
+    for n, (q, j) in enumerate(zip(expanded.row_idx_N.tolist(), expanded.expert_N.tolist())):
+        slot = meta_QM[q, slots:].tolist().index(float(j))
+        want[q, slot] = weights_N[n]
+    torch.testing.assert_close(meta_QM.grad, want)
 
 
 def test_precombine_sums_the_expert_outputs_of_each_row():
