@@ -222,7 +222,6 @@ class C2RRouter(TopKRouter):
             )
 
     # ------------------------------------------------------------------------------------------
-    # ------------------------------------------------------------------------------------------
     # Distributed checkpointing
     # ------------------------------------------------------------------------------------------
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
@@ -244,13 +243,14 @@ class C2RRouter(TopKRouter):
 
     # Lists, groups, schedule
     # ------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------
     def set_top_t_lists(self, top_t_lists_EL: torch.Tensor) -> None:
         """Install [E, L] collaborator lists (from a file or the tracker); validated first."""
         top_t_lists_EL = torch.as_tensor(top_t_lists_EL)
         validate_top_t_lists(top_t_lists_EL, self.config.num_moe_experts, self.topk)
         if self.c2r_config.top_t is not None and top_t_lists_EL.shape[1] != self.c2r_config.top_t:
             raise ValueError(
-                f"top_t_lists has T={top_t_lists_EL.shape[1]} but c2r.top_t="
+                f"top_t_lists rows hold {top_t_lists_EL.shape[1]} ids but c2r.top_t="
                 f"{self.c2r_config.top_t}: regenerate the lists or change c2r.top_t"
             )
         self.top_t_lists = top_t_lists_EL.to(self.expert_to_group.device, torch.int64).clone()
@@ -475,11 +475,17 @@ class C2RRouter(TopKRouter):
         groups_T = groups_per_token(
             routing_map_TE, tables.expert_to_group_E, self.rule.num_groups, groups_GN=tables.groups_GN
         ).float()
-        violated_T = self.rule.violated_T(probs_TE, routing_map_TE, groups_T, tables, self._active)
-        if padding_T is not None:
-            groups_T, violated_T = groups_T[~padding_T], violated_T[~padding_T]
-        self._last["groups_per_token"] = groups_T.mean()
-        self._last["violation_rate"] = violated_T.float().mean()
+        violated_T = self.rule.violated_T(
+            probs_TE, routing_map_TE, groups_T, tables, self._active
+        ).float()
+        if padding_T is None:
+            self._last["groups_per_token"] = groups_T.mean()
+            self._last["violation_rate"] = violated_T.mean()
+        else:  # a weighted mean, not boolean indexing (which syncs to size its output)
+            valid_T = (~padding_T).float()
+            num_valid = valid_T.sum().clamp(min=1.0)
+            self._last["groups_per_token"] = (groups_T * valid_T).sum() / num_valid
+            self._last["violation_rate"] = (violated_T * valid_T).sum() / num_valid
         self._last["constraint_active"] = float(self._active)
 
     def c2r_metrics(self) -> Dict[str, float]:

@@ -24,12 +24,12 @@ from megatron_c2r.routing.config import experts_per_group
 # Validation (one-line errors naming field, value and fix; called at construction time)
 # ------------------------------------------------------------------------------------------------
 def validate_top_t_lists(top_t_lists_EL: torch.Tensor, num_experts: int, topk: int) -> None:
-    """Check a [E, T] table of collaborator ids: right shape, ids in range, no self entries, no
-    duplicates in a row, T >= k-1 and T <= E-1."""
+    """Check an [E, L] table of collaborator ids: right shape, ids in range, no self entries, no
+    duplicates in a row, k-1 <= L <= E-1."""
     if top_t_lists_EL.dim() != 2 or top_t_lists_EL.shape[0] != num_experts:
         raise ValueError(
             f"top_t_lists has shape {tuple(top_t_lists_EL.shape)}, expected [num_experts="
-            f"{num_experts}, T]: give one list of T collaborator ids per expert"
+            f"{num_experts}, top_t]: give one list of top_t collaborator ids per expert"
         )
     t = top_t_lists_EL.shape[1]
     if t < topk - 1 or t > num_experts - 1:

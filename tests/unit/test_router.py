@@ -478,3 +478,16 @@ def test_unknown_router_keywords_get_a_one_line_error():
     with pytest.raises(TypeError, match=r"does not accept \['no_such_flag'\]") as err:
         C2RRouter(make_config(), c2r_config=C2RRouterConfig(mode="topk"), no_such_flag=True)
     assert "\n" not in str(err.value)
+
+
+def test_statistics_with_padding_average_over_the_real_tokens_only():
+    e2g = torch.randperm(E, generator=torch.Generator().manual_seed(14)) % 4
+    router = C2RRouter(make_config(), c2r_config=C2RRouterConfig(mode="topk", num_groups=4, expert_to_group=tuple(e2g.tolist())))
+    gen = torch.Generator().manual_seed(15)
+    x, mask = torch.randn(30, 2, H, generator=gen), torch.rand(30, 2, generator=gen) < 0.3
+    _, routing_map = _route(router, x, mask)
+    valid = ~mask.reshape(-1)
+    groups = torch.tensor([len(set(e2g[routing_map[t]].tolist())) for t in range(60)], dtype=torch.float32)
+    metrics = router.c2r_metrics()
+    assert metrics["groups_per_token"] == pytest.approx(float(groups[valid].mean()), abs=1e-6)
+    assert metrics["violation_rate"] == pytest.approx(float((groups[valid] > 1).float().mean()), abs=1e-6)
