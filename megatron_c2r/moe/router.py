@@ -241,8 +241,8 @@ class C2RRouter(TopKRouter):
                 )
         return sharded
 
-    # Lists, groups, schedule
     # ------------------------------------------------------------------------------------------
+    # Lists, groups, schedule
     # ------------------------------------------------------------------------------------------
     def set_top_t_lists(self, top_t_lists_EL: torch.Tensor) -> None:
         """Install [E, L] collaborator lists (from a file or the tracker); validated first."""
