@@ -301,7 +301,7 @@ def use_stock_router_gating(device: Any) -> bool:
     ``router_gating_linear`` takes bf16 activations straight into TE's fp32-output GEMM
     (``te_general_gemm``; no fp32 copy of the [T, H] input). Elsewhere False: 0.16-0.20's
     ``Router.gating`` moves CPU weights to ``torch.cuda.current_device()``, so the caller keeps a
-    device-agnostic copy of the same math (``C2RRouter``'s ``_GatingLinear``)."""
+    device-agnostic copy of the same math (``routing.functional.gating_linear``)."""
     return torch.device(device).type == "cuda"
 
 # --- dedup dispatcher (moe/dispatcher.py): config fields that differ between versions ---

@@ -38,6 +38,7 @@ from megatron_c2r.collaboration import CollaborationTracker
 from megatron_c2r.routing.config import C2RRouterConfig
 from megatron_c2r.routing.functional import (
     contiguous_groups,
+    gating_linear,
     groups_per_token,
     probs_from_selection,
     selection_scores,
@@ -45,33 +46,6 @@ from megatron_c2r.routing.functional import (
 )
 from megatron_c2r.routing.penalty import full_scores
 from megatron_c2r.routing.rules import RoutingRule, RoutingTables, build_rule
-
-
-class _GatingLinear(torch.autograd.Function):
-    """logits = input @ weight.T (+ bias) computed in ``router_dtype``; gradients returned in the
-    input's and weight's dtypes (the same math as Megatron's non-TE router gating, on any device).
-    Used off CUDA only (``compat.use_stock_router_gating``): it casts [T, H] to the router dtype."""
-
-    @staticmethod
-    def forward(ctx, inp, weight, bias, router_dtype):
-        ctx.save_for_backward(inp, weight, bias)
-        ctx.router_dtype = router_dtype
-        inp_2d = inp.reshape(-1, inp.shape[-1]).to(router_dtype)
-        if bias is None:
-            out = torch.mm(inp_2d, weight.to(router_dtype).t())
-        else:
-            out = torch.addmm(bias.to(router_dtype), inp_2d, weight.to(router_dtype).t())
-        return out.view(*inp.shape[:-1], -1)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        inp, weight, bias = ctx.saved_tensors
-        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        inp_2d = inp.reshape(-1, inp.shape[-1])
-        grad_inp = torch.mm(grad_2d, weight.to(ctx.router_dtype)).to(inp.dtype).view_as(inp)
-        grad_w = torch.mm(grad_2d.t(), inp_2d.to(ctx.router_dtype)).to(weight.dtype)
-        grad_b = grad_2d.sum(dim=0).to(bias.dtype) if bias is not None else None
-        return grad_inp, grad_w, grad_b, None
 
 
 class C2RRouter(TopKRouter):
@@ -329,7 +303,7 @@ class C2RRouter(TopKRouter):
             router_dtype = torch.float32
         elif self.config.moe_router_dtype == "fp64":
             router_dtype = torch.float64
-        return _GatingLinear.apply(input, self.weight, self.bias, router_dtype)
+        return gating_linear(input, self.weight, self.bias, router_dtype)
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """logits [S, B, E] -> (probs [T, E], routing_map [T, E]); see the class docstring.

@@ -203,6 +203,47 @@ def group_topk(
 
 
 # ------------------------------------------------------------------------------------------------
+# Router logits
+# ------------------------------------------------------------------------------------------------
+class _GatingLinear(torch.autograd.Function):
+    """logits = input @ weight.T (+ bias) computed in ``router_dtype``; gradients returned in the
+    input's and weight's dtypes (the math of Megatron's non-TE ``router_gating_linear``)."""
+
+    @staticmethod
+    def forward(ctx, inp, weight, bias, router_dtype):
+        ctx.save_for_backward(inp, weight, bias)
+        ctx.router_dtype = router_dtype
+        inp_2d = inp.reshape(-1, inp.shape[-1]).to(router_dtype)
+        if bias is None:
+            out = torch.mm(inp_2d, weight.to(router_dtype).t())
+        else:
+            out = torch.addmm(bias.to(router_dtype), inp_2d, weight.to(router_dtype).t())
+        return out.view(*inp.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inp, weight, bias = ctx.saved_tensors
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        inp_2d = inp.reshape(-1, inp.shape[-1])
+        grad_inp = torch.mm(grad_2d, weight.to(ctx.router_dtype)).to(inp.dtype).view_as(inp)
+        grad_w = torch.mm(grad_2d.t(), inp_2d.to(ctx.router_dtype)).to(weight.dtype)
+        grad_b = grad_2d.sum(dim=0).to(bias.dtype) if bias is not None else None
+        return grad_inp, grad_w, grad_b, None
+
+
+def gating_linear(
+    inp_SBH: torch.Tensor,
+    weight_EH: torch.Tensor,
+    bias_E: Optional[torch.Tensor],
+    router_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Router logits [..., E] in ``router_dtype`` on any device (autograd-aware). It casts the
+    [..., H] input to ``router_dtype``, so on CUDA Megatron's own gating (TE's bf16-in /
+    fp32-out GEMM) is the better choice; ``C2RRouter.gating`` uses this one elsewhere."""
+    return _GatingLinear.apply(inp_SBH, weight_EH, bias_E, router_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
 # Score functions (the one place that branches on Megatron's ``moe_router_score_function``)
 # ------------------------------------------------------------------------------------------------
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
