@@ -6,17 +6,21 @@ import pytest
 import torch
 
 from megatron_c2r.collaboration import coactivation_counts, top_t_lists
+from megatron_c2r.routing.config import GROUP_SELECTIONS, MODES
 from megatron_c2r.routing.functional import (
     c2r_topk,
+    expert_scores,
     group_topk,
     groups_per_token,
     probs_from_selection,
+    selection_scores,
     validate_groups,
     validate_top_t_lists,
 )
-from megatron_c2r.routing.penalty import collaboration_penalty, mass_in_group, mass_in_top_t
+from megatron_c2r.routing.penalty import collaboration_penalty, full_scores, mass_in_group, mass_in_top_t
+from megatron_c2r.routing.rules import RULES, build_rule
 
-SHAPES = [(8, 2, 5), (16, 4, 3), (16, 4, 15), (64, 8, 12), (60, 4, 30)]  # E, k, T
+SHAPES = [(8, 2, 5), (16, 4, 3), (16, 4, 15), (64, 8, 12), (60, 4, 30)]  # E, k, top_t
 
 
 def random_lists(num_experts, top_t, gen):
@@ -167,9 +171,6 @@ def test_bad_groups_get_one_line_errors_naming_the_problem(e2g, groups, k, m, ma
 
 
 def test_every_configurable_mode_has_exactly_one_rule_whose_selection_is_the_pure_function():
-    from megatron_c2r.routing.config import GROUP_SELECTIONS, MODES
-    from megatron_c2r.routing.rules import RULES, build_rule
-
     gen = torch.Generator().manual_seed(21)
     e2g = torch.randperm(16, generator=gen) % 4
     lists = random_lists(16, 5, gen)
@@ -196,8 +197,6 @@ def test_every_configurable_mode_has_exactly_one_rule_whose_selection_is_the_pur
 
 
 def test_rule_statistics_and_penalty_match_a_brute_force_oracle():
-    from megatron_c2r.routing.rules import build_rule
-
     gen = torch.Generator().manual_seed(22)
     e2g = torch.randperm(16, generator=gen) % 4
     lists = random_lists(16, 3, gen)
@@ -234,9 +233,6 @@ def test_rule_statistics_and_penalty_match_a_brute_force_oracle():
 
 @pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
 def test_score_functions_have_one_source_and_bad_names_get_one_line_errors(score_function):
-    from megatron_c2r.routing.functional import expert_scores, selection_scores
-    from megatron_c2r.routing.penalty import full_scores
-
     logits = torch.randn(32, 8, generator=torch.Generator().manual_seed(23)).to(torch.bfloat16)
     ref = torch.softmax(logits.float(), dim=-1) if score_function == "softmax" else torch.sigmoid(logits.float())
     assert torch.equal(expert_scores(logits, score_function, keep_fp32=True), ref)
