@@ -63,21 +63,7 @@ def check_output_dir(path: str, name: str) -> None:
     """Raise NotADirectoryError / PermissionError (one line naming ``name``, e.g. ``--out``) unless
     ``path`` is, or can be created as, a directory we can write in. Probes the nearest existing
     ancestor with an anonymous temporary file (nothing is left behind)."""
-    probe = os.path.abspath(path)
-    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise NotADirectoryError(
-            f"{name}={path!r}: {probe!r} is a file, not a directory: choose another {name}"
-        )
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as exc:
-        raise PermissionError(
-            f"{name}={path!r}: cannot write in {probe!r} ({exc.strerror}): choose a writable "
-            "directory"
-        ) from None
+    _check_writable(path, os.path.abspath(path), name)
 
 
 def check_output_file(path: str, name: str) -> None:
@@ -87,7 +73,25 @@ def check_output_file(path: str, name: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.lexists(parent):
         raise FileNotFoundError(f"{name}={path!r}: directory {parent!r} does not exist: create it")
-    check_output_dir(parent, name)
+    _check_writable(path, parent, name)
+
+
+def _check_writable(given: str, directory: str, name: str) -> None:
+    probe = directory
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise NotADirectoryError(
+            f"{name}={given!r}: {probe!r} is a file, not a directory: choose another {name}"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise PermissionError(
+            f"{name}={given!r}: cannot write in {probe!r} ({exc.strerror}): choose a writable "
+            "directory"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,36 +225,21 @@ def _run_plan(args: argparse.Namespace) -> int:
     for name in ("top_k", "num_experts"):
         if getattr(args, name) is not None:
             parallel.require_positive(getattr(args, name), "--" + name.replace("_", "-"))
+    if not os.path.lexists(args.collab):
+        raise FileNotFoundError(f"--collab {args.collab!r}: no such file or directory")
     check_output_file(args.out, "--out")
     # Heavy: torch and numpy (sources, planner).
-    import torch
-
-    from megatron_c2r.collaboration import top_t_lists
-    from megatron_c2r.placement.plan_file import Plan, PlanLayer, write_plan
-    from megatron_c2r.placement.planner import PlannerConfig, plan_layers
+    from megatron_c2r.placement.plan_file import write_plan
+    from megatron_c2r.placement.planner import PlannerConfig, make_plan
     from megatron_c2r.placement.sources import load_collaboration
 
     layers = load_collaboration(args.collab, top_k=args.top_k, num_experts=args.num_experts)
     num_experts, top_k = layers[0].num_experts, layers[0].top_k
-    if any(layer.num_experts != num_experts or layer.top_k != top_k for layer in layers):
-        raise ValueError(f"{args.collab}: layers differ in num_experts or top_k; plan them "
-                         "separately")
     parallel.experts_per_rank(num_experts, args.ep, experts_name=f"{args.collab}: num_experts",
                               ep_name="--ep")
-    if args.top_t is not None and not 0 <= args.top_t <= num_experts - 1:
-        raise ValueError(f"--top-t {args.top_t} must be in [0, num_experts-1={num_experts - 1}]")
-
     config = PlannerConfig(ep_size=args.ep, seed=args.seed, restarts=args.restarts)
-    plans = plan_layers(layers, config, progress=not args.no_progress)
-    plan_layers_out = []
-    for i, (layer, p) in enumerate(zip(layers, plans)):
-        lists = None
-        if args.top_t is not None:
-            lists = top_t_lists(torch.from_numpy(layer.counts_EE), args.top_t).tolist()
-        plan_layers_out.append(
-            PlanLayer(i, p.groups, p.expert_to_rank, p.predicted_ranks_per_token, lists)
-        )
-    plan = Plan(num_experts=num_experts, ep_size=args.ep, top_k=top_k, layers=plan_layers_out)
+    plan = make_plan(layers, config, top_t=args.top_t, progress=not args.no_progress)
+    plans = plan.layers
     print(format_plan_table(plans, exact=all(p.exact for p in plans)))
     write_plan(plan, args.out)
     print(f"wrote {args.out} ({len(plans)} layers, E={num_experts}, EP={args.ep}, k={top_k})",

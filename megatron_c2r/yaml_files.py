@@ -58,17 +58,23 @@ def read_bounded_text(path: str, max_bytes: int, what: str) -> str:
     Reads at most ``max_bytes + 1`` bytes whatever the file claims (a FIFO, ``/dev/zero`` or a
     file growing under us cannot make it read more). ``what`` names the input in messages
     ("run config", "plan file"). Raises FileNotFoundError (no such file), IsADirectoryError,
-    ValueError (not a regular file, too large, not UTF-8); every message is one line.
+    PermissionError, ValueError (not a regular file, too large, not UTF-8); every message is one
+    line naming the file.
     """
     try:
-        handle = open(path, "rb")
+        # O_NONBLOCK: opening a FIFO with no writer must not hang (regular files ignore it).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such {what}: check the path") from None
-    except IsADirectoryError:
-        raise IsADirectoryError(f"{path}: is a directory, expected a {what} file") from None
-    with handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise ValueError(f"{path}: not a regular file: a {what} is a plain file")
+    except PermissionError:
+        raise PermissionError(f"{path}: permission denied: cannot read this {what}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(f"{path}: is a directory, expected a {what} file")
+        raise ValueError(f"{path}: not a regular file: a {what} is a plain file")
+    with os.fdopen(fd, "rb") as handle:
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ValueError(
@@ -112,7 +118,7 @@ def read_yaml_file(path: str) -> dict:
     """Parse one YAML file into a dict (no ``extends`` handling). Raises ConfigError."""
     if not path.endswith(YAML_SUFFIXES):
         raise ConfigError(f"{path}: not a YAML file: config files end in .yaml or .yml")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise ConfigError(f"{path}: no such config file: check the path")
     try:
         text = read_bounded_text(path, MAX_FILE_BYTES, "run config")

@@ -128,6 +128,7 @@ class CPUTrainConfig:
         for name in ("train_iters", "micro_batch_size", "seq_length", "log_interval", "threads",
                      "corpus_bytes"):  # fmt: skip
             parallel.require_positive(getattr(self, name), _yaml_name(name))
+        parallel.require_positive(self.ep_size, "megatron.--expert-model-parallel-size")
         parallel.experts_per_rank(
             self.num_experts, self.ep_size, experts_name="megatron.--num-experts",
             ep_name="--expert-model-parallel-size",

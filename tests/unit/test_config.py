@@ -6,9 +6,10 @@ import textwrap
 
 import pytest
 
-from megatron_c2r.run_config import load_config
+from megatron_c2r.cpu.job_config import load_cpu_config
 from megatron_c2r.errors import ConfigError
 from megatron_c2r.megatron_lm.arguments import add_c2r_args, c2r_options_from_args
+from megatron_c2r.run_config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -210,9 +211,80 @@ def test_cluster_path_requires_the_flags_every_gpt_run_sets(tmp_path):
 
 
 def test_cpu_runner_refuses_refresh_windows_it_would_not_replan(tmp_path):
-    from megatron_c2r.cpu.job_config import load_cpu_config
-
     sets = ["c2r.mode=group", "c2r.refresh_interval=50", "cpu.replan=false"]
     with pytest.raises(ConfigError, match=r"c2r.refresh_interval=50 re-plans.*cpu.replan=false"):
         load_cpu_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), sets)
     assert load_cpu_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), sets[:2]).replan
+
+
+def test_a_bad_set_is_blamed_on_the_set_and_a_bad_file_value_on_the_file(tmp_path):
+    path = write(tmp_path, "a.yaml", MOE + "c2r: {mode: group, max_groups: 3}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: c2r.max_groups=3 must be in")
+    good = write(tmp_path, "b.yaml", MOE + "c2r: {mode: group}\n")
+    cases = {
+        ("c2r.max_groups=3",): "--set c2r.max_groups=3: c2r.max_groups=3 must be in",
+        ("c2r={mode: group, max_groups: 5}",): "--set c2r={mode: group, max_groups: 5}: ",
+        ("megatron.--moe-router-topk=9",): "--set megatron.--moe-router-topk=9: megatron.--moe-",
+        # EP came from the file, experts from the --set: the --set changed the outcome.
+        ("c2r.max_groups=1", "megatron.num-experts=7"): "--set megatron.num-experts=7: ",
+        ("launch.nodes=0",): "--set launch.nodes=0: launch.nodes=0 must be >= 1",
+        ("slurm.time=soon",): "--set slurm.time=soon: slurm.time='soon' must be a SLURM time",
+        ("megatron.tensor-model-parallel-size=0",):
+            "--set megatron.tensor-model-parallel-size=0: megatron.--tensor-model-parallel-size=0",
+    }  # fmt: skip
+    for sets, prefix in cases.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(good, list(sets))
+        assert str(info.value).startswith(prefix), (sets, str(info.value))
+    values = [("megatron.train-iters", 0, "--steps 0")]
+    cfg = load_config(good, values=values)  # the cluster schema does not check train-iters
+    assert cfg.megatron["train-iters"] == 0
+    with pytest.raises(ConfigError, match=r"^--steps 0: megatron.--train-iters=0 must be >= 1"):
+        load_cpu_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), train_iters=0)
+
+
+def test_top_k_above_the_experts_is_a_top_k_error_before_the_max_groups_check(tmp_path):
+    path = write(tmp_path, "a.yaml", MOE + "c2r: {mode: group, max_groups: 1}\n")
+    for topk, message in [(9, "megatron.--moe-router-topk=9 must be <= --num-experts=8"),
+                          (0, "megatron.--moe-router-topk=0 must be >= 1"),
+                          (5, "moe_router_topk=5 exceeds c2r.max_groups=1")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, [f"megatron.moe-router-topk={topk}"])
+    with pytest.raises(ConfigError, match="megatron.--moe-router-topk=9 must be <= --num-experts=8"):
+        load_config(write(tmp_path, "b.yaml", MOE), ["megatron.moe-router-topk=9"])  # baseline too
+
+
+def test_cpu_job_config_checks_use_yaml_names_and_the_shared_parallel_rules():
+    from megatron_c2r.cpu.job_config import CPUTrainConfig
+
+    for kwargs, message in [
+        ({"ep_size": 0}, "megatron.--expert-model-parallel-size=0 must be >= 1"),
+        ({"ep_size": 3}, "megatron.--num-experts=16 must be divisible by --expert-model-parallel-size=3"),
+        ({"topk": 17}, "megatron.--moe-router-topk=17 must be <= --num-experts=16"),
+        ({"train_iters": 0}, "megatron.--train-iters=0 must be >= 1"),
+        ({"threads": 0}, "cpu.threads=0 must be >= 1"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            CPUTrainConfig(**kwargs)
+
+
+def test_steps_shorter_than_the_warmup_scale_it_and_say_so_and_longer_runs_are_untouched():
+    from megatron_c2r.cpu.job_config import load_train_job
+
+    tiny = os.path.join(ROOT, "configs", "tiny_cpu.yaml")  # 300 iterations, warm-up 60
+    cfg, notes = load_train_job(tiny, [], train_iters=20)
+    assert (cfg.train_iters, cfg.c2r.router.warmup_steps) == (20, 4)
+    assert len(notes) == 1 and "warm-up set to 4" in notes[0] and "--resume" in notes[0]
+    assert load_train_job(tiny, [], train_iters=20) == (cfg, notes)  # the same on --resume
+    for steps, warmup in [(None, 60), (80, 60), (61, 60), (60, 12), (2, 1), (1, 0)]:
+        cfg, notes = load_train_job(tiny, [], train_iters=steps)
+        assert cfg.c2r.router.warmup_steps == warmup and bool(notes) == (warmup != 60), steps
+    # A warm-up the user chose is theirs: refused with the fix, blamed on their --set.
+    with pytest.raises(ConfigError) as info:
+        load_train_job(tiny, ["c2r.warmup_steps=30"], train_iters=20)
+    assert str(info.value).startswith("--set c2r.warmup_steps=30: c2r.warmup_steps=30 must be "
+                                      "below megatron.--train-iters=20")  # fmt: skip
+    assert "--set c2r.warmup_steps=N (N < 20)" in str(info.value)
+    assert load_train_job(tiny, ["c2r.enabled=false"], train_iters=20)[1] == []
