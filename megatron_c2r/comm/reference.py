@@ -131,3 +131,161 @@ def simulate_dedup_moe(
     return [
         combine_rows(y, s.token_idx_R, x.shape[0]) for y, s, x in zip(returned, sends, x_per_rank)
     ]
+
+
+# --- two-level (node, then rank) communicator: loop oracles for comm/two_level.py ---
+# Imported here, not at the top, to keep this section's edits out of the shared import block.
+from megatron_c2r.comm import two_level  # noqa: E402
+from megatron_c2r.comm.topology import NodeTopology  # noqa: E402
+
+# One node row: (source token, destination node, [(node-local expert id, prob), ...] ascending).
+NodeRow = tuple[int, int, list[tuple[int, float]]]
+
+
+def reference_node_rows(
+    routing_map_TE: torch.Tensor, probs_TE: torch.Tensor, num_nodes: int, own_node: int
+) -> list[NodeRow]:
+    """Node rows one rank builds: its own node first, then the other nodes ascending; for each
+    node, each token (ascending) with an expert there, carrying that node's experts."""
+    T, E = routing_map_TE.shape
+    K = E // num_nodes
+    order = [own_node] + [n for n in range(num_nodes) if n != own_node]
+    rows: list[NodeRow] = []
+    for node in order:
+        for t in range(T):
+            experts = [
+                (j, float(probs_TE[t, node * K + j]))
+                for j in range(K)
+                if bool(routing_map_TE[t, node * K + j])
+            ]
+            if experts:
+                rows.append((t, node, experts))
+    return rows
+
+
+def reference_rank_rows(
+    node_experts: Sequence[Sequence[tuple[int, float]]], num_local_experts: int, ranks_per_node: int
+) -> list[tuple[int, int, list[tuple[int, float]]]]:
+    """Rank rows a relay builds from its node rows' (node-local id, prob) lists: for each rank g
+    of the node (ascending), for each node row b (ascending) with an expert on g, one row
+    ``(b, g, [(rank-local id, prob), ...])``."""
+    L = num_local_experts
+    rows = []
+    for g in range(ranks_per_node):
+        for b, experts in enumerate(node_experts):
+            mine = [(j - g * L, p) for j, p in experts if g * L <= j < (g + 1) * L]
+            if mine:
+                rows.append((b, g, mine))
+    return rows
+
+
+def reference_expand_rank_rows(
+    received: Sequence[tuple[int, list[tuple[int, float]]]], num_local_experts: int
+) -> list[list[tuple[int, float]]]:
+    """For each local expert, the (received rank row index, prob) pairs it processes, ordered by
+    source EP rank, then arrival (``received`` holds (source rank, [(local id, prob), ...]))."""
+    per_expert: list[list[tuple[int, int, float]]] = [[] for _ in range(num_local_experts)]
+    for q, (src, experts) in enumerate(received):
+        for j, prob in experts:
+            per_expert[j].append((src, q, prob))
+    return [[(q, p) for _, q, p in sorted(pairs, key=lambda s: s[:2])] for pairs in per_expert]
+
+
+def reference_hop_counts(routing_maps: Sequence[torch.Tensor], ranks_per_node: int) -> list[dict]:
+    """Brute-force rows on each hop for every EP rank, from all ranks' routing maps (loops over
+    tokens and experts). Per rank: ``own_rows``, ``hop1_send``/``hop1_recv``/``hop2_send``/
+    ``hop2_recv`` (one count per EP rank) and ``tokens_per_expert``."""
+    P, G = len(routing_maps), ranks_per_node
+    E = routing_maps[0].shape[1]
+    L = E // P
+    out = [
+        dict(own_rows=0, hop1_send=[0] * P, hop1_recv=[0] * P, hop2_send=[0] * P,
+             hop2_recv=[0] * P, tokens_per_expert=[0] * L)
+        for _ in range(P)
+    ]  # fmt: skip
+    for src, routing_map in enumerate(routing_maps):
+        for t in range(routing_map.shape[0]):
+            experts = [e for e in range(E) if bool(routing_map[t, e])]
+            for e in experts:
+                out[e // L]["tokens_per_expert"][e % L] += 1
+            for node in sorted({e // (G * L) for e in experts}):
+                relay = node * G + src % G
+                if node == src // G:
+                    out[src]["own_rows"] += 1
+                else:
+                    out[src]["hop1_send"][relay] += 1
+                    out[relay]["hop1_recv"][src] += 1
+                for dest in sorted({e // L for e in experts if e // (G * L) == node}):
+                    out[relay]["hop2_send"][dest] += 1
+                    out[dest]["hop2_recv"][relay] += 1
+    return out
+
+
+def simulate_two_level_moe(
+    x_per_rank: Sequence[torch.Tensor],
+    routing_maps: Sequence[torch.Tensor],
+    probs_per_rank: Sequence[torch.Tensor],
+    experts: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    ranks_per_node: int,
+    topk: int,
+) -> list[torch.Tensor]:
+    """The whole two-level path for P simulated ranks in one process, composed from the
+    ``two_level.py`` steps and :func:`reference_all_to_all` (no collectives); compare with
+    :func:`dense_moe_reference`. Experts are applied as ``probs * expert(x)``."""
+    P, G = len(x_per_rank), ranks_per_node
+    L = routing_maps[0].shape[1] // P
+    topos = [NodeTopology(ep_size=P, ranks_per_node=G, rank=r) for r in range(P)]
+    V, S = min(topk, G * L), min(topk, L)
+    # Count tables -> every split size on the host (the dispatcher's one sync).
+    tables = [two_level.build_count_table(m, t).counts_PC for m, t in zip(routing_maps, topos)]
+    received = reference_all_to_all(tables, [[1] * P] * P)
+    plans = [
+        two_level.plan_hops(s.tolist(), r.tolist(), t) for s, r, t in zip(tables, received, topos)
+    ]
+    own = [plan.own_rows for plan in plans]
+    # 1. Node rows (own node first); 2. hop 1 for the rest.
+    nodes = [
+        two_level.build_node_rows(m, p, t, V, table[::G, 0].tolist())
+        for m, p, t, table in zip(routing_maps, probs_per_rank, topos, tables)
+    ]
+    x_B = [x.index_select(0, n.token_idx_B) for x, n in zip(x_per_rank, nodes)]
+    hop1_send = [plan.hop1_send for plan in plans]
+    recv1_x = reference_all_to_all([x[own[r] :] for r, x in enumerate(x_B)], hop1_send)
+    recv1_m = reference_all_to_all([n.meta_BA[own[r] :] for r, n in enumerate(nodes)], hop1_send)
+    # 3. Relays: own node rows + received node rows -> rank rows; hop 2.
+    relay_x, relay_rows = [], []
+    for r, plan in enumerate(plans):
+        hop1_src = torch.arange(P).repeat_interleave(torch.tensor(plan.hop1_recv))
+        src_B = torch.cat([torch.full((own[r],), r), hop1_src])
+        meta_B = torch.cat([nodes[r].meta_BA[: own[r]], recv1_m[r]])
+        relay_rows.append(two_level.build_rank_rows(meta_B, src_B, L, G, S, sum(plan.hop2_send)))
+        relay_x.append(torch.cat([x_B[r][: own[r]], recv1_x[r]]))
+    hop2_send = [plan.hop2_send for plan in plans]
+    x_R = [x.index_select(0, rr.node_row_idx_R) for x, rr in zip(relay_x, relay_rows)]
+    recv2_x = reference_all_to_all(x_R, hop2_send)
+    recv2_m = reference_all_to_all([rr.meta_RW for rr in relay_rows], hop2_send)
+    # 4. Destinations: expand, experts, pre-combine.
+    back2 = []
+    for r, plan in enumerate(plans):
+        tpe = plan.tokens_per_expert
+        row_idx_N, probs_N = two_level.expand_rank_rows(recv2_m[r], L, P, sum(tpe))
+        chunks = torch.split(recv2_x[r].index_select(0, row_idx_N), tpe)
+        y_NH = torch.cat(
+            [
+                p[:, None].to(c.dtype) * experts[r * L + j](c)
+                for j, (c, p) in enumerate(zip(chunks, torch.split(probs_N, tpe)))
+            ]
+        )
+        back2.append(precombine_rows(y_NH, row_idx_N, recv2_x[r].shape[0]))
+    # Combine: hop 2 back, relay sums per node row, hop 1 back, source sums per token.
+    returned2 = reference_all_to_all(back2, [plan.hop2_recv for plan in plans])
+    node_y = [
+        precombine_rows(y, rr.node_row_idx_R, x.shape[0])
+        for y, rr, x in zip(returned2, relay_rows, relay_x)
+    ]
+    hop1_recv = [plan.hop1_recv for plan in plans]
+    returned1 = reference_all_to_all([y[own[r] :] for r, y in enumerate(node_y)], hop1_recv)
+    return [
+        combine_rows(torch.cat([node_y[r][: own[r]], returned1[r]]), nodes[r].token_idx_B, T)
+        for r, T in enumerate(x.shape[0] for x in x_per_rank)
+    ]
