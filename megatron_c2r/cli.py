@@ -274,7 +274,7 @@ def _single_process_group() -> bool:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    # Reading the plan and resolving the checkpoint import no Megatron; converting does.
+    # Heavy: torch (and megatron.core's dist_checkpointing once converting starts).
     from megatron_c2r.placement.checkpoint import convert_checkpoint, resolve_checkpoint
     from megatron_c2r.placement.plan_file import read_plan
 

@@ -218,8 +218,9 @@ def _typed(run: RunConfig, path: str, value: Any, hint: Any) -> Any:
 
 def load_cpu_config(path: str, sets: Optional[Sequence[str]] = None, **flags: Any) -> CPUTrainConfig:
     """The CPU job of ``path`` + ``--set`` overrides + command-line ``flags`` (``train_iters``,
-    ``out_dir``, ``progress``; None = not given), validated. Raises ConfigError."""
-    return load_train_job(path, sets, **flags)[0]
+    ``out_dir``, ``progress``; None = not given), validated, exactly as written (no warm-up
+    scaling: that is ``load_train_job``'s). Raises ConfigError."""
+    return cpu_config_from_run(load_config(path, sets, values=_flag_values(**flags)))
 
 
 def load_train_job(
@@ -230,15 +231,10 @@ def load_train_job(
     out_dir: Optional[str] = None,
     progress: Optional[bool] = None,
 ) -> Tuple[CPUTrainConfig, List[str]]:
-    """``(config, notes)`` for ``megatron-c2r train``: notes are lines to print about values we
-    chose for the user (a warm-up scaled to a short ``--steps`` run, see ``short_run_warmup``)."""
-    given = {"train_iters": train_iters, "out_dir": out_dir, "progress": progress}
-    values = []
-    for name, value in given.items():
-        if value is not None:
-            key, flag = CLI_KEYS[name]
-            label = flag if isinstance(value, bool) else f"{flag} {value}"
-            values.append((key, value, label))
+    """``(config, notes)`` for ``megatron-c2r train``: like ``load_cpu_config``, plus a warm-up
+    scaled to a short ``--steps`` run (``short_run_warmup``); ``notes`` are the lines to print
+    about values chosen for the user."""
+    values = _flag_values(train_iters=train_iters, out_dir=out_dir, progress=progress)
     notes = []
     if train_iters is not None:
         tree, origins = load_raw(path, sets)
@@ -248,6 +244,18 @@ def load_train_job(
             values.append(("c2r.warmup_steps", warmup, f"--steps {train_iters}"))
             notes.append(note)
     return cpu_config_from_run(load_config(path, sets, values=values)), notes
+
+
+def _flag_values(**flags: Any) -> List[Tuple[str, Any, str]]:
+    """``load_config`` ``values`` for the given (not None) command-line flags, in CLI_KEYS order."""
+    values = []
+    for name, (key, flag) in CLI_KEYS.items():
+        value = flags.pop(name, None)
+        if value is not None:
+            values.append((key, value, flag if isinstance(value, bool) else f"{flag} {value}"))
+    if flags:
+        raise TypeError(f"unknown command-line field(s): {', '.join(flags)}")
+    return values
 
 
 def short_run_warmup(tree: dict, set_keys: Sequence[str], steps: int) -> Optional[Tuple[int, str]]:
