@@ -93,3 +93,17 @@ def test_cli_modules_import_without_torch():
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_bash_format_reads_back_as_prefixed_knobs_and_exact_env_and_command_arrays(at_root, tmp_path):
+    cfg = load_config("configs/qwen1.5_moe_a2.7b_c2r.yaml",
+                      ["env.WEIRD=a b'c", "megatron.data-path=[1.0, /data/with space]"])  # fmt: skip
+    script = ('WORLD_SIZE=keep; eval "$TEXT"; printf "%s\\n" "$WORLD_SIZE" "$CFG_WORLD_SIZE"; '
+              'printf "%s\\0" "${C2R_ENV[@]}" >"$ENVOUT"; printf "%s\\0" "${C2R_CMD[@]}" >"$CMDOUT"')
+    env = dict(os.environ, TEXT=render(cfg, "bash"), ENVOUT=str(tmp_path / "env"),
+               CMDOUT=str(tmp_path / "cmd"))  # fmt: skip
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["keep", "16"]  # the config's WORLD_SIZE is CFG_WORLD_SIZE
+    assert (tmp_path / "cmd").read_text().split("\0")[:-1] == cfg.program_argv()
+    env_items = [f"{k}={v}" for k, v in cfg.environment().items()]
+    assert (tmp_path / "env").read_text().split("\0")[:-1] == env_items
