@@ -1,8 +1,12 @@
 """Collaboration (co-activation) counting and the per-layer tracker.
 
 C[i, j] = number of (non-padding) tokens whose routed top-k set contains both experts i and j,
-i != j (REFERENCE.md section 1). Only the ranking of C is ever used (top-T lists, placement), so
-uniform scalings (e.g. TP ranks seeing the same tokens) do not matter.
+i != j (the C2R paper's collaboration, arXiv 2504.01337; see docs/architecture.md). Only the
+ranking of C is ever used (top-T lists, placement), so uniform scalings (e.g. TP ranks seeing
+the same tokens) do not matter.
+
+Shape suffixes (the legend of ``megatron_c2r/placement/__init__.py``): T tokens, E experts,
+L length of a top-T collaborator list (the paper's "T").
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from megatron_c2r.placement.permutation import TRACKER_STATE, check_order, permute_module_state_
 
 
 def coactivation_counts(
@@ -35,8 +41,8 @@ def coactivation_counts(
 
 
 def top_t_lists(counts_EE: torch.Tensor, top_t: int) -> torch.Tensor:
-    """int64 [E, T]: row i = the T most frequent collaborators of expert i (never i itself).
-    Ties break towards the lower expert id, so every rank derives the same lists."""
+    """int64 [E, L], L = ``top_t``: row i = the L most frequent collaborators of expert i (never
+    i itself). Ties break towards the lower expert id, so every rank derives the same lists."""
     num_experts = counts_EE.shape[0]
     if counts_EE.dim() != 2 or counts_EE.shape[1] != num_experts:
         raise ValueError(f"counts has shape {tuple(counts_EE.shape)}: expected square [E, E]")
@@ -101,9 +107,8 @@ class CollaborationTracker(torch.nn.Module):
     def top_t_lists(self, top_t: int) -> torch.Tensor:
         return top_t_lists(self.counts, top_t)
 
-    @torch.no_grad()
     def permute_(self, order: torch.Tensor) -> None:
-        """Relabel experts: new expert i is old expert ``order[i]``."""
-        order = order.to(self.counts.device).long()
-        for buf in (self.counts, self.pending):
-            buf.copy_(buf.index_select(0, order).index_select(1, order))
+        """Relabel experts: new expert i is old expert ``order[i]`` (rows and columns of both
+        count matrices move; token totals stay), as ``permutation.TRACKER_STATE`` says."""
+        order_E = check_order(order, self.num_experts)
+        permute_module_state_(self, order_E, TRACKER_STATE)

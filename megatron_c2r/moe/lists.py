@@ -1,13 +1,17 @@
 """Load top-T collaborator lists from a file into a model's C2R routers.
 
-Sources (read safely; nothing is executed):
+Sources (read safely through ``placement.input_files``: bounded, nothing unpickled):
     plan.json      ``megatron-c2r plan --top-t T`` output; per layer ``top_t_lists``. Pass
                    ``relabelled=True`` when the model's experts were relabelled with the same plan
                    (``megatron-c2r convert`` / in-run replanning), so the lists are translated to
-                   the new expert ids.
-    lists.pt/.npy  int tensor [L, E, T] (one per MoE layer, in module order) or [E, T] (all layers)
+                   the new expert ids (rows moved and ids mapped: ``placement.permutation``'s
+                   LISTS rule, via ``PlanLayer.top_t_lists_relabelled``).
+    lists.pt/.npy  int tensor [layers, E, L] (one per MoE layer, in module order) or [E, L]
+                   (the same lists for every layer)
 
-Every list is validated (shape, range, no self, no duplicates, T) before any router changes.
+Every list is validated (shape, range, no self, no duplicates, length) before any router
+changes. Shape suffixes as in ``megatron_c2r/routing/__init__.py``: E experts, L the length of a
+top-T list (the paper's T).
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ from typing import List
 
 import torch
 
+from megatron_c2r.placement.input_files import load_npy, load_torch_file
+
 
 def read_top_t_lists(path: str, *, relabelled: bool = False) -> List[torch.Tensor]:
-    """[E, T] int64 tensors, one per layer in file order (a single one for an [E, T] array)."""
+    """[E, L] int64 tensors, one per layer in file order (a single one for an [E, L] array)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"top-T lists file {path!r} does not exist")
     if path.endswith(".json"):
-        from megatron_c2r.placement.plan_file import read_plan
+        from megatron_c2r.placement.plan_file import read_plan  # only plans need the plan layer
 
         plan = read_plan(path)
         out = []
@@ -37,16 +43,14 @@ def read_top_t_lists(path: str, *, relabelled: bool = False) -> List[torch.Tenso
             out.append(torch.tensor(lists, dtype=torch.int64))
         return out
     if path.endswith(".pt"):
-        array = torch.load(path, map_location="cpu", weights_only=True)
+        array = load_torch_file(path, "top-T lists file")
     elif path.endswith(".npy"):
-        import numpy as np
-
-        array = torch.from_numpy(np.load(path, allow_pickle=False))
+        array = torch.from_numpy(load_npy(path, "top-T lists file"))
     else:
         raise ValueError(f"top-T lists file {path!r}: expected .json (a plan), .pt or .npy")
     if not isinstance(array, torch.Tensor) or array.dim() not in (2, 3):
         shape = tuple(array.shape) if isinstance(array, torch.Tensor) else type(array).__name__
-        raise ValueError(f"{path}: expected an int tensor [L, E, T] or [E, T], got {shape}")
+        raise ValueError(f"{path}: expected an int tensor [layers, E, L] or [E, L], got {shape}")
     if array.dtype.is_floating_point:
         raise ValueError(f"{path}: dtype {array.dtype}: top-T lists hold integer expert ids")
     return list(array.long()) if array.dim() == 3 else [array.long()]

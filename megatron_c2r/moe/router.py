@@ -35,6 +35,7 @@ from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 
 from megatron_c2r import compat
 from megatron_c2r.collaboration import CollaborationTracker
+from megatron_c2r.placement.permutation import ROUTER_STATE, check_order, permute_module_state_
 from megatron_c2r.routing.config import C2RRouterConfig
 from megatron_c2r.routing.functional import (
     contiguous_groups,
@@ -265,30 +266,15 @@ class C2RRouter(TopKRouter):
         if (not self._active and done >= cfg.warmup_steps) or self.refresh_due(iteration):
             self.activate()
 
-    def relabel_experts_(self, order: torch.Tensor) -> None:
-        """Apply a placement: new expert i is old expert ``order[i]``. Permutes router weight
-        rows (and bias, expert bias), the tracker and the top-T lists. Groups stay the
-        contiguous blocks (that is the point of relabelling) unless explicitly given."""
-        order = torch.as_tensor(order, dtype=torch.int64, device=self.weight.device)
-        num_experts = self.config.num_moe_experts
-        if sorted(order.tolist()) != list(range(num_experts)):
-            raise ValueError(f"order must be a permutation of 0..{num_experts - 1}")
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(num_experts, device=order.device)
-        with torch.no_grad():
-            self.weight.copy_(self.weight.index_select(0, order))
-            if self.bias is not None:
-                self.bias.copy_(self.bias.index_select(0, order))
-            if getattr(self, "expert_bias", None) is not None:
-                self.expert_bias.copy_(self.expert_bias.index_select(0, order))
-                self.local_tokens_per_expert.copy_(self.local_tokens_per_expert.index_select(0, order))
-            if self.top_t_lists.numel():
-                self.top_t_lists = inverse[self.top_t_lists.index_select(0, order)]
-            if self.c2r_config.expert_to_group is not None:
-                self.expert_to_group = self.expert_to_group.index_select(0, order)
-        self.tracker.permute_(order)
-        self._allowed_cache = None
-        self._groups_cache = None
+    def relabel_experts_(self, order: torch.Tensor, optimizer=None) -> None:
+        """Apply a placement: new expert i is old expert ``order[i]``. Every router tensor moves
+        as ``placement.permutation.ROUTER_STATE`` says (weight rows, bias, expert bias and its
+        counts, tracker rows and columns, top-T lists with their ids translated, a non-default
+        group map; the contiguous default groups stay, which is the point of relabelling), with
+        the grads and ``optimizer`` state of weight / bias; then every derived cache is reset."""
+        order_E = check_order(order, self.config.num_moe_experts)
+        permute_module_state_(self, order_E, ROUTER_STATE, optimizer)
+        self._invalidate_caches()
 
     # ------------------------------------------------------------------------------------------
     # Forward

@@ -1,17 +1,20 @@
-"""The plan file: JSON contract, atomic writing, validated reading.
+"""The plan file and the one plan-layer type (planner output, plan-file entry, replan result).
 
     {"num_experts": E, "ep_size": P, "top_k": K,
      "layers": [{"layer": 0,                                  # 0-based, in file order
                  "groups": [[expert ids on rank 0], [rank 1], ...],   # P groups of E/P
                  "expert_to_rank": [rank of expert 0, ...],           # E entries
-                 "top_t_lists": [[T partners of expert 0], ...],      # only when T was given
-                 "predicted_ranks_per_token": {"identity": x, "random": y, "planned": z}},
+                 "top_t_lists": [[L partners of expert 0], ...],      # only when --top-t given
+                 "predicted_ranks_per_token": {"identity": x, "random": y, "planned": z},
+                 "exact": true},       # predictions exact (full top-k sets) or estimated
                 ...]}
 
 All expert ids in the file are in the labelling of the collaboration source (before relabelling).
-Applying layer l relabels experts with ``order = concat(groups)``: NEW expert i is OLD expert
-``order[i]``, so group g becomes EP rank g's contiguous block. ``top_t_lists_relabelled`` gives
-the lists in the new ids, the form a router loaded after relabelling needs.
+Applying layer l relabels experts with ``order = concat(groups)`` (``permutation.
+order_from_groups``): NEW expert i is OLD expert ``order[i]``, so group g becomes EP rank g's
+contiguous block. ``top_t_lists_relabelled`` gives the lists in the new ids (the LISTS kind of
+``permutation``), the form a router loaded after relabelling needs.
+Shape suffixes: the legend in ``megatron_c2r/placement/__init__.py``.
 """
 
 from __future__ import annotations
@@ -20,29 +23,55 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
+
+import torch
+
+from megatron_c2r.placement.input_files import read_json_file
+from megatron_c2r.placement.permutation import LISTS, order_from_groups, permute
+
+
+def expert_to_rank_from_groups(groups: Sequence[Sequence[int]], num_experts: int) -> list:
+    """[E] rank of each expert (None for an expert in no group: a malformed plan)."""
+    e2r: list = [None] * num_experts
+    for g, members in enumerate(groups):
+        for e in members:
+            if 0 <= e < num_experts:
+                e2r[e] = g
+    return e2r
 
 
 @dataclasses.dataclass(frozen=True)
 class PlanLayer:
+    """One MoE layer's placement. ``groups[g]`` = expert ids on EP rank g (source labelling);
+    ``predicted_ranks_per_token`` = {identity, random, planned}, ``exact`` when computed from
+    full top-k sets (traces, dumps) rather than estimated from pair counts."""
+
     layer: int
     groups: list[list[int]]
     expert_to_rank: list[int]
     predicted_ranks_per_token: dict[str, float]
     top_t_lists: Optional[list[list[int]]] = None
+    exact: bool = False
+
+    @classmethod
+    def from_groups(cls, layer: int, groups, predicted: dict[str, float], *,
+                    top_t_lists=None, exact: bool = False) -> "PlanLayer":
+        groups = [[int(e) for e in g] for g in groups]
+        e2r = expert_to_rank_from_groups(groups, sum(len(g) for g in groups))
+        return cls(layer, groups, e2r, dict(predicted), top_t_lists, exact)
 
     @property
     def order(self) -> list[int]:
         """NEW expert i is OLD expert order[i]."""
-        return [e for group in self.groups for e in group]
+        return order_from_groups(self.groups)
 
     def top_t_lists_relabelled(self) -> Optional[list[list[int]]]:
         """Top-T lists in the new ids: row i = partners of new expert i, as new ids."""
         if self.top_t_lists is None:
             return None
-        order = self.order
-        new_id = {old: new for new, old in enumerate(order)}
-        return [[new_id[p] for p in self.top_t_lists[old]] for old in order]
+        lists_EL = torch.tensor(self.top_t_lists, dtype=torch.int64)
+        return permute(LISTS, lists_EL, torch.tensor(self.order)).tolist()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -53,6 +82,7 @@ class PlanLayer:
         if self.top_t_lists is not None:
             out["top_t_lists"] = self.top_t_lists
         out["predicted_ranks_per_token"] = self.predicted_ranks_per_token
+        out["exact"] = self.exact
         return out
 
 
@@ -114,20 +144,25 @@ def validate_plan(plan: Plan) -> None:
         if flat != list(range(E)):
             raise ValueError(f"{where}.groups is not a partition of experts 0..{E - 1}: every "
                              "expert must appear exactly once")
-        e2r = [None] * E
-        for g, members in enumerate(layer.groups):
-            for e in members:
-                e2r[e] = g
+        e2r = expert_to_rank_from_groups(layer.groups, E)
         if list(layer.expert_to_rank) != e2r:
             raise ValueError(f"{where}.expert_to_rank disagrees with groups: expected {e2r}")
         if layer.top_t_lists is not None:
             lists = layer.top_t_lists
             if len(lists) != E or len({len(r) for r in lists}) > 1:
-                raise ValueError(f"{where}.top_t_lists must be {E} rows of equal length T")
+                raise ValueError(f"{where}.top_t_lists must be {E} rows of equal length (the "
+                                 "--top-t value)")
             for e, row in enumerate(lists):
                 if any(not 0 <= p < E or p == e for p in row) or len(set(row)) != len(row):
                     raise ValueError(f"{where}.top_t_lists[{e}]={row}: ids must be distinct "
                                      f"experts in [0, {E}) other than {e}")
+
+
+def _as_int(value) -> int:
+    """An int from JSON; floats and bools are refused (1.5 or true is not an expert id)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{value!r:.40} is not an integer")
+    return value
 
 
 def _require(obj: dict, key: str, where: str):
@@ -139,30 +174,40 @@ def _require(obj: dict, key: str, where: str):
 def plan_from_json(obj: Any, where: str = "plan") -> Plan:
     if not isinstance(obj, dict):
         raise ValueError(f"{where} is a {type(obj).__name__}: expected a JSON object")
+    layers_json = _require(obj, "layers", where)
+    if not isinstance(layers_json, list):
+        raise ValueError(f"{where}.layers is a {type(layers_json).__name__}: expected a list")
     layers = []
-    for i, lo in enumerate(_require(obj, "layers", where)):
+    for i, lo in enumerate(layers_json):
         w = f"{where}.layers[{i}]"
         if not isinstance(lo, dict):
             raise ValueError(f"{w} is a {type(lo).__name__}: expected an object")
         try:
-            groups = [[int(e) for e in g] for g in _require(lo, "groups", w)]
-            e2r = [int(r) for r in _require(lo, "expert_to_rank", w)]
+            groups = [[_as_int(e) for e in g] for g in _require(lo, "groups", w)]
+            e2r = [_as_int(r) for r in _require(lo, "expert_to_rank", w)]
             top_t = lo.get("top_t_lists")
-            top_t = None if top_t is None else [[int(e) for e in row] for row in top_t]
-            layer_idx = int(_require(lo, "layer", w))
+            top_t = None if top_t is None else [[_as_int(e) for e in row] for row in top_t]
+            layer_idx = _as_int(_require(lo, "layer", w))
         except (TypeError, ValueError) as exc:
             if str(exc).startswith(w):
                 raise
             raise ValueError(f"{w} has a non-integer expert id ({exc}): ids are ints") from None
-        pred = {k: float(v) for k, v in lo.get("predicted_ranks_per_token", {}).items()}
-        layers.append(PlanLayer(layer_idx, groups, e2r, pred, top_t))
+        pred = lo.get("predicted_ranks_per_token", {})
+        try:
+            pred = {str(k): float(v) for k, v in pred.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise ValueError(f"{w}.predicted_ranks_per_token={pred!r:.80}: expected an object of "
+                             "numbers") from None
+        layers.append(PlanLayer(layer_idx, groups, e2r, pred, top_t, lo.get("exact") is True))
+    sizes = {}
+    for key in ("num_experts", "ep_size", "top_k"):
+        value = _require(obj, key, where)
+        try:
+            sizes[key] = _as_int(value)
+        except TypeError:
+            raise ValueError(f"{where}.{key}={value!r:.40}: expected an integer") from None
     try:
-        return Plan(
-            num_experts=int(_require(obj, "num_experts", where)),
-            ep_size=int(_require(obj, "ep_size", where)),
-            top_k=int(_require(obj, "top_k", where)),
-            layers=layers,
-        )
+        return Plan(layers=layers, **sizes)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
 
@@ -193,12 +238,5 @@ def write_plan(plan: Plan, path: str) -> None:
 
 
 def read_plan(path: str) -> Plan:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"plan file {path!r} does not exist")
-    with open(path) as f:
-        try:
-            obj = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"plan file {path!r} is not JSON ({exc.msg} at line {exc.lineno})"
-                             ) from None
-    return plan_from_json(obj, where=path)
+    """The validated plan in ``path`` (size-bounded read; one-line errors naming the field)."""
+    return plan_from_json(read_json_file(path, "plan file"), where=path)

@@ -1,9 +1,10 @@
-"""Balanced expert placement: partition E experts into P groups of n = E/P (group g = EP rank g).
+"""Balanced expert placement: partition E experts into P groups of N = E/P (group g = EP rank g).
 
 Goal: few distinct destination ranks per token (= rows a per-rank dedup communicator ships).
 
-Legend (shape suffixes): E experts, P EP ranks, n = E/P experts per rank, K top-k,
-U distinct top-k sets of a trace, B a batch of candidate placements.
+Shape suffixes (the legend in ``megatron_c2r/placement/__init__.py``): E experts, P EP ranks,
+N = E/P experts per rank, K top-k, U distinct top-k sets of a trace, C candidate placements
+evaluated together, G planned groups before they are assigned to ranks.
     counts_EE   float64, symmetric, zero diagonal: raw co-activation counts C[i, j]
     sets_UK     int64: distinct top-k expert sets (one row per set), weight_U their token counts
     e2r_E       int64: expert_to_rank, the placement; group g = the experts with e2r_E == g
@@ -15,7 +16,8 @@ Objectives (all pure numpy, CPU):
     ranks_per_token_exact    mean distinct ranks per token of a trace. The quantity itself; with
                              full top-k sets (traces, dumps) the planner optimises it directly.
     ranks_per_token_estimate an estimate from pair counts only (see its docstring); used to report
-                             matrix sources. Matches uniform routing (REFERENCE.md section 2).
+                             matrix sources. Matches uniform routing's closed form
+                             P (1 - C(E - N, K) / C(E, K)) (docs/comm_volume.md).
 
 Search: exhaustive over all balanced partitions when E <= ``exact_max_experts`` (12 gives at most
 15,400 partitions); otherwise greedy seeding + best-improvement pairwise swaps (Kernighan-Lin
@@ -27,10 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
+from megatron_c2r.placement.plan_file import Plan, PlanLayer, expert_to_rank_from_groups
 from megatron_c2r.placement.sources import LayerCollab
 
 
@@ -57,21 +60,6 @@ class PlannerConfig:
             raise ValueError(f"restarts={self.restarts} must be >= 1")
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerPlan:
-    """One layer's placement. ``groups[g]`` = sorted expert ids on rank g (source labelling)."""
-
-    groups: list[list[int]]
-    expert_to_rank: list[int]
-    predicted_ranks_per_token: dict[str, float]  # identity / random / planned
-    exact: bool  # predicted values are exact (trace) rather than estimated (matrix)
-
-    @property
-    def order(self) -> list[int]:
-        """Relabelling permutation: new expert i is old expert order[i] (groups concatenated)."""
-        return [e for group in self.groups for e in group]
-
-
 # ------------------------------------------------------------------------------------------
 # Objectives
 # ------------------------------------------------------------------------------------------
@@ -80,24 +68,24 @@ def identity_placement(num_experts: int, ep_size: int) -> np.ndarray:
     return np.arange(num_experts, dtype=np.int64) // (num_experts // ep_size)
 
 
-def within_group_pairs(counts_EE: np.ndarray, e2r_BE: np.ndarray) -> np.ndarray:
-    """Sum of C[i, j] over unordered pairs on the same rank. e2r [E] -> scalar, [B, E] -> [B]."""
-    same_BEE = e2r_BE[..., :, None] == e2r_BE[..., None, :]
-    return (same_BEE * counts_EE).sum(axis=(-1, -2)) / 2.0
+def within_group_pairs(counts_EE: np.ndarray, e2r_CE: np.ndarray) -> np.ndarray:
+    """Sum of C[i, j] over unordered pairs on the same rank. e2r [E] -> scalar, [C, E] -> [C]."""
+    same_CEE = e2r_CE[..., :, None] == e2r_CE[..., None, :]
+    return (same_CEE * counts_EE).sum(axis=(-1, -2)) / 2.0
 
 
 def ranks_per_token_exact(
-    sets_UK: np.ndarray, weight_U: np.ndarray, e2r_BE: np.ndarray
+    sets_UK: np.ndarray, weight_U: np.ndarray, e2r_CE: np.ndarray
 ) -> np.ndarray:
-    """Token-weighted mean of distinct ranks per top-k set. e2r [E] -> scalar, [B, E] -> [B]."""
-    if int(e2r_BE.max()) < 63 and hasattr(np, "bitwise_count"):
+    """Token-weighted mean of distinct ranks per top-k set. e2r [E] -> scalar, [C, E] -> [C]."""
+    if int(e2r_CE.max()) < 63 and hasattr(np, "bitwise_count"):
         # One bit per rank, OR over the set, popcount: ~5x faster than sorting.
-        bits_BUK = np.left_shift(np.int64(1), e2r_BE[..., sets_UK])
-        distinct_BU = np.bitwise_count(np.bitwise_or.reduce(bits_BUK, axis=-1))
+        bits_CUK = np.left_shift(np.int64(1), e2r_CE[..., sets_UK])
+        distinct_CU = np.bitwise_count(np.bitwise_or.reduce(bits_CUK, axis=-1))
     else:
-        ranks_BUK = np.sort(e2r_BE[..., sets_UK], axis=-1)
-        distinct_BU = 1 + (np.diff(ranks_BUK, axis=-1) != 0).sum(axis=-1)
-    return (distinct_BU * weight_U).sum(axis=-1) / weight_U.sum()
+        ranks_CUK = np.sort(e2r_CE[..., sets_UK], axis=-1)
+        distinct_CU = 1 + (np.diff(ranks_CUK, axis=-1) != 0).sum(axis=-1)
+    return (distinct_CU * weight_U).sum(axis=-1) / weight_U.sum()
 
 
 def ranks_per_token_estimate(counts_EE: np.ndarray, e2r_E: np.ndarray, top_k: int) -> float:
@@ -175,11 +163,11 @@ def balanced_partitions(num_experts: int, ep_size: int) -> Iterator[np.ndarray]:
     yield from rec(0)
 
 
-def _objective_batch(layer: LayerCollab, e2r_BE: np.ndarray) -> np.ndarray:
+def _objective_batch(layer: LayerCollab, e2r_CE: np.ndarray) -> np.ndarray:
     """Lower is better: distinct ranks (traces) or minus within-group pairs (matrices)."""
     if layer.sets_UK is not None:
-        return ranks_per_token_exact(layer.sets_UK, layer.weight_U, e2r_BE)
-    return -within_group_pairs(layer.counts_EE, e2r_BE)
+        return ranks_per_token_exact(layer.sets_UK, layer.weight_U, e2r_CE)
+    return -within_group_pairs(layer.counts_EE, e2r_CE)
 
 
 def solve_exact(layer: LayerCollab, ep_size: int, chunk: int = 2048) -> np.ndarray:
@@ -190,10 +178,10 @@ def solve_exact(layer: LayerCollab, ep_size: int, chunk: int = 2048) -> np.ndarr
         batch = list(itertools.islice(gen, chunk))
         if not batch:
             break
-        vals_B = _objective_batch(layer, np.stack(batch))
-        i = int(np.argmin(vals_B))
-        if best_E is None or vals_B[i] < best_val - 1e-9 * max(1.0, abs(best_val)):
-            best_val, best_E = vals_B[i], batch[i]
+        vals_C = _objective_batch(layer, np.stack(batch))
+        i = int(np.argmin(vals_C))
+        if best_E is None or vals_C[i] < best_val - 1e-9 * max(1.0, abs(best_val)):
+            best_val, best_E = vals_C[i], batch[i]
     return best_E
 
 
@@ -359,10 +347,10 @@ def assign_groups_to_ranks(e2r_E: np.ndarray, ep_size: int) -> list[list[int]]:
     experts (greedy max overlap with the identity placement): fewer experts move when applied."""
     num_experts = len(e2r_E)
     home_E = identity_placement(num_experts, ep_size)
-    overlap_GR = np.zeros((ep_size, ep_size), dtype=np.int64)
-    np.add.at(overlap_GR, (e2r_E, home_E), 1)
+    overlap_GP = np.zeros((ep_size, ep_size), dtype=np.int64)
+    np.add.at(overlap_GP, (e2r_E, home_E), 1)
     rank_of_group = [-1] * ep_size
-    for flat in np.argsort(-overlap_GR, axis=None, kind="stable").tolist():
+    for flat in np.argsort(-overlap_GP, axis=None, kind="stable").tolist():
         g, r = divmod(flat, ep_size)
         if rank_of_group[g] < 0 and r not in rank_of_group:
             rank_of_group[g] = r
@@ -372,8 +360,9 @@ def assign_groups_to_ranks(e2r_E: np.ndarray, ep_size: int) -> list[list[int]]:
     return groups
 
 
-def plan_layer(layer: LayerCollab, config: PlannerConfig) -> LayerPlan:
-    """Plan one layer: search, rank assignment, predicted ranks per token."""
+def plan_layer(layer: LayerCollab, config: PlannerConfig, index: int = 0) -> PlanLayer:
+    """Plan one layer (plan layer ``index``): search, rank assignment, predicted ranks per
+    token. The result has no top-T lists (``make_plan`` adds them)."""
     ep_size, num_experts = config.ep_size, layer.num_experts
     if num_experts % ep_size:
         raise ValueError(
@@ -388,9 +377,7 @@ def plan_layer(layer: LayerCollab, config: PlannerConfig) -> LayerPlan:
     else:
         e2r_E = solve_heuristic(layer, config)
     groups = assign_groups_to_ranks(e2r_E, ep_size)
-    e2r_E = np.empty(num_experts, dtype=np.int64)
-    for g, members in enumerate(groups):
-        e2r_E[members] = g
+    e2r_E = np.asarray(expert_to_rank_from_groups(groups, num_experts), dtype=np.int64)
     ident = predicted_ranks_per_token(layer, identity_E)
     planned = predicted_ranks_per_token(layer, e2r_E)
     if planned > ident:  # the estimate can disagree with the pair objective: never report worse
@@ -399,26 +386,50 @@ def plan_layer(layer: LayerCollab, config: PlannerConfig) -> LayerPlan:
         e2r_E, planned = identity_E, ident
     randoms = random_placements(num_experts, ep_size, config.random_samples, config.seed + 1)
     rand = float(np.mean([predicted_ranks_per_token(layer, r) for r in randoms]))
-    return LayerPlan(
-        groups=groups,
-        expert_to_rank=e2r_E.tolist(),
-        predicted_ranks_per_token={"identity": ident, "random": rand, "planned": planned},
+    return PlanLayer.from_groups(
+        index, groups, {"identity": ident, "random": rand, "planned": planned},
         exact=layer.sets_UK is not None,
     )
 
 
 def plan_layers(
     layers: list[LayerCollab], config: PlannerConfig, progress: bool = True
-) -> list[LayerPlan]:
-    """Plan every layer (tqdm progress bar when ``progress``)."""
-    from tqdm import tqdm
+) -> list[PlanLayer]:
+    """Plan every layer (tqdm progress bar when ``progress``); plan layer i = ``layers[i]``."""
+    from tqdm import tqdm  # optional progress bar, imported only when planning
 
     return [
-        plan_layer(layer, config)
-        for layer in tqdm(layers, desc="planning layers", unit="layer", disable=not progress)
+        plan_layer(layer, config, index=i)
+        for i, layer in enumerate(
+            tqdm(layers, desc="planning layers", unit="layer", disable=not progress))
     ]
 
 
-def order_from_groups(groups: list[list[int]]) -> list[int]:
-    """Relabelling permutation: new expert i is old expert order[i]."""
-    return [e for group in groups for e in group]
+def make_plan(layers: list[LayerCollab], config: PlannerConfig, *, top_t: Optional[int] = None,
+              progress: bool = True) -> Plan:
+    """The plan file's content for ``layers`` (all with the same E and top-k): every layer
+    planned, and with ``top_t`` each also carries the C2R paper's top-T lists from its counts
+    (``collaboration.top_t_lists``). One-line ValueError for inconsistent layers or a bad T."""
+    if not layers:
+        raise ValueError("no MoE layers in the collaboration source: nothing to plan")
+    num_experts, top_k = layers[0].num_experts, layers[0].top_k
+    if any(layer.num_experts != num_experts or layer.top_k != top_k for layer in layers):
+        raise ValueError("collaboration layers differ in num_experts or top_k: plan them "
+                         "separately")
+    if num_experts % config.ep_size:
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by --ep "
+                         f"({config.ep_size}): pick P from the divisors of E")
+    if top_t is not None and not 0 <= top_t <= num_experts - 1:
+        raise ValueError(f"--top-t {top_t} must be in [0, num_experts-1={num_experts - 1}]")
+    planned = plan_layers(layers, config, progress=progress)
+    if top_t is not None:
+        import torch  # the lists come from the tracker's torch implementation
+
+        from megatron_c2r.collaboration import top_t_lists
+
+        planned = [
+            dataclasses.replace(
+                p, top_t_lists=top_t_lists(torch.from_numpy(layer.counts_EE), top_t).tolist())
+            for p, layer in zip(planned, layers)
+        ]
+    return Plan(num_experts=num_experts, ep_size=config.ep_size, top_k=top_k, layers=planned)

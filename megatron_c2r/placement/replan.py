@@ -1,15 +1,17 @@
 """Re-plan inside a running expert-parallel job: relabel experts across EP ranks.
 
-Each EP rank r holds experts [r*n, (r+1)*n), n = E/P. Relabelling with ``order`` (NEW expert i is
-OLD expert ``order[i]``) moves old expert ``order[i]`` from rank ``order[i] // n`` to rank
-``i // n``. Everything that follows an expert moves with it in ONE ``all_to_all_single`` per
+Each EP rank r holds experts [r*N, (r+1)*N), N = E/P. Relabelling with ``order`` (NEW expert i is
+OLD expert ``order[i]``) moves old expert ``order[i]`` from rank ``order[i] // N`` to rank
+``i // N``. Everything that follows an expert moves with it in ONE ``all_to_all_single`` per
 layer over the EP group: weights, .grad / .main_grad when present, and the optimizer state
 tensors of the parameter's shape (e.g. AdamW exp_avg, exp_avg_sq), packed as raw bytes so mixed
-dtypes share the message. Router tensors are replicated over EP, so every rank permutes its own
-copy (``relabel.relabel_router_``).
+dtypes share the message. Expert slots and router state move as ``permutation.py`` defines (the same
+rules as in-model relabelling and ``convert``); router tensors are replicated over EP, so every
+rank permutes its own copy (``relabel.relabel_router_``).
 
 Scope: ``torch.optim`` optimizers (state keyed by parameter). Megatron's DistributedOptimizer
 keeps fp32 copies in flat sharded buffers; relabel those offline (``checkpoint.py``) instead.
+Shape suffixes: the legend in ``megatron_c2r/placement/__init__.py`` (B = bytes here).
 """
 
 from __future__ import annotations
@@ -19,14 +21,9 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_c2r.placement.relabel import (
-    check_order,
-    local_expert_slots,
-    moe_layers,
-    num_experts_of,
-    relabel_router_,
-    slot_tensors,
-)
+from megatron_c2r.placement.permutation import check_order, local_expert_slots, slot_tensors
+from megatron_c2r.placement.plan_file import PlanLayer
+from megatron_c2r.placement.relabel import moe_layers, num_experts_of, relabel_router_
 
 
 def _ep_group(layer) -> Optional[dist.ProcessGroup]:
@@ -39,7 +36,7 @@ def _ep_group(layer) -> Optional[dist.ProcessGroup]:
 
 
 def _pack(views: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
-    """uint8 [bytes per expert]: the expert's tensors' raw bytes, in ``names`` order."""
+    """uint8 [B], B = bytes per expert: the expert's tensors' raw bytes, in ``names`` order."""
     return torch.cat([views[n].contiguous().view(-1).view(torch.uint8) for n in names])
 
 
@@ -119,9 +116,9 @@ def replan_(
     ``counts``: per-layer [E, E] counts; default: each router's tracker (``router.tracker``,
     C2RRouter), which the caller reduces over data-parallel ranks first (``tracker.reduce_``).
     Global rank ``src_rank`` plans; the orders are broadcast so every rank applies the same one.
-    Returns the per-layer ``LayerPlan`` (predicted ranks per token) on every rank.
+    Returns the per-layer ``PlanLayer`` (groups, predicted ranks per token) on every rank.
     """
-    from megatron_c2r.placement.planner import LayerPlan, PlannerConfig, plan_layer
+    from megatron_c2r.placement.planner import PlannerConfig, plan_layer  # numpy planner, off-path
     from megatron_c2r.placement.sources import LayerCollab
 
     layers = moe_layers(model)
@@ -135,25 +132,23 @@ def replan_(
     if len(counts) != len(layers):
         raise ValueError(f"{len(counts)} count matrices for {len(layers)} MoE layers")
     device = layers[0].router.weight.device  # NCCL broadcasts need device tensors
-    orders_LE = torch.zeros(len(layers), num_experts, dtype=torch.int64)
-    preds = torch.zeros(len(layers), 3, dtype=torch.float64)
+    layer_orders = torch.zeros(len(layers), num_experts, dtype=torch.int64)  # [layers, E]
+    preds = torch.zeros(len(layers), 3, dtype=torch.float64)  # [layers, identity/random/planned]
     if dist.get_rank() == src_rank:
         config = PlannerConfig(ep_size=ep_size, seed=seed)
         for li, c in enumerate(counts):
             layer_plan = plan_layer(LayerCollab.from_counts(c.double().cpu().numpy(), top_k), config)
-            orders_LE[li] = torch.tensor(layer_plan.order)
+            layer_orders[li] = torch.tensor(layer_plan.order)
             r = layer_plan.predicted_ranks_per_token
             preds[li] = torch.tensor([r["identity"], r["random"], r["planned"]])
-    orders_LE, preds = orders_LE.to(device), preds.to(device)
-    dist.broadcast(orders_LE, src=src_rank)
+    layer_orders, preds = layer_orders.to(device), preds.to(device)
+    dist.broadcast(layer_orders, src=src_rank)
     dist.broadcast(preds, src=src_rank)
-    orders_LE, preds = orders_LE.cpu(), preds.cpu()
+    layer_orders, preds = layer_orders.cpu(), preds.cpu()
     out = []
-    for layer, order_E, pred in zip(layers, orders_LE, preds.tolist()):
+    for li, (layer, order_E, pred) in enumerate(zip(layers, layer_orders, preds.tolist())):
         relabel_in_run_(layer, order_E, optimizer)
-        groups = order_E.view(ep_size, -1).tolist()
-        e2r = torch.empty(num_experts, dtype=torch.int64)
-        e2r[order_E] = torch.arange(num_experts) // (num_experts // ep_size)
-        out.append(LayerPlan(groups, e2r.tolist(),
-                             dict(zip(("identity", "random", "planned"), pred)), exact=False))
+        groups = order_E.view(ep_size, -1).tolist()  # group g = new block g = EP rank g
+        predicted = dict(zip(("identity", "random", "planned"), pred))
+        out.append(PlanLayer.from_groups(li, groups, predicted))
     return out

@@ -1,10 +1,11 @@
 """Collaboration sources for the planner: one ``LayerCollab`` per MoE layer, in file order.
 
 Accepted inputs (``load_collaboration(path)``):
-    *.npy                     raw co-activation counts, [E, E] or [L, E, E] (np.load, no pickle)
-    *.pt / *.pth              a tensor [E, E] / [L, E, E]; or a dict:
-                                - our routing dump {"top_indices": LongTensor [L, T, K] or a list
-                                  of [T, K], optional "padding_mask": bool [T] or [L, T]}
+    *.npy                     raw co-activation counts, [E, E] or [layers, E, E] (no pickle)
+    *.pt / *.pth              a tensor [E, E] / [layers, E, E]; or a dict:
+                                - our routing dump {"top_indices": LongTensor [layers, T, K] or
+                                  a list of [T, K], optional "padding_mask": bool [T] or
+                                  [layers, T]}
                                 - a (model) state dict with CollaborationTracker buffers: every
                                   key ending in "counts" ("...tracker.counts"), plus its
                                   "pending" sibling, in state-dict (= layer) order
@@ -13,7 +14,9 @@ Accepted inputs (``load_collaboration(path)``):
                               ...}; every router_trace_rank*.jsonl of a directory is merged.
 Matrices carry no top-k, so ``top_k`` must be given for them; traces and dumps carry full top-k
 sets, which the planner uses to optimise distinct ranks per token directly.
-Bad input raises a one-line ValueError naming the field, the value and the fix.
+Bad input (empty, truncated or damaged files, pickles, wrong shapes or dtypes) raises a one-line
+ValueError naming the file, the problem and the fix (``input_files``), before anything is written.
+Shape suffixes: the legend in ``megatron_c2r/placement/__init__.py`` (T tokens, K top-k, ...).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import os
 from typing import Optional
 
 import numpy as np
+
+from megatron_c2r.placement.input_files import bounded_lines, load_npy, load_torch_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,13 +122,24 @@ def _check_path(path: str) -> str:
     return path
 
 
-def _layers_from_matrix(array, top_k: Optional[int], name: str) -> list[LayerCollab]:
+def _numeric(array, name: str) -> np.ndarray:
+    """float64 copy of a numeric array; one-line error for anything else (strings, bools...)."""
     arr = np.asarray(array)
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"{name} holds dtype {arr.dtype}: expected numeric co-activation counts")
+    return arr.astype(np.float64)
+
+
+def _layers_from_matrix(array, top_k: Optional[int], name: str) -> list[LayerCollab]:
+    arr = _numeric(array, name)
+    if arr.size == 0:
+        raise ValueError(f"{name} is an empty array (shape {tuple(arr.shape)}): expected "
+                         "co-activation counts [E, E] or [layers, E, E] with E >= 2")
     if arr.ndim == 2:
         return [LayerCollab.from_counts(arr, top_k, name)]
     if arr.ndim == 3:
         return [LayerCollab.from_counts(m, top_k, f"{name}[{i}]") for i, m in enumerate(arr)]
-    raise ValueError(f"{name} has shape {tuple(arr.shape)}: expected [E, E] or [L, E, E]")
+    raise ValueError(f"{name} has shape {tuple(arr.shape)}: expected [E, E] or [layers, E, E]")
 
 
 def _infer_num_experts(per_layer: list[np.ndarray], num_experts: Optional[int]) -> int:
@@ -133,14 +149,32 @@ def _infer_num_experts(per_layer: list[np.ndarray], num_experts: Optional[int]) 
     return highest + 1
 
 
-def _layers_from_dump(obj: dict, num_experts: Optional[int], name: str) -> list[LayerCollab]:
-    import torch
+def _int_array(value, name: str) -> np.ndarray:
+    import torch  # only dumps (.pt) get here
 
+    if torch.is_tensor(value):
+        value = value.cpu().numpy()
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError):
+        arr = np.asarray(None)
+    if arr.dtype.kind not in "iub":
+        raise ValueError(f"{name} is not an integer array (got {type(value).__name__} of dtype "
+                         f"{arr.dtype}): a routing dump holds top-k expert ids [tokens, K]")
+    return arr
+
+
+def _layers_from_dump(obj: dict, num_experts: Optional[int], name: str) -> list[LayerCollab]:
     top = obj["top_indices"]
-    per_layer = [np.asarray(t.cpu() if torch.is_tensor(t) else t) for t in top]
+    if not isinstance(top, (list, tuple)) and getattr(top, "ndim", 0) != 3:
+        raise ValueError(f"{name}: 'top_indices' must be a [layers, tokens, K] tensor or a list of "
+                         f"[tokens, K] tensors, got {type(top).__name__}")
+    per_layer = [_int_array(t, f"{name}: top_indices[{i}]") for i, t in enumerate(top)]
+    if not per_layer:
+        raise ValueError(f"{name}: 'top_indices' holds no layers")
     pad = obj.get("padding_mask")
     if pad is not None:
-        pad = np.asarray(pad.cpu() if torch.is_tensor(pad) else pad, dtype=bool)
+        pad = _int_array(pad, f"{name}: padding_mask").astype(bool)
     num_experts = _infer_num_experts(per_layer, num_experts)
     out = []
     for i, topk_TK in enumerate(per_layer):
@@ -150,9 +184,9 @@ def _layers_from_dump(obj: dict, num_experts: Optional[int], name: str) -> list[
 
 
 def _layers_from_state_dict(sd: dict, top_k: Optional[int], name: str) -> list[LayerCollab]:
-    import torch
+    import torch  # only state dicts (.pt) get here
 
-    keys = [k for k in sd if k == "counts" or k.endswith(".counts")]
+    keys = [k for k in sd if isinstance(k, str) and (k == "counts" or k.endswith(".counts"))]
     if not keys:
         raise ValueError(
             f"{name} is a dict without 'top_indices' or any '*counts' tracker buffer: pass a "
@@ -160,11 +194,13 @@ def _layers_from_state_dict(sd: dict, top_k: Optional[int], name: str) -> list[L
         )
     layers = []
     for key in keys:
-        counts = sd[key].to(torch.float64)
         pending_key = key[: -len("counts")] + "pending"
-        if pending_key in sd:
-            counts = counts + sd[pending_key].to(torch.float64)
-        layers.append(LayerCollab.from_counts(counts.cpu().numpy(), top_k, f"{name}:{key}"))
+        parts = [sd[key]] + ([sd[pending_key]] if pending_key in sd else [])
+        if not all(torch.is_tensor(t) for t in parts):
+            raise ValueError(f"{name}: {key!r} is a {type(sd[key]).__name__}, not a tracker "
+                             "count tensor [E, E]")
+        counts = sum(_numeric(t.cpu().numpy(), f"{name}:{key}") for t in parts)
+        layers.append(LayerCollab.from_counts(counts, top_k, f"{name}:{key}"))
     return layers
 
 
@@ -182,24 +218,20 @@ def _trace_files(path: str) -> list[str]:
 
 def _layers_from_traces(path: str, num_experts: Optional[int]) -> list[LayerCollab]:
     per_key: dict[tuple, list[np.ndarray]] = {}
-    for file in _trace_files(path):
-        with open(file) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    top = np.asarray(rec["top_indices"], dtype=np.int64).reshape(
-                        -1, int(rec["topk"])
-                    )
-                    key = (rec.get("block", "decoder") != "decoder", rec.get("mtp_idx") or 0,
-                           int(rec["layer"]))
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise ValueError(
-                        f"{file}:{lineno} is not a routing-trace record ({exc!r}): expected "
-                        "JSON with 'layer', 'topk', 'top_indices'"
-                    ) from None
-                per_key.setdefault(key, []).append(top)
+    for file, lineno, line in bounded_lines(_trace_files(path), "routing trace"):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            top = np.asarray(rec["top_indices"], dtype=np.int64).reshape(-1, int(rec["topk"]))
+            key = (rec.get("block", "decoder") != "decoder", rec.get("mtp_idx") or 0,
+                   int(rec["layer"]))
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+            raise ValueError(
+                f"{file}:{lineno} is not a routing-trace record ({type(exc).__name__}): expected "
+                "JSON with 'layer', 'topk', 'top_indices'"
+            ) from None
+        per_key.setdefault(key, []).append(top)
     if not per_key:
         raise ValueError(f"routing trace {path!r} has no records")
     keys = sorted(per_key)
@@ -211,32 +243,38 @@ def _layers_from_traces(path: str, num_experts: Optional[int]) -> list[LayerColl
     ]
 
 
+def _layers_from_torch_file(path: str, top_k: Optional[int], num_experts: Optional[int]):
+    import torch  # only .pt sources need it
+
+    obj = load_torch_file(path, "collaboration source")
+    if torch.is_tensor(obj):
+        if obj.is_complex() or obj.dtype == torch.bool:
+            raise ValueError(f"{path} holds a {obj.dtype} tensor: expected co-activation counts")
+        return _layers_from_matrix(obj.to(torch.float64).numpy(), top_k, path)
+    if isinstance(obj, dict) and "top_indices" in obj:
+        return _layers_from_dump(obj, num_experts, path)
+    if isinstance(obj, dict):
+        return _layers_from_state_dict(obj, top_k, path)
+    raise ValueError(f"{path} holds a {type(obj).__name__}: expected a tensor or a dict")
+
+
 def load_collaboration(
     path: str, *, top_k: Optional[int] = None, num_experts: Optional[int] = None
 ) -> list[LayerCollab]:
     """One ``LayerCollab`` per MoE layer from any supported source (module docstring).
 
     ``top_k`` is required for matrices and checked against traces/dumps when given;
-    ``num_experts`` overrides the ``max id + 1`` inferred from traces/dumps.
+    ``num_experts`` overrides the ``max id + 1`` inferred from traces/dumps. Files are read
+    through ``input_files`` (bounded, nothing unpickled beyond tensors and containers).
     """
     _check_path(path)
     lower = path.lower()
     if os.path.isdir(path) or lower.endswith(".jsonl"):
         layers = _layers_from_traces(path, num_experts)
     elif lower.endswith(".npy"):
-        layers = _layers_from_matrix(np.load(path, allow_pickle=False), top_k, path)
+        layers = _layers_from_matrix(load_npy(path, "collaboration source"), top_k, path)
     elif lower.endswith((".pt", ".pth")):
-        import torch
-
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if torch.is_tensor(obj):
-            layers = _layers_from_matrix(obj.to(torch.float64).numpy(), top_k, path)
-        elif isinstance(obj, dict) and "top_indices" in obj:
-            layers = _layers_from_dump(obj, num_experts, path)
-        elif isinstance(obj, dict):
-            layers = _layers_from_state_dict(obj, top_k, path)
-        else:
-            raise ValueError(f"{path} holds a {type(obj).__name__}: expected a tensor or a dict")
+        layers = _layers_from_torch_file(path, top_k, num_experts)
     else:
         raise ValueError(
             f"collaboration source {path!r} has an unknown extension: use .npy, .pt, .jsonl "

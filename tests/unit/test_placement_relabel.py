@@ -13,12 +13,8 @@ import torch
 from megatron_c2r.compat import moe_submodules
 import torch.nn.functional as F
 
-from megatron_c2r.placement.relabel import (
-    check_order,
-    local_expert_slots,
-    permute_slots_,
-    relabel_moe_layer_,
-)
+from megatron_c2r.placement.permutation import check_order, local_expert_slots, permute_slots_
+from megatron_c2r.placement.relabel import relabel_moe_layer_
 from tests.megatron_cpu import init_parallel, megatron_cpu, moe_config
 
 H, FFN, E = 16, 8, 8

@@ -1,0 +1,152 @@
+"""Files users hand the placement tools: read with bounded size, nothing executed, and every
+problem reported in one line naming the file, the problem and the fix (before anything is
+written).
+
+    read_json_file(path, what)        JSON (plans): size checked before reading
+    bounded_lines(path, what)         JSON-lines (routing traces): total and per-line bounds
+    load_npy(path, what)              NumPy .npy: numeric arrays only (no pickle, no objects)
+    load_torch_file(path, what)       torch.save files: torch.load(weights_only=True), mmap'ed
+                                      when the file allows it, so a large model state dict is
+                                      not read into memory whole
+
+Torch's and NumPy's own messages for refused pickles suggest loading the file unsafely; they are
+never shown (each error here is ours, ``from None``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from typing import Any, Iterator
+
+import numpy as np
+
+# A plan for E=256 with 255-long top-T lists is ~0.3 MB per layer (~20 MB for 61 layers).
+MAX_JSON_BYTES = 256 << 20
+# Routing traces hold every token's top-k ids (~4 bytes of JSON per id, 8 in memory).
+MAX_TRACE_BYTES = 8 << 30
+MAX_TRACE_LINE_BYTES = 512 << 20
+
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def check_file(path: str, what: str, max_bytes: int) -> int:
+    """The file's size; FileNotFoundError / ValueError (one line) if missing, not a regular
+    file, empty or larger than ``max_bytes``."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path!r} is not a regular file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"{what} {path!r} is empty (0 bytes): pass the file the tool wrote")
+    if size > max_bytes:
+        raise ValueError(f"{what} {path!r} is {size / 2**20:.0f} MiB, over the {max_bytes >> 20} "
+                         "MiB this reader accepts: pass the file the tool wrote (or split it)")
+    return size
+
+
+def read_json_file(path: str, what: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Parsed JSON of a bounded-size file."""
+    check_file(path, what, max_bytes)
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" ({exc.msg} at line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ValueError(f"{what} {path!r} is not JSON{where}: pass the file the tool wrote"
+                         ) from None
+
+
+def bounded_lines(paths: list[str], what: str, max_total: int = MAX_TRACE_BYTES,
+                  max_line: int = MAX_TRACE_LINE_BYTES) -> Iterator[tuple[str, int, str]]:
+    """(path, line number, text) for every line of ``paths``, refusing (one line, before any
+    line is yielded) files that together exceed ``max_total`` bytes, and any line over
+    ``max_line`` bytes when it is reached."""
+    total = 0
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{what} {path!r} does not exist")
+        total += os.path.getsize(path)
+    if total > max_total:
+        raise ValueError(f"{what} {paths[0]!r}{' (and others)' if len(paths) > 1 else ''} is "
+                         f"{total / 2**20:.0f} MiB, over the {max_total >> 20} MiB this reader "
+                         "accepts: trace fewer steps (or pass a co-activation matrix)")
+    for path in paths:
+        with open(path, "rb") as f:
+            lineno = 0
+            while True:
+                raw = f.readline(max_line + 1)
+                if not raw:
+                    break
+                lineno += 1
+                if len(raw) > max_line:
+                    raise ValueError(f"{path}:{lineno} is longer than {max_line >> 20} MiB: not "
+                                     "a routing-trace record")
+                try:
+                    yield path, lineno, raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError(f"{path}:{lineno} is not UTF-8 text: not a routing-trace "
+                                     "record") from None
+
+
+def load_npy(path: str, what: str, max_bytes: int = 16 << 30) -> np.ndarray:
+    """A numeric array from a .npy file (np.load(allow_pickle=False); object and structured
+    arrays, pickles and damaged files refused in one line)."""
+    check_file(path, what, max_bytes)
+    fix = "save a numeric array with numpy.save(path, array)"
+    with open(path, "rb") as f:
+        if f.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
+            raise ValueError(f"{what} {path!r} is not a .npy file (no NumPy header; a pickle or "
+                             f"another format): {fix}")
+        f.seek(0)
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = _NPY_HEADER_READERS.get(version)
+            if read_header is None:
+                raise ValueError(f"{what} {path!r} is a .npy file of format version {version}: "
+                                 f"{fix} (format 1.0 or 2.0)")
+            shape, _, dtype = read_header(f)
+        except (EOFError, SyntaxError, OSError, ValueError) as exc:
+            if str(exc).startswith(what):
+                raise
+
+            raise ValueError(f"{what} {path!r} has a damaged .npy header (truncated?): {fix}"
+                             ) from None
+    if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf":
+        raise ValueError(f"{what} {path!r} holds dtype {dtype} (shape {tuple(shape)}): {fix} of "
+                         "numbers (object arrays are never unpickled)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError):
+        raise ValueError(f"{what} {path!r} is truncated or damaged (shape {tuple(shape)} "
+                         f"announced, fewer bytes stored): {fix}") from None
+
+
+def load_torch_file(path: str, what: str, max_bytes: int = 1 << 40) -> Any:
+    """torch.load(weights_only=True) of a torch.save file, memory-mapped when it is a zip
+    archive (torch's default format). Damaged files and pickles holding anything but tensors
+    and plain containers are refused in one line."""
+    import torch  # heavy; the CLI imports this module before it needs torch
+
+    check_file(path, what, max_bytes)
+    with open(path, "rb") as f:
+        is_zip = f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+    if is_zip and not zipfile.is_zipfile(path):
+        raise ValueError(f"{what} {path!r} is a truncated or damaged torch.save archive: save "
+                         "it again with torch.save")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{what} {path!r} holds pickled Python objects other than tensors, "
+                         "dicts, lists and numbers, which are never loaded: save plain tensors "
+                         "with torch.save") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile):
+        raise ValueError(f"{what} {path!r} is not a readable torch.save file (truncated, "
+                         "damaged or another format): save it again with torch.save") from None
