@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
+import torch
 
 EOD_ID = 256
 PAD_ID = 257
@@ -105,8 +106,6 @@ def build_corpus(data_dir: str, max_bytes: int, root: Optional[str] = None) -> C
         with open(path, "rb") as f:
             ids = np.frombuffer(f.read(), dtype=np.uint8).astype(np.uint16)
         ids = np.append(ids, np.uint16(EOD_ID))
-        import torch
-
         builder.add_document(torch.from_numpy(ids.astype(np.int64)), [len(ids)])
         num_tokens += len(ids)
     builder.finalize(tmp + ".idx")

@@ -1,6 +1,6 @@
 """What the CPU main job shows and writes: progress bar, TensorBoard events, metrics CSV, history,
-summary, PNG plot and checkpoints (atomic: temp file + rename; read back with
-``weights_only=True``)."""
+summary and PNG plot (each written atomically: temp file + rename). Checkpoints and the
+trackers' counts: ``cpu.checkpoint``."""
 
 from __future__ import annotations
 
@@ -8,17 +8,20 @@ import csv
 import json
 import math
 import os
-from typing import Dict, Optional
+import threading
+from typing import Dict, List, Optional
 
-import torch
-
-CKPT_DIR = "checkpoint"
+INT_COLUMNS = ("iteration", "constrained")  # history.csv columns written as integers
 
 
 # -- progress --------------------------------------------------------------------------------
 def progress_bar(cfg, start: int):
+    """Rank 0's bar. tqdm's default lock is a multiprocessing semaphore, which a worker stopped by
+    SIGTERM (after another worker's error) would leak with a warning; one bar in one process
+    needs only a thread lock."""
     from tqdm import tqdm
 
+    tqdm.set_lock(threading.RLock())
     return tqdm(total=cfg.train_iters, initial=start, desc="c2r pretraining", unit="step",
                 disable=not cfg.progress, dynamic_ncols=True)
 
@@ -42,82 +45,36 @@ def tensorboard_writer(out_dir: str):
     return SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"))
 
 
-# -- checkpoints -----------------------------------------------------------------------------
-def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
+# -- metrics CSV ------------------------------------------------------------------------------
+def trim_metrics_csv(path: str, iteration: int) -> None:
+    """Keep the rows of ``metrics.csv`` (appended to by ``C2RMetrics.report``) up to
+    ``iteration``: a resumed run repeats the steps after its checkpoint, a fresh run (0) starts
+    the file over. Atomic (temp + rename)."""
+    if not os.path.exists(path):
+        return
+    if iteration == 0:
+        os.remove(path)
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    kept = [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= iteration]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows[:1] + kept)
     os.replace(tmp, path)
 
 
-def save_checkpoint(trainer) -> None:
-    """Per-rank file ``checkpoint/rank{r}.pt`` (model incl. router state, optimizer, iteration,
-    RNG) and, from rank 0, ``checkpoint/meta.json`` written last: a checkpoint is complete when
-    meta.json names its iteration."""
-    import torch.distributed as dist
-
-    ckpt_dir = os.path.join(trainer.cfg.out_dir, CKPT_DIR)
-    os.makedirs(ckpt_dir, exist_ok=True)
-    # Rank-local tracker counts would be lost across a resume otherwise.
-    from megatron_c2r.moe.router import c2r_routers
-
-    for router in c2r_routers(trainer.model):
-        router.tracker.reduce_()
-    state = {
-        "iteration": trainer.iteration,
-        "model": trainer.model.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "placements": trainer.placements,
-    }
-    _atomic_save(state, os.path.join(ckpt_dir, f"rank{trainer.rank}.pt"))
-    dist.barrier()
-    if trainer.rank == 0:
-        meta = {"iteration": trainer.iteration, "world_size": trainer.world,
-                "num_experts": trainer.cfg.num_experts, "ep_size": trainer.cfg.ep_size}
-        tmp = os.path.join(ckpt_dir, "meta.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(meta, f)
-        os.replace(tmp, os.path.join(ckpt_dir, "meta.json"))
-    dist.barrier()
-
-
-def load_checkpoint(trainer) -> None:
-    ckpt_dir = os.path.join(trainer.cfg.out_dir, CKPT_DIR)
-    meta_path = os.path.join(ckpt_dir, "meta.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(
-            f"--resume: no complete checkpoint at {ckpt_dir} (meta.json missing): run without "
-            "--resume first"
-        )
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
-    for key in ("world_size", "num_experts", "ep_size"):
-        want = trainer.world if key == "world_size" else getattr(trainer.cfg, key)
-        if meta.get(key) != want:
-            raise ValueError(
-                f"--resume: checkpoint {key}={meta.get(key)} but this run has {key}={want}: "
-                "resume with the config that wrote it"
-            )
-    state = torch.load(os.path.join(ckpt_dir, f"rank{trainer.rank}.pt"), weights_only=True)
-    trainer.model.load_state_dict(state["model"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    trainer.iteration = int(state["iteration"])
-    trainer.placements = state["placements"]
-    hist = os.path.join(trainer.cfg.out_dir, "history.csv")
-    if trainer.rank == 0 and os.path.exists(hist):
-        with open(hist, newline="", encoding="utf-8") as f:
-            trainer.history = [
-                {k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)
-                if int(float(row["iteration"])) <= trainer.iteration
-            ]
-
-
 # -- the end ---------------------------------------------------------------------------------
-def finish(trainer, *, val_loss: float, elapsed_s: float, tokens: int, last_metrics: Dict,
+def finish(trainer, *, val_loss: float, segments: List[Dict], last_metrics: Dict,
            writer, config: Dict) -> Dict:
+    """Write history.csv, summary.json (and the plot); print the summary line. ``segments``:
+    every run of this job that led to the final state ({start, end iteration, seconds}, the
+    steps a kill undid not counted): steps, time and tokens/s are over all of them."""
     cfg = trainer.cfg
     out = cfg.out_dir
+    segments = [s for s in segments if s["end"] > s["start"]] or segments[-1:]
+    elapsed_s = sum(s["elapsed_s"] for s in segments)
+    tokens = sum(s["end"] - s["start"] for s in segments) * cfg.tokens_per_step
     _write_history(trainer.history, os.path.join(out, "history.csv"))
     rpt = last_metrics.get("moe/c2r/ranks_per_token", float("nan"))
     a2a = last_metrics.get("moe/c2r/rows_per_token_alltoall", float(cfg.topk))
@@ -131,6 +88,8 @@ def finish(trainer, *, val_loss: float, elapsed_s: float, tokens: int, last_metr
         "row_reduction": a2a / rpt if rpt and not math.isnan(rpt) else float("nan"),
         "tokens_per_s": tokens / elapsed_s if elapsed_s > 0 else float("nan"),
         "elapsed_s": elapsed_s,
+        "resumed_at": [seg["start"] for seg in segments[1:]],
+        "segments": segments,
         "warmup_steps": cfg.c2r.router.warmup_steps if cfg.c2r.enabled else 0,
         "mode": cfg.c2r.router.mode if cfg.c2r.enabled else "megatron",
         "corpus": {"documents": trainer.corpus.num_documents, "tokens": trainer.corpus.num_tokens,
@@ -154,9 +113,11 @@ def finish(trainer, *, val_loss: float, elapsed_s: float, tokens: int, last_metr
 
 
 def summary_line(s: Dict) -> str:
+    resumed = s.get("resumed_at") or []
+    where = f" (resumed at {', '.join(map(str, resumed))})" if resumed else ""
     return (
         f"megatron-c2r tiny CPU pretraining ({s['mode']}): {s['iterations']} steps in "
-        f"{s['elapsed_s']:.0f} s | train loss {s['train_loss']:.3f} | val loss {s['val_loss']:.3f}"
+        f"{s['elapsed_s']:.0f} s{where} | train loss {s['train_loss']:.3f} | val loss {s['val_loss']:.3f}"
         f" | ranks/token {s['ranks_per_token']:.2f} vs alltoall {s['rows_per_token_alltoall']:.0f}"
         f" rows/token ({s['row_reduction']:.1f}x fewer rows) | {s['tokens_per_s'] / 1000:.1f}k tokens/s"
     )
@@ -171,7 +132,8 @@ def _write_history(history, path: str) -> None:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         for row in history:
-            writer.writerow({k: row.get(k, "") for k in keys})
+            writer.writerow({k: int(row[k]) if k in INT_COLUMNS and k in row else row.get(k, "")
+                             for k in keys})
     os.replace(tmp, path)
 
 

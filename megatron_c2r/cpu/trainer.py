@@ -3,8 +3,9 @@
     megatron-c2r train --config configs/tiny_cpu.yaml [--steps N] [--out DIR] [--resume]
 
 What happens (each rank = one gloo process = one EP rank; EP = data parallel here):
-    1. Build the byte corpus (Python stdlib sources) as a Megatron IndexedDataset, GPTDatasets.
-    2. Build Megatron's GPTModel with our router and dedup dispatcher via the layer spec.
+    1. Build Megatron's GPTModel with our router and dedup dispatcher via the layer spec.
+    2. Build the byte corpus (Python stdlib sources) as a Megatron IndexedDataset, GPTDatasets
+       (cached in ``OUT/data/``).
     3. Warm-up: plain top-k routing while each router's tracker counts co-activation.
     4. At the end of the warm-up: sum the trackers over ranks, plan a collaboration-aware
        placement per layer, relabel experts across ranks (weights + optimizer state move with one
@@ -15,14 +16,23 @@ What happens (each rank = one gloo process = one EP rank; EP = data parallel her
     5. Train on: AdamW, warm-up + cosine LR, gradient clipping. A progress bar shows loss,
        ranks/token (rows our dispatcher ships per token), rows vs alltoall, tokens/s.
     6. At the end: validation loss, a summary line, metrics CSV, TensorBoard events, a PNG plot,
-       a checkpoint (atomic, per rank); ``--resume`` continues from it with identical routing.
+       the trackers' counts for ``megatron-c2r plan`` and a checkpoint (``cpu.checkpoint``: one
+       directory per iteration, complete once marked); ``--resume`` continues from the newest
+       complete one with identical routing.
+
+The launching process (``run``) imports torch only; megatron is imported in the workers, after
+their warning filters are in place.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
+import shutil
+import sys
 import time
 import warnings
 from typing import Dict, List, Optional
@@ -30,11 +40,23 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+# Light on purpose (torch only): the launching process never imports megatron, and each worker
+# installs its warning filters before it does (see ``_quiet_megatron_fallbacks``).
+from megatron_c2r.cpu import checkpoint, outputs
 from megatron_c2r.cpu.job_config import CPUTrainConfig, as_dict
-from megatron_c2r.cpu.model import expert_parameter
+from megatron_c2r.errors import USER_ERRORS, one_line
 
 SUMMARY_FILE = "summary.json"
 HISTORY_FILE = "history.csv"
+EXIT_INPUT_ERROR = 2  # a worker's input error (errors.USER_ERRORS), reported to the launcher
+ERROR_KEY = "megatron_c2r/input_error/"  # + rank: that worker's one-line message, in the store
+CPU_PATH_LINE = ("CPU runner: {n} gloo processes; Megatron-core's local layers with torch norms, "
+                 "torch.optim.AdamW (no Transformer Engine, Apex or CUDA graphs needed)")
+
+
+class WorkerError(ValueError):
+    """A worker's input error (``errors.USER_ERRORS``), re-raised in the launching process with
+    the worker's one-line message, so the CLI's handler prints it and exits 2."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -43,27 +65,133 @@ HISTORY_FILE = "history.csv"
 def run(cfg: CPUTrainConfig, *, resume: bool = False, exit_after: Optional[int] = None) -> Dict:
     """Spawn ``cfg.ep_size`` gloo processes, train, and return rank 0's summary dict.
 
+    Before anything is spawned (and before megatron is imported anywhere): the output directory
+    is checked and created, leftovers of interrupted saves are removed and the checkpoint to
+    resume from is chosen (``checkpoint.prepare``); problems are one-line ValueErrors. A
+    worker's input error (``errors.USER_ERRORS``) comes back as ``WorkerError`` with the same
+    one-line message, after the other workers are stopped and whatever this run created is
+    removed (unless it completed a checkpoint: then its directory stays, to resume).
+
     This process hosts the rendezvous store on a port the OS assigns (no pick-a-free-port race
     when several jobs start at once); the workers connect to it as clients."""
     import torch.multiprocessing as mp
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    out = cfg.out_dir
+    created_out = _make_out_dir(out)
+    try:
+        resume_from = checkpoint.prepare(
+            out, resume=resume, world_size=cfg.ep_size, num_experts=cfg.num_experts,
+            ep_size=cfg.ep_size, log=_notice)
+    except ValueError:
+        if created_out:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    created_data = not os.path.exists(os.path.join(out, "data"))
+    print(CPU_PATH_LINE.format(n=cfg.ep_size), flush=True)
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    mp.spawn(_worker, args=(cfg, store.port, resume, exit_after), nprocs=cfg.ep_size, join=True)
-    del store
-    with open(os.path.join(cfg.out_dir, SUMMARY_FILE), encoding="utf-8") as f:
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    spawn_log.addFilter(_drop_terminating_notice)  # we stop the other workers on purpose
+    try:
+        mp.spawn(_worker, args=(cfg, store.port, resume_from, exit_after),
+                 nprocs=cfg.ep_size, join=True)
+    except (mp.ProcessRaisedException, mp.ProcessExitedException):
+        message = _reported_error(store, cfg.ep_size)
+        if message is None:
+            raise  # not an input error: a bug or a crash, keep the traceback
+        _remove_created(out, created_out, created_data)
+        raise WorkerError(message) from None
+    finally:
+        spawn_log.removeFilter(_drop_terminating_notice)
+        del store
+    with open(os.path.join(out, SUMMARY_FILE), encoding="utf-8") as f:
         return json.load(f)
 
 
-def _worker(rank: int, cfg: CPUTrainConfig, port: int, resume: bool, exit_after: Optional[int]):
-    warnings.filterwarnings("ignore")
+def _drop_terminating_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Terminating process")
+
+
+def _reported_error(store, world: int) -> Optional[str]:
+    """The lowest rank's input-error message from the rendezvous store, or None."""
+    for rank in range(world):
+        key = f"{ERROR_KEY}{rank}"
+        if store.check([key]):
+            return store.get(key).decode("utf-8", errors="replace")
+    return None
+
+
+def _notice(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _make_out_dir(out: str) -> bool:
+    """Create ``out`` (True if this call created it); one-line ValueError if it cannot be used."""
+    existed = os.path.isdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"cpu.out_dir/--out {out!r}: cannot create the output directory "
+            f"({exc.strerror or type(exc).__name__}): choose a writable directory") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"cpu.out_dir/--out {out!r} is not writable: choose a writable directory or fix its "
+            "permissions")
+    return not existed
+
+
+def _remove_created(out: str, created_out: bool, created_data: bool) -> None:
+    """After a failed run: remove what it created, unless it completed a checkpoint."""
+    if checkpoint.scan(checkpoint.root_of(out))[0]:
+        return
+    if created_out:
+        shutil.rmtree(out, ignore_errors=True)
+    elif created_data:
+        shutil.rmtree(os.path.join(out, "data"), ignore_errors=True)
+
+
+def _quiet_megatron_fallbacks() -> None:
+    """Silence the Megatron notices that do not apply to the CPU runner (``CPU_PATH_LINE`` says
+    once what it does instead); call before megatron is imported. Each filter matches one
+    message; every other warning still shows.
+
+    * "Transformer Engine and Apex are not installed ..." / "Apex is not installed. Falling back
+      to Torch Norm": import-time warnings of megatron.core's optimizer, clip_grads,
+      megatron_fsdp and layer specs; the runner uses torch.optim.AdamW, its own gradient clipping
+      and Megatron's local (torch) norms by design.
+    * "full scope is deprecated ...": TransformerConfig's own default ``cuda_graph_scope="full"``
+      (0.16) warns about itself; the runner uses no CUDA graphs.
+    * "Unknown MLP type ...": ``TransformerLayer`` passes ``pg_collection`` only to MLP classes it
+      lists by identity; our MoE layer is a subclass of ``MoELayer``, so it gets the default
+      process groups from parallel_state, which is what the runner initialises."""
+    for message in ("Transformer Engine and Apex are not installed",
+                    "Apex is not installed. Falling back to Torch Norm",
+                    "full scope is deprecated"):
+        warnings.filterwarnings("ignore", message=re.escape(message), category=UserWarning)
+
+    class _UnknownMLPType(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("Unknown MLP type")
+
+    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_UnknownMLPType())
+
+
+def _worker(rank: int, cfg: CPUTrainConfig, port: int, resume_from, exit_after: Optional[int]):
+    _quiet_megatron_fallbacks()
     torch.set_num_threads(cfg.threads)
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=cfg.ep_size)
     try:
-        Trainer(cfg, rank).train(resume=resume, exit_after=exit_after)
-    finally:
-        dist.destroy_process_group()
+        Trainer(cfg, rank).train(resume_from=resume_from, exit_after=exit_after)
+    except USER_ERRORS as exc:
+        store.set(f"{ERROR_KEY}{rank}", one_line(exc))
+        store.add(f"{ERROR_KEY}count", 1)  # a round trip: the message is stored when it returns
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # No destroy_process_group: the other rank may wait in a collective for this one; the
+        # launching process stops it.
+        os._exit(EXIT_INPUT_ERROR)
+    dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -74,7 +202,7 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         from megatron_c2r.cpu.data import build_corpus, build_datasets
-        from megatron_c2r.cpu.model import build_model
+        from megatron_c2r.cpu.model import build_model, expert_parameter
         from megatron_c2r.cpu.platform import setup_cpu_megatron
         from megatron_c2r.metrics import C2RMetrics
 
@@ -88,6 +216,10 @@ class Trainer:
             ps.destroy_model_parallel()
         ps.initialize_model_parallel(expert_model_parallel_size=cfg.ep_size)
         setup_cpu_megatron(cfg.seed)
+        # The model first: its router and dispatcher validate their settings, so a bad value
+        # fails before the data cache is written (build_model seeds torch itself; the dataset
+        # builder draws from numpy only, so the order changes no number).
+        self.model = build_model(cfg, cfg.seed)
         data_dir = os.path.join(cfg.out_dir, "data")
         if rank == 0:  # rank 0 writes the corpus and the dataset index caches first
             corpus = build_corpus(data_dir, cfg.corpus_bytes)
@@ -97,7 +229,6 @@ class Trainer:
             corpus = build_corpus(data_dir, cfg.corpus_bytes)
             self.train_ds, self.valid_ds = self._datasets(build_datasets, corpus, data_dir)
         self.corpus = corpus
-        self.model = build_model(cfg, cfg.seed)
         self.optimizer = self._optimizer()
         # Fixed for the run (relabelling moves data, not Parameter objects).
         params = [(n, p) for n, p in self.model.named_parameters()]
@@ -106,7 +237,10 @@ class Trainer:
         self.metrics = C2RMetrics().attach(self.model)
         self.iteration = 0
         self.placements: List[Dict] = []  # per re-plan: iteration, orders, predicted ranks/token
-        self.history: List[Dict[str, float]] = []
+        self.history: List[Dict[str, float]] = []  # rank 0: one row per step (history.csv)
+        self.segments: List[Dict] = []  # earlier runs of this job: start, end iteration, seconds
+        self._segment_start = 0
+        self._saved_at: Optional[int] = None  # iteration of the last checkpoint written or loaded
 
     def _datasets(self, build_datasets, corpus, data_dir):
         cfg = self.cfg
@@ -248,18 +382,45 @@ class Trainer:
         dist.all_reduce(total)
         return float(total[0] / total[1])
 
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self, segment_s: float) -> None:
+        """Collective: ``checkpoint.save`` with rank 0's history and run clock (the segments so
+        far plus this one, ``segment_s`` seconds of training since it started)."""
+        clock = self.segments + [self._segment(segment_s)]
+        checkpoint.save(self, extra_rank0={"history": self.history, "segments": clock})
+        self._saved_at = self.iteration
+
+    def load_checkpoint(self, ckpt: "checkpoint.Checkpoint") -> None:
+        state = checkpoint.load_rank_state(ckpt, self.rank)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.iteration = int(state["iteration"])
+        self.placements = state["placements"]
+        self.history = list(state.get("history", []))
+        self.segments = list(state.get("segments", []))
+        self._saved_at = self.iteration
+
+    def _segment(self, elapsed_s: float) -> Dict:
+        return {"start": self._segment_start, "end": self.iteration, "elapsed_s": elapsed_s}
+
     # -- loop ----------------------------------------------------------------------------------
-    def train(self, *, resume: bool = False, exit_after: Optional[int] = None) -> None:
-        from megatron_c2r.cpu import outputs
+    def train(self, *, resume_from: Optional["checkpoint.Checkpoint"] = None,
+              exit_after: Optional[int] = None) -> None:
+        """Train to ``cfg.train_iters`` (or ``exit_after``), evaluate, checkpoint, and on rank 0
+        write the outputs. ``resume_from``: a checkpoint chosen by ``checkpoint.prepare``."""
         from megatron_c2r.moe.router import step_routers
 
         cfg = self.cfg
-        if resume:
-            outputs.load_checkpoint(self)
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        self._segment_start = self.iteration
+        csv_path = os.path.join(cfg.out_dir, "metrics.csv") if self.rank == 0 else None
+        if csv_path:  # rows past the resumed iteration (or of an earlier run) would repeat
+            outputs.trim_metrics_csv(csv_path, self.iteration)
         writer = outputs.tensorboard_writer(cfg.out_dir) if self.rank == 0 else None
         bar = outputs.progress_bar(cfg, self.iteration) if self.rank == 0 else None
         warmup = cfg.c2r.router.warmup_steps if cfg.c2r.enabled else 0
-        csv_path = os.path.join(cfg.out_dir, "metrics.csv") if self.rank == 0 else None
         t_start, tokens_done, last = time.perf_counter(), 0, {}
         stop = cfg.train_iters if exit_after is None else min(cfg.train_iters, exit_after)
         while self.iteration < stop:
@@ -278,7 +439,7 @@ class Trainer:
             row = {"iteration": self.iteration, "loss": loss, "lr": self.lr_at(it),
                    "grad_norm": self.last_grad_norm,
                    "step_time_s": time.perf_counter() - t0,
-                   "constrained": float(cfg.c2r.enabled and self.iteration > warmup)}
+                   "constrained": int(cfg.c2r.enabled and self.iteration > warmup)}
             if self.iteration % cfg.log_interval == 0 or self.iteration in (1, stop):
                 values = self.metrics.report(self.iteration, tb_writer=writer, csv_path=csv_path,
                                              group=dist.group.WORLD, per_layer=True)
@@ -295,13 +456,14 @@ class Trainer:
                 tps = tokens_done / (time.perf_counter() - t_start)
                 outputs.update_bar(bar, loss, last, tps)
             if cfg.save_interval and self.iteration % cfg.save_interval == 0:
-                outputs.save_checkpoint(self)
+                self.save_checkpoint(time.perf_counter() - t_start)
         elapsed = time.perf_counter() - t_start
         val_loss = self.evaluate()
-        outputs.save_checkpoint(self)
+        if self._saved_at != self.iteration:  # else the step's own checkpoint is the last one
+            self.save_checkpoint(elapsed)
         if self.rank == 0:
             if bar is not None:
                 bar.close()
-            outputs.finish(self, val_loss=val_loss, elapsed_s=elapsed, tokens=tokens_done,
+            outputs.finish(self, val_loss=val_loss, segments=self.segments + [self._segment(elapsed)],
                            last_metrics=last, writer=writer, config=as_dict(cfg))
         dist.barrier()
