@@ -86,8 +86,9 @@ def refusal(settings) -> Optional[str]:
 
 def parse_entry_argv(argv: Sequence[str]) -> argparse.Namespace:
     """The few Megatron-LM and ``--c2r-*`` flags these checks read, parsed the way Megatron's
-    parser reads them (``allow_abbrev=False``); every other flag is left alone."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser reads them (``allow_abbrev=False``); every other flag is left alone, and a malformed
+    value gives the defaults (Megatron's parser then stops on it with its own message)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     for flag in ("--modelopt-enabled", "--use-legacy-models", "--c2r-disable", "--finetune"):
         parser.add_argument(flag, action="store_true")
     parser.add_argument("--spec", nargs="*")
@@ -99,7 +100,10 @@ def parse_entry_argv(argv: Sequence[str]) -> argparse.Namespace:
     defaults = C2RRouterConfig()
     parser.add_argument("--c2r-mode", default=defaults.mode)
     parser.add_argument("--c2r-warmup-steps", type=int, default=defaults.warmup_steps)
-    known, _ = parser.parse_known_args(list(argv))
+    try:
+        known, _ = parser.parse_known_args(list(argv))
+    except argparse.ArgumentError:  # a malformed value: Megatron's own parser reports it
+        known, _ = parser.parse_known_args([])
     return known
 
 

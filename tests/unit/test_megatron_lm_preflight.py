@@ -62,6 +62,8 @@ def test_argv_parsing_is_exact_like_megatrons_parser_and_ignores_other_flags():
     assert preflight.refusal_in_argv(["--num-layers", "2", "--load", "x"]) is None
     # allow_abbrev=False: a prefix of a refused flag is another flag, not the refused one
     assert preflight.refusal_in_argv(["--modelopt", "--spec-file", "x"]) is None
+    # a malformed value is left to Megatron's parser (no argparse exit from our side)
+    assert preflight.parse_entry_argv(["--ckpt-step", "abc", "--load"]).ckpt_step is None
 
 
 def test_model_provider_refuses_modelopt_set_after_parsing_before_the_checkout_provider_runs():
