@@ -29,3 +29,22 @@ def test_send_rows_are_built_on_the_input_device():
     probs = torch.rand(256, 16, device="cuda") * routing_map
     send = build_send_rows(routing_map, probs, 4, 4)
     assert send.meta_RM.device.type == "cuda" and send.token_idx_R.device.type == "cuda"
+
+
+def test_flat_dedup_layer_stays_within_the_sync_budget_on_cuda(tmp_path):
+    """The device check's sync audit (docs/device_check.md) as a test: at most one host sync per
+    C2RMoELayer forward, none in backward (a subprocess: it owns its NCCL world of one)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run(
+        ["bash", os.path.join(root, "tests", "gpu", "device_check.sh"), "--out", str(tmp_path),
+         "--skip", "speed_memory", "entry_arguments", "entry_path"],
+        capture_output=True, text=True, cwd=root, timeout=300,
+        env=dict(os.environ, PYTHON=sys.executable),
+    )  # fmt: skip
+    audit = json.loads((tmp_path / "device_check.json").read_text())["checks"]["sync_audit"]
+    assert audit["status"] == "pass", (audit.get("layers"), result.stdout[-2000:])
