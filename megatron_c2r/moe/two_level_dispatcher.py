@@ -305,12 +305,17 @@ def parallel_sizes(config, pg_collection) -> dict:
     )
 
 
+def check_hierarchy(hierarchy: str) -> None:
+    """One-line error unless ``hierarchy`` is one of :data:`HIERARCHIES`."""
+    if hierarchy not in HIERARCHIES:
+        raise ValueError(f"c2r.hierarchy={hierarchy!r} must be one of {', '.join(HIERARCHIES)}")
+
+
 def select_dispatcher_class(hierarchy: str, topology: Optional[NodeTopology]) -> type:
     """The dedup dispatcher class for ``c2r.hierarchy``: ``flat`` ->
     :class:`DedupAlltoAllTokenDispatcher`, ``two_level`` -> :class:`TwoLevelDedupTokenDispatcher`,
     ``auto`` -> two-level iff ``topology`` spans more than one node. Pure."""
-    if hierarchy not in HIERARCHIES:
-        raise ValueError(f"c2r.hierarchy={hierarchy!r} must be one of {', '.join(HIERARCHIES)}")
+    check_hierarchy(hierarchy)
     if hierarchy == "auto":
         if topology is None:
             raise ValueError("c2r.hierarchy='auto' needs the EP group's topology; pass topology")
@@ -338,7 +343,7 @@ def build_dedup_dispatcher(
     ``gpus_per_node`` is given). Every rank of the EP group must call it together, as it
     builds the same layers in the same order.
     """
-    select_dispatcher_class(hierarchy, NodeTopology(1, 1, 0))  # validate before any collective
+    check_hierarchy(hierarchy)  # before any collective
     if pg_collection is None:
         pg_collection = compat.get_default_pg_collection()
     if hierarchy != "flat" and topology is None:
