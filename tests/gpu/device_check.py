@@ -148,7 +148,7 @@ def run_checks(args, device: str, report: dict) -> None:
     audit_shape, speed_shapes = layer_shapes(args, device)
     run("sync_audit", lambda: device_layers.sync_audit(audit_shape, device),
         lambda r: ("pass" if r["within_budget"] else "fail") if device == "cuda" else "info")
-    if device != "cuda":
+    if device != "cuda" and "sync_audit" not in args.skip:
         skipped.append(dict(check="sync_audit", reason="the budget verdict needs CUDA's sync debug "
                             "mode (counted with the CPU stand-in, an upper bound)"))  # fmt: skip
 
@@ -166,7 +166,7 @@ def run_checks(args, device: str, report: dict) -> None:
     run("speed_memory", speed, lambda r: "pass" if r["results"] and all(
         x["routing_maps_equal"] and x["output_rel_diff"] < tolerance for x in r["results"]
     ) else "fail")  # fmt: skip
-    if device != "cuda":
+    if device != "cuda" and "speed_memory" not in args.skip:
         skipped.append(dict(check="speed_memory", reason="full shape and CUDA-event timing need "
                                                          "CUDA (ran a CPU smoke shape)"))  # fmt: skip
     use_te = bool(checks["environment"].get("transformer_engine"))
@@ -218,6 +218,8 @@ def summary_lines(report: dict) -> list:
         if check["status"] in ("error", "skipped"):
             line += f" {check.get('error') or check.get('reason')}"
         lines.append(line)
+    for item in report["skipped"]:
+        lines.append(f"  skipped: {item['check']}: {item['reason']}")
     lines.append(f"  wall {report['wall_s']:.0f} s; report {report['report_path']}")
     return lines
 
