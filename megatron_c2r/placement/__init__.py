@@ -8,7 +8,7 @@
     relabel.py      apply a plan to a model in memory (router, experts, tracker, optimizer state)
     checkpoint.py   apply a plan to a torch_dist checkpoint offline, tensor by tensor
     replan.py       re-plan inside a running EP job (one all_to_all_single moves experts)
-    cli_plan.py / cli_convert.py   the `megatron-c2r plan` / `convert` subcommands
+    (the `megatron-c2r plan` / `convert` subcommands are in megatron_c2r.cli)
 
 Convention everywhere: a plan is applied as ``order`` (int64 [E]): NEW expert i is OLD expert
 ``order[i]``; order = the plan's groups concatenated (``permutation.order_from_groups``), so
