@@ -41,6 +41,7 @@ def _config_errors():
         overlap=_error_of(
             make(moe_shared_expert_intermediate_size=8, moe_shared_expert_overlap=True)
         ),
+        graphs=_error_of(make(cuda_graph_impl="local")),  # Megatron's default scope: whole layer
     )
     init_parallel(ep=1, etp=2)
     errors["etp"] = _error_of(make(expert_tensor_parallel_size=2))
@@ -55,6 +56,7 @@ def test_unsupported_configs_are_rejected_with_the_field_value_and_fix(dist_pool
     assert "moe_pad_expert_input_to_capacity=True" in errors["pad"] and "=False" in errors["pad"]
     assert "moe_shared_expert_overlap=True" in errors["overlap"]
     assert "expert_tensor_parallel_size=2" in errors["etp"] and "=1" in errors["etp"]
+    assert "cuda_graph_impl='local' with cuda_graph_scope=[]" in errors["graphs"]
     assert all("\n" not in e for e in errors.values())
 
 

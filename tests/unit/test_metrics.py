@@ -41,6 +41,27 @@ def test_routing_stats_skip_padding_and_measure_overload():
     assert s["intra_group_share"] == 1.0
 
 
+def test_routing_stats_mask_padding_exactly_like_dropping_the_padded_tokens():
+    g = torch.Generator().manual_seed(0)
+    top_TK = torch.rand(40, 16, generator=g).topk(4, dim=1).indices
+    rmap = torch.zeros(40, 16, dtype=torch.bool).scatter(1, top_TK, True)
+    padding = torch.rand(40, generator=g) < 0.3
+    groups = torch.randperm(16, generator=g) % 4
+    kwargs = dict(ep_size=4, ep_rank=1, expert_to_group_E=groups, num_groups=4)
+    masked = routing_stats(rmap, padding_T=padding.view(8, 5), **kwargs)
+    dropped = routing_stats(rmap[~padding], **kwargs)
+    assert masked.keys() == dropped.keys()
+    for name in masked:
+        assert torch.equal(masked[name], dropped[name]), name
+
+
+def test_routing_stats_need_num_groups_with_a_group_map():
+    with pytest.raises(ValueError, match="pass num_groups"):
+        routing_stats(
+            torch.ones(2, 4, dtype=torch.bool), ep_size=2, expert_to_group_E=torch.arange(4) // 2
+        )
+
+
 @pytest.fixture(scope="module")
 def moe_layers(megatron_world1):
     """Two real MoE layers (layer numbers 1 and 2) built from our spec: C2R router, dedup layer."""

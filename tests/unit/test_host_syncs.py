@@ -1,0 +1,189 @@
+"""The host-sync budget of one MoE layer (issue 14 part 5), counted on CPU with ``SyncAudit``.
+
+Budget: at most one blocking host sync per layer forward with our flat dedup dispatcher (the copy
+of the exchanged count table), none in the router, none in backward, none in the metrics while
+recording; Megatron's alltoall dispatcher is measured the same way for reference (it waits once,
+at its ``cuda_sync_point``). EP=1 here (the local path); EP=2 on gloo is in
+``tests/distributed/test_dispatcher_syncs.py``.
+"""
+
+import contextlib
+from unittest import mock
+
+import pytest
+import torch
+
+from megatron_c2r.metrics import C2RMetrics
+from megatron_c2r.moe.options import C2ROptions
+from megatron_c2r.routing.config import C2RRouterConfig
+from tests.megatron_cpu import init_parallel, megatron_cpu, moe_config
+from tests.sync_audit import SyncAudit, megatron_alltoall_dtoh
+
+pytestmark = pytest.mark.usefixtures("megatron_world1")
+TOLIST = torch.Tensor.tolist
+
+
+# ----------------------------------------------------------------------------------------------
+# The counter itself: it must see what blocks on a GPU and nothing that does not
+# ----------------------------------------------------------------------------------------------
+def test_the_audit_counts_device_reads_and_data_dependent_shapes_but_not_host_work():
+    x = torch.tensor([0, 3, 0, 5])
+    host = torch.tensor([1, 2, 3])  # built from Python data: a host tensor, reading it is free
+    audit = SyncAudit().track(x)
+    with audit:
+        mask = x > 0
+        _ = mask.nonzero()
+        _ = x[mask]
+        y = x.clone()
+        y[mask] = 0
+        _ = x.sum().item()
+        _ = bool(x.any())
+        _ = x.tolist()
+        _ = torch.bincount(x, minlength=8)
+        _ = torch.repeat_interleave(x.clamp(max=2))
+        copy = x.cpu()
+        # Not syncs: host-known sizes, host tensors, reading a host copy.
+        _ = torch.nonzero_static(mask, size=2)
+        _ = torch.repeat_interleave(x.clamp(max=2), output_size=4)
+        _ = host.tolist(), int(host.sum()), copy.tolist()
+        _ = torch.arange(4, device=x.device) * 2
+    ops = [op for _, op in audit.events]
+    assert ops == [
+        "nonzero",
+        "index with a boolean mask",
+        "index_put_ with a boolean mask",
+        "_local_scalar_dense",
+        "_local_scalar_dense",
+        "Tensor.tolist",
+        "bincount",
+        "repeat_interleave without output_size",
+        "Tensor.cpu",
+    ], ops
+    assert torch.Tensor.tolist is TOLIST  # the wrappers are gone after the block
+
+
+# ----------------------------------------------------------------------------------------------
+# One MoE layer, EP = 1
+# ----------------------------------------------------------------------------------------------
+H = 32
+
+
+def c2r_layer(dispatcher="dedup", **router):
+    """A C2RMoELayer from our spec builder: C2RRouter (group mode, one group per token)."""
+    from megatron_c2r.compat import build_from_spec
+    from megatron_c2r.moe.spec_builders import get_c2r_decoder_block_spec
+
+    init_parallel()
+    torch.manual_seed(0)
+    config = moe_config(num_layers=1, hidden_size=H, num_moe_experts=8, moe_router_topk=2)
+    options = C2ROptions(
+        router=C2RRouterConfig(mode="group", max_groups=1, **router), dispatcher=dispatcher
+    )
+    block = get_c2r_decoder_block_spec(config, options, use_transformer_engine=False)
+    layer = build_from_spec(block.layer_specs[0].submodules.mlp, config=config, layer_number=1)
+    layer.set_layer_number(1)
+    return layer.train()
+
+
+def megatron_layer():
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_c2r.compat import moe_submodules
+
+    init_parallel()
+    torch.manual_seed(0)
+    config = moe_config(num_layers=1, hidden_size=H, num_moe_experts=8, moe_router_topk=2)
+    with megatron_cpu():
+        layer = MoELayer(config, moe_submodules(get_moe_module_spec(use_te=False, num_experts=8)))
+    layer.set_layer_number(1)
+    return layer.train()
+
+
+def audit_forward_backward(layer, audit=None, context=contextlib.nullcontext):
+    """One forward+backward of ``layer`` under a SyncAudit; phases: router, forward (the rest
+    of the layer), backward. ``context(audit)`` wraps the run (e.g. Megatron's CPU patches)."""
+    audit = audit or SyncAudit()
+    x = torch.randn(16, 2, H, requires_grad=True)
+    grad = torch.randn(16, 2, H)
+    audit.track(layer, x, grad)
+    handles = [
+        layer.router.register_forward_pre_hook(lambda *a: setattr(audit, "phase", "router")),
+        layer.router.register_forward_hook(lambda *a: setattr(audit, "phase", "forward")),
+    ]
+    try:
+        with context(audit), audit:
+            out, _ = layer(x)
+            audit.phase = "backward"
+            (out * grad).sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return audit
+
+
+def test_our_layer_makes_one_host_sync_per_forward_none_in_router_and_backward():
+    layer = c2r_layer()
+    assert layer.router.defer_finite_check
+    assert layer.token_dispatcher.finite_check_router is layer.router
+    audit = audit_forward_backward(layer)
+    summary = audit.summary()
+    assert audit.count("router") == 0, summary
+    assert audit.count("backward") == 0, summary
+    assert audit.events == [("forward", "Tensor.cpu")], summary  # the count-table copy
+
+
+def test_metrics_add_no_sync_while_recording_and_one_per_report():
+    layer = c2r_layer()
+    metrics = C2RMetrics(num_layers=1).attach(layer)
+    try:
+        audit = audit_forward_backward(layer)
+        assert audit.events == [("forward", "Tensor.cpu")], audit.summary()
+        report = SyncAudit().track(layer, *_metric_tensors(metrics))
+        with report:
+            metrics.record(layer)
+            assert report.events == []
+            values = metrics.compute()
+        assert [op for _, op in report.events] == ["Tensor.cpu"]
+        assert values["moe/c2r/ranks_per_token"] == 1.0
+        assert values["moe/c2r/groups_per_token"] == 1.0
+    finally:
+        metrics.detach()
+
+
+def _metric_tensors(metrics):
+    sums = [v for per_layer in metrics._sums.values() for v in per_layer.values()]
+    return [v for v in sums if isinstance(v, torch.Tensor)]
+
+
+def test_megatron_alltoall_layer_for_reference_waits_once_plus_two_masked_selects():
+    """Megatron's alltoall waits once for its split sizes (event sync at ``cuda_sync_point``);
+    its unfused ``permute`` (``moe_permute_fusion=False``, the only path without TE) adds two
+    ``masked_select`` syncs. With TE's fused permute those two go away: one sync per forward."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    @contextlib.contextmanager
+    def on_cpu(audit):
+        stand_in = megatron_alltoall_dtoh(audit)
+        cls = token_dispatcher.MoEAlltoAllTokenDispatcher
+        with megatron_cpu(), mock.patch.object(cls, "_maybe_dtoh_and_synchronize", stand_in):
+            yield
+
+    audit = audit_forward_backward(megatron_layer(), context=on_cpu)
+    assert audit.summary() == {
+        "forward": {
+            "masked_select": 2,  # permute(): sorted token indices and permuted probs
+            "Event.synchronize (Megatron's cuda_sync_point)": 1,
+        }
+    }, audit.summary()  # nothing in its router (TopKRouter), nothing in backward
+
+
+def test_nonfinite_router_logits_raise_the_routers_error_from_the_count_exchange():
+    layer = c2r_layer()
+    with torch.no_grad():
+        layer.router.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError) as err:
+        layer(torch.randn(4, 1, H))
+    message = str(err.value)
+    assert "layer 1" in message and "NaN/Inf" in message and "c2r.check_finite_logits" in message
+    assert "EP rank(s) [0]" in message and "\n" not in message
