@@ -39,6 +39,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
+from megatron_c2r.megatron_lm.flags import C2R_FLAGS
 from megatron_c2r.routing.config import C2RRouterConfig
 
 # (flag, args attribute, why it is refused and what to do instead)
@@ -67,6 +68,7 @@ _REFUSED = (
 # --dist-ckpt-strictness values that skip keys the checkpoint lacks instead of failing the load.
 TOLERANT_STRICTNESS = ("log_unexpected", "log_all", "ignore_all")
 _STOCK_FIX = "log_unexpected"
+_MODE_FLAG, _WARMUP_FLAG = C2R_FLAGS["mode"][0], C2R_FLAGS["warmup_steps"][0]  # --c2r-mode, ...
 
 
 class UnsupportedSetting(ValueError):
@@ -98,8 +100,8 @@ def parse_entry_argv(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--ckpt-format", default="torch_dist")
     parser.add_argument("--dist-ckpt-strictness", default="assume_ok_unexpected")
     defaults = C2RRouterConfig()
-    parser.add_argument("--c2r-mode", default=defaults.mode)
-    parser.add_argument("--c2r-warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument(_MODE_FLAG, dest="c2r_mode", default=defaults.mode)
+    parser.add_argument(_WARMUP_FLAG, dest="c2r_warmup_steps", type=int, default=defaults.warmup_steps)
     try:
         known, _ = parser.parse_known_args(list(argv))
     except argparse.ArgumentError:  # a malformed value: Megatron's own parser reports it
@@ -195,9 +197,9 @@ def resume_from_stock(argv: Sequence[str]) -> Optional[StockResume]:
     start = 0 if args.finetune or name == "release" else int(name[len("iter_"):])
     if args.c2r_mode == "c2r" and 0 < args.c2r_warmup_steps <= start:
         raise UnsupportedSetting(
-            f"--c2r-warmup-steps={args.c2r_warmup_steps} ends before the resumed iteration "
-            f"{start} of stock checkpoint {checkpoint_dir!r}, so --c2r-mode c2r would derive its "
-            "top-T lists from an almost empty tracker: the warm-up counts Megatron's iterations, "
-            f"set --c2r-warmup-steps {start}+N (e.g. {start + max(args.c2r_warmup_steps, 1)})"
+            f"{_WARMUP_FLAG}={args.c2r_warmup_steps} ends before the resumed iteration {start} of "
+            f"stock checkpoint {checkpoint_dir!r}, so {_MODE_FLAG} c2r would derive its top-T "
+            "lists from a tracker that has counted one iteration: the warm-up counts Megatron's "
+            f"iterations, set {_WARMUP_FLAG} {start}+N (e.g. {start + max(args.c2r_warmup_steps, 1)})"
         )
     return StockResume(checkpoint_dir=checkpoint_dir, prefixes=prefixes, start_iteration=start)
