@@ -26,18 +26,14 @@ import time
 import traceback
 import warnings
 from typing import Callable, Dict, List, Optional
+from unittest import mock
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.sync_audit import SyncAudit, megatron_alltoall_dtoh
 
 # Budget of the node-aware issue's part 5 for the flat dedup dispatcher (per MoE layer).
 SYNC_BUDGET = {"forward": 1, "backward": 0}
-# aten ops that block the host on CUDA (data-dependent output sizes or a device-to-host read).
-_BLOCKING_OPS = {
-    "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim",
-    "aten::_unique2", "aten::unique_consecutive", "aten::bincount", "aten::repeat_interleave",
-    "aten::item",
-}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,52 +170,36 @@ def cuda_sync_counter(sites: List[str]):
             torch.cuda.synchronize()
 
 
-class _BlockingOps(TorchDispatchMode):
-    """CPU stand-in: count aten ops that would block the host on CUDA, and ``Tensor.tolist``
-    (which reads memory without dispatching an op)."""
-
-    def __init__(self, sites: List[str]):
-        super().__init__()
-        self.sites = sites
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        blocking = name in _BLOCKING_OPS and not (
-            name == "aten::repeat_interleave" and (kwargs or {}).get("output_size") is not None
-        )
-        if name == "aten::index":  # boolean-mask indexing is a nonzero inside
-            blocking = any(getattr(i, "dtype", None) is torch.bool for i in (args[1] or []) if i is not None)
-        if blocking:
-            self.sites.append(f"{name} at {_site(traceback.extract_stack())}")
-        return func(*args, **(kwargs or {}))
-
-
 @contextlib.contextmanager
-def cpu_sync_counter(sites: List[str]):
-    real_tolist = torch.Tensor.tolist
+def cpu_sync_counter(audit):
+    """CPU stand-in: ``tests/sync_audit.SyncAudit`` (tracks which tensors a GPU run would hold
+    on the device) with its model of Megatron's alltoall device-to-host copies."""
+    from megatron.core.transformer.moe import token_dispatcher  # heavy: megatron.core
 
-    def tolist(self):
-        sites.append(f"Tensor.tolist at {_site(traceback.extract_stack())}")
-        return real_tolist(self)
-
-    torch.Tensor.tolist = tolist
-    try:
-        with _BlockingOps(sites):
+    cls = token_dispatcher.MoEAlltoAllTokenDispatcher
+    with mock.patch.object(cls, "_maybe_dtoh_and_synchronize", megatron_alltoall_dtoh(audit)):
+        with audit:
             yield
-    finally:
-        torch.Tensor.tolist = real_tolist
 
 
 def count_syncs(layer, x_TBH, grad_TBH, device: str) -> dict:
     """Host syncs of one forward and one backward of ``layer`` (after one warm-up step)."""
-    counter = cuda_sync_counter if device == "cuda" else cpu_sync_counter
     step(layer, x_TBH, grad_TBH)  # first call: lazy allocations and caches
-    forward_sites: List[str] = []
-    backward_sites: List[str] = []
-    with counter(forward_sites):
-        out_TBH = forward(layer, x_TBH)
-    with counter(backward_sites):
-        out_TBH.backward(grad_TBH)
+    if device == "cuda":
+        forward_sites: List[str] = []
+        backward_sites: List[str] = []
+        with cuda_sync_counter(forward_sites):
+            out_TBH = forward(layer, x_TBH)
+        with cuda_sync_counter(backward_sites):
+            out_TBH.backward(grad_TBH)
+    else:
+        audit = SyncAudit().track(layer, x_TBH, grad_TBH)
+        with cpu_sync_counter(audit):
+            out_TBH = forward(layer, x_TBH)
+            audit.phase = "backward"
+            out_TBH.backward(grad_TBH)
+        forward_sites = [op for phase, op in audit.events if phase == "forward"]
+        backward_sites = [op for phase, op in audit.events if phase == "backward"]
     return dict(forward=len(forward_sites), backward=len(backward_sites),
                 forward_sites=forward_sites, backward_sites=backward_sites)  # fmt: skip
 
@@ -235,8 +215,8 @@ def sync_audit(shape: LayerShape, device: str) -> dict:
     within = mine["forward"] <= SYNC_BUDGET["forward"] and mine["backward"] <= SYNC_BUDGET["backward"]
     return dict(
         method="torch.cuda.set_sync_debug_mode('warn')" if device == "cuda"
-        else "cpu stand-in: TorchDispatchMode over blocking aten ops + Tensor.tolist (an upper "
-        "bound: it also counts host reads of tensors a GPU run would already hold on the host)",
+        else "cpu stand-in: tests/sync_audit.SyncAudit (ops that block on an accelerator, on "
+        "tensors a GPU run would hold on the device)",
         shape=shape.describe(), budget=dict(SYNC_BUDGET), layers=layers, within_budget=within,
     )  # fmt: skip
 
