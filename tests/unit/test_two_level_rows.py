@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_c2r.comm import two_level as tl
 from megatron_c2r.comm.reference import (
@@ -22,6 +21,7 @@ from megatron_c2r.comm.reference import (
     simulate_two_level_moe,
 )
 from megatron_c2r.comm.topology import NodeTopology
+from tests.sync_audit import SyncAudit
 
 # (ranks P, ranks per node G, experts E, top-k): 2x2, 2x4, 4x2, one node, one rank per node
 LAYOUTS = [(4, 2, 8, 2), (8, 4, 16, 4), (8, 2, 16, 3), (4, 4, 8, 3), (4, 1, 8, 3)]
@@ -222,29 +222,6 @@ def test_uniform_routing_inter_node_rows_per_token_match_the_formula_within_two_
     assert tl.expected_inter_node_rows_per_token_uniform(256, 8, 8) == pytest.approx(4.64, abs=0.01)
 
 
-class _SyncOps(TorchDispatchMode):
-    """Records the ATen ops that block the host on CUDA (REFERENCE.md section 10)."""
-
-    SYNCING = {"nonzero", "_local_scalar_dense", "masked_select", "unique", "_unique2",
-               "unique_consecutive", "bincount", "unique_dim"}  # fmt: skip
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        bool_index = name.startswith("index") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool
-            for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else [])
-        )
-        no_size = name == "repeat_interleave" and kwargs.get("output_size") is None
-        if name in self.SYNCING or bool_index or no_size:
-            self.ops.append(name)
-        return func(*args, **kwargs)
-
-
 def test_sized_row_functions_make_no_host_sync_forward_or_backward():
     P, G, E, k = 8, 4, 16, 4
     topos, maps, probs = ranks_setup(P, G, E, k, [6] * P)
@@ -253,13 +230,14 @@ def test_sized_row_functions_make_no_host_sync_forward_or_backward():
     # Host sizes, as the dispatcher has them after its one count exchange.
     node_rows = tables[2][::G, 0].tolist()
     rank_rows_total, pairs = int(maps[2].view(6, P, -1).any(dim=2).sum()), int(maps[2].sum())
-    with _SyncOps() as mode:
+    audit = SyncAudit().track(maps[2], p)  # as if on an accelerator
+    with audit:
         counts = tl.build_count_table(maps[2], topos[2])
         rows = tl.build_node_rows(maps[2], p, topos[2], 4, node_rows)
         src_B = torch.zeros(rows.meta_BA.shape[0], dtype=torch.long)
         rank_rows = tl.build_rank_rows(rows.meta_BA, src_B, 2, G, 2, rank_rows_total)
         row_idx_N, probs_N = tl.expand_rank_rows(rank_rows.meta_RW, 2, P, pairs)
         probs_N.sum().backward()
-    assert mode.ops == [], mode.ops
+    assert audit.events == [], audit.summary()
     assert counts.counts_PC.shape == (P, G + 2 + 3)  # G rank rows, L = 2 experts, 3 more
     assert torch.equal(p.grad, maps[2].to(p.dtype))  # every routed prob reaches one expert row
