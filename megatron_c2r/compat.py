@@ -304,6 +304,7 @@ def use_stock_router_gating(device: Any) -> bool:
     device-agnostic copy of the same math (``routing.functional.gating_linear``)."""
     return torch.device(device).type == "cuda"
 
+
 # --- dedup dispatcher (moe/dispatcher.py): config fields that differ between versions ---
 # Router padding for quantized GEMMs: 0.16/0.17 keep moe_router_padding_for_fp8 as an alias of
 # moe_router_padding_for_quantization; older releases have only the fp8 name.
@@ -364,3 +365,89 @@ def moe_cuda_graph_capture(config) -> Optional[str]:
     if getattr(inference, "name", inference) == "block":
         return f"{setting} with inference_cuda_graph_scope=block"
     return None
+
+
+# --- streaming torch_dist I/O (offline convert, tensor by tensor) ---
+class DistCheckpointReader:
+    """Reads one torch_dist checkpoint piece by piece: ``read`` loads rows [start, stop) of one
+    tensor through torch DCP with Megatron's load planner (the layout Megatron wrote, any
+    writer parallelism); the DCP metadata is read once, not per call. Memory per call: the
+    slice plus the stored chunks it overlaps (DCP deserialises a stored chunk whole, then
+    narrows it). Needs torch.distributed initialised (one process is enough)."""
+
+    def __init__(self, checkpoint_dir: str):
+        from megatron.core.dist_checkpointing.strategies import torch as mtorch
+
+        self._mtorch = mtorch
+        self._reader = mtorch._get_filesystem_reader(checkpoint_dir, cache_metadata=True)
+
+    def read(self, key: str, global_shape, dtype, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of axis 0 of tensor ``key`` (global shape ``global_shape``; a 0-d
+        tensor is read whole)."""
+        import torch.distributed.checkpoint as dcp
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        global_shape = tuple(global_shape)
+        shape = (stop - start, *global_shape[1:]) if global_shape else ()
+        offset = (start,) + (0,) * (len(global_shape) - 1) if global_shape else ()
+        sh_ten = ShardedTensor(key, torch.empty(shape, dtype=dtype), dtype, shape, global_shape,
+                               offset, None)
+        state, _, _ = self._mtorch._replace_state_dict_keys_with_sharded_keys({key: sh_ten})
+        pyt_state = self._mtorch.mcore_to_pyt_state_dict(state, True)
+        dcp.load(pyt_state, storage_reader=self._reader, planner=self._mtorch.MCoreLoadPlanner())
+        return sh_ten.data
+
+
+def placeholder_tensor(shape, dtype) -> torch.Tensor:
+    """A tensor of ``shape``/``dtype`` that holds one element (zero strides): stands in for data
+    that ``save_dist_checkpoint_streaming`` asks for only when it writes it."""
+    return torch.zeros((), dtype=dtype).expand(tuple(shape))
+
+
+def save_dist_checkpoint_streaming(sharded_state_dict: dict, checkpoint_dir: str,
+                                   materialize) -> None:
+    """``save_dist_checkpoint`` for state dicts whose ShardedTensors hold placeholders
+    (``placeholder_tensor``): ``materialize(key, global_offset)`` returns a chunk's real data
+    when torch DCP writes that chunk, so one chunk is in memory at a time, not the checkpoint.
+
+    Two torch DCP details make that hold (torch 2.6-2.13): its serial CPU loader resolves one
+    write item at a time (forced by ``per_thread_copy_ahead=0``; the overlapping loader used
+    with CUDA would resolve ahead), but ``_write_files_from_queue`` keeps every written tensor
+    in a dict until the file closes (used only for safetensors output). So the previous chunk's
+    storage is released (resized to 0 bytes) when the next one is asked for; its bytes are on
+    disk by then. The result is the same torch_dist layout as ``save_dist_checkpoint``.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import torch as mtorch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class _StreamingPlanner(mtorch.MCoreSavePlanner):
+        _previous: Optional[torch.Tensor] = None
+
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            if self._previous is not None:
+                self._previous.untyped_storage().resize_(0)
+            data = materialize(write_item.index.fqn, tuple(write_item.index.offset)).contiguous()
+            if data.untyped_storage().nbytes() != data.nbytes:
+                data = data.clone()  # DCP would clone a view itself, out of our reach
+            self._previous = data
+            return data
+
+    class _StreamingTorchDistSave(mtorch.TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            state, _, _ = mtorch._replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica
+            )
+            dcp.save(
+                mtorch.mcore_to_pyt_state_dict(state, False),
+                storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1,
+                                                    per_thread_copy_ahead=0),
+                planner=_StreamingPlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                          flatten_state_dict=False),
+            )
+
+    dist_checkpointing.save(sharded_state_dict, checkpoint_dir,
+                            sharded_strategy=_StreamingTorchDistSave("torch_dist", 1))

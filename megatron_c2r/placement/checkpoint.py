@@ -1,49 +1,73 @@
-"""Apply a plan to a Megatron torch_dist checkpoint offline (one CPU process).
+"""Apply a plan to a Megatron torch_dist checkpoint offline (one CPU process), tensor by tensor.
 
     megatron-c2r convert --load CKPT --plan plan.json --save OUT
 
 CKPT is a torch_dist checkpoint directory (metadata.json) or a Megatron-LM save directory
-(latest_checkpointed_iteration.txt -> iter_XXXXXXX/); OUT gets the same layout. Every tensor is
-loaded whole (the format reshards on load, so EP/TP/PP of the writer do not matter), the MoE
-ones are relabelled, and everything is written back with its key, so any parallel layout loads
-the result.
+(latest_checkpointed_iteration.txt -> iter_XXXXXXX/); OUT gets the same layout. The format
+reshards on load, so the writer's EP/TP/PP do not matter and any parallel layout loads the
+result.
 
-Which tensors move (ShardedTensor keys; a leading layer axis when the key has one; the same rules
-match optimizer keys that embed a model key, e.g. "optimizer.state.exp_avg.<key>"):
-    <p>router.weight / bias / expert_bias          rows
-    <p>router.tracker.counts / pending             rows and columns (C2RRouter)
-    <p>router.top_t_lists                          rows, and the ids they hold (C2RRouter)
-    <p>router.expert_to_group                      rows, unless it is the contiguous default
-    <p>experts.experts.<name>                      the expert axis (SequentialMLP, GroupedMLP and
-                                                   TEGroupedMLP share this layout)
-    <p>experts.experts.<id>.<name>                 key renamed (singleton_local_shards)
-    <p>experts.experts.*._extra_state objects      their expert offset
-Layers: the MoE prefixes <p> (from router.weight keys), decoder first, layer axis in order,
-map to plan layers 0, 1, ... Everything is validated before anything is written; the output is
-written to a temporary sibling directory and renamed into place.
-Not supported: legacy per-rank (mp_rank_*) checkpoints, flat DistributedOptimizer buffers
-("optimizer.distributed.*", pass drop_optimizer=True), models mixing dense and MoE layers in
-one layer axis.
+Which tensors move, and how, is ``permutation.checkpoint_rule`` (the same table the live router
+uses): per MoE prefix <p> (from "*router.weight" keys; a leading layer axis when the key has
+one), <p>router.* by ``ROUTER_STATE``, <p>experts.experts.<name> on the expert axis,
+<p>experts.experts.<id>.<name> renamed (singleton_local_shards), per-expert ``_extra_state``
+objects moved to their new expert; optimizer keys that embed a model key
+("optimizer.state.exp_avg.<key>") follow that key. MoE prefixes, decoder first and layer axis in
+order, map to plan layers 0, 1, ...
+
+Memory: ``convert_checkpoint`` never holds the model. Each output chunk (one MoE layer of one
+tensor; other tensors in pieces of at most ``CHUNK_BYTES``) is read, relabelled and written
+when torch DCP writes it (``compat.save_dist_checkpoint_streaming``), so peak memory is about the
+largest stored chunk of the input plus one output chunk. ``relabel_tensors`` is the whole-tensor
+oracle it is tested against.
+
+Everything is validated before anything is written; the output is written to a temporary sibling
+directory and renamed into place.
+Optimizer state: Megatron-LM's default distributed-optimizer format (``dp_reshardable``, flat
+"optimizer.distributed.*" buckets) records no parameter boundaries inside a bucket (they follow
+from the model's module order and DDP bucketing, not stored), so expert slices cannot be found
+offline: such checkpoints are refused naming the save flag that writes per-parameter state
+(``--dist-ckpt-optim-fully-reshardable``), or converted without optimizer state
+(``--drop-optimizer``).
+Not supported: legacy per-rank (mp_rank_*) checkpoints; models mixing dense and MoE layers in one
+layer axis.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shutil
 import tempfile
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
+from megatron_c2r.placement.input_files import read_json_file
+from megatron_c2r.placement.permutation import (
+    RENAME,
+    SAME,
+    checkpoint_rule,
+    inverse_order,
+    moved_expert_offset,
+    permute,
+    renamed_expert_key,
+    singleton_expert_key,
+)
 from megatron_c2r.placement.plan_file import Plan
 
-_ROUTER_ROWS = re.compile(r"router\.(weight|bias|expert_bias)$")
-_ROUTER_BOTH = re.compile(r"router\.tracker\.(counts|pending)$")
-_ROUTER_SCALAR = re.compile(r"router\.(constraint_active|tracker\.(tokens|pending_tokens))$")
-_SINGLETON = re.compile(r"^(.*experts\.experts\.)(\d+)\.(.*)$")
+CHUNK_BYTES = 256 << 20  # pieces of tensors that do not move (embeddings, attention, ...)
+# Optimizer keys, with the "chained_<i>." prefix a ChainedOptimizer adds unless the save passed
+# chained_optim_avoid_prefix (Megatron-LM does); flat DistributedOptimizer buckets among them.
+_OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
+_FLAT_OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.distributed\.")
+
+DP_RESHARDABLE_FIX = (
+    "re-save it with Megatron-LM's --dist-ckpt-optim-fully-reshardable (per-parameter optimizer "
+    "state; e.g. --load it and --save with that flag), or convert without optimizer state "
+    "(--drop-optimizer, then train with --no-load-optim)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +78,16 @@ class CheckpointDir:
 
 
 def resolve_checkpoint(path: str) -> CheckpointDir:
+    """The torch_dist directory of ``path``; one-line errors for anything else."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint {path!r} is not a directory")
     tracker = os.path.join(path, "latest_checkpointed_iteration.txt")
     if os.path.isfile(tracker):
-        text = open(tracker).read().strip()
+        with open(tracker) as f:
+            text = f.read(64).strip()
+        if text != "release" and not text.isdigit():
+            raise ValueError(f"{tracker!r} holds {text!r}: expected an iteration number or "
+                             "'release' (as Megatron-LM writes it)")
         sub = "release" if text == "release" else f"iter_{int(text):07d}"
         resolved = resolve_checkpoint(os.path.join(path, sub))
         return CheckpointDir(resolved.path, sub, text)
@@ -68,187 +97,267 @@ def resolve_checkpoint(path: str) -> CheckpointDir:
         why = "a legacy per-rank checkpoint" if legacy else "not a torch_dist checkpoint"
         raise ValueError(f"{path!r} is {why} (no metadata.json): save it with "
                          "--ckpt-format torch_dist first")
-    backend = json.load(open(meta)).get("sharded_backend")
+    content = read_json_file(meta, "checkpoint metadata", max_bytes=1 << 20)
+    backend = content.get("sharded_backend") if isinstance(content, dict) else None
     if backend != "torch_dist":
         raise ValueError(f"{path!r} has sharded_backend={backend!r}: only torch_dist is supported")
     return CheckpointDir(path)
 
 
-def _moe_prefixes(tensors: dict) -> list[tuple[str, int, bool]]:
-    """(prefix, layers, has_layer_axis) per MoE module family, decoder first."""
+# ------------------------------------------------------------------------------------------
+# Which key is what (metadata only: shapes, no data)
+# ------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MoEFamily:
+    """One MoE module family: keys "<prefix>router.weight", ... (``layers`` MoE layers)."""
+
+    prefix: str
+    layers: int
+    has_layer_axis: bool
+    orders: tuple  # per layer: int64 [E] relabelling (plan layers in family order)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRule:
+    key: str
+    family: Optional[MoEFamily]  # None: not an MoE tensor
+    rest: str  # the key after the family prefix
+    kind: str  # a permutation kind, or RENAME
+
+
+def moe_families(shapes: dict[str, tuple], plan: Plan) -> list[MoEFamily]:
+    """MoE families from "*router.weight" keys (decoder first), checked against ``plan``."""
     found = {}
-    for key, t in tensors.items():
-        if key.endswith("router.weight") and not key.startswith("optimizer"):
-            prefix = key[: -len("router.weight")]
-            found[prefix] = (t.shape[0], True) if t.dim() == 3 else (1, False)
-    return [(p, *found[p]) for p in sorted(found, key=lambda p: (not p.startswith("decoder"), p))]
-
-
-def _orders_by_prefix(prefixes, plan: Plan) -> dict:
-    """prefix -> (per-layer orders as int64 tensors, has_layer_axis); plan layers in order."""
-    out, start = {}, 0
-    for prefix, n, has_axis in prefixes:
-        out[prefix] = ([torch.tensor(plan.layers[start + i].order) for i in range(n)], has_axis)
-        start += n
-    return out
-
-
-def _permute_axis(t: torch.Tensor, axis: int, order: torch.Tensor) -> torch.Tensor:
-    return t.index_select(axis, order)
-
-
-def _per_layer(t: torch.Tensor, has_layer_axis: bool, orders: list, fn) -> torch.Tensor:
-    """Apply fn(tensor_without_layer_axis, order) per layer."""
-    if not has_layer_axis:
-        return fn(t, orders[0])
-    return torch.stack([fn(t[l], orders[l]) for l in range(t.shape[0])])
-
-
-def _relabel_router_tensor(name: str, t, has_layer_axis, orders, key):
-    """name: the key's part after 'router.'."""
-    def rows(x, o):
-        return _permute_axis(x, 0, o)
-
-    if _ROUTER_ROWS.search("router." + name):
-        return _per_layer(t, has_layer_axis, orders, rows)
-    if _ROUTER_BOTH.search("router." + name):
-        return _per_layer(t, has_layer_axis, orders, lambda x, o: x[o][:, o])
-    if name == "top_t_lists":
-        def lists(x, o):
-            inverse = torch.empty_like(o)
-            inverse[o] = torch.arange(len(o))
-            return inverse[x[o]] if x.numel() else x
-        return _per_layer(t, has_layer_axis, orders, lists)
-    if name == "expert_to_group":
-        def groups(x, o):
-            num_groups = int(x.max()) + 1
-            default = torch.arange(len(x)) // (len(x) // num_groups)
-            return x if torch.equal(x.cpu(), default) else x[o]
-        return _per_layer(t, has_layer_axis, orders, groups)
-    if _ROUTER_SCALAR.search("router." + name):
-        return t
-    raise ValueError(f"checkpoint key {key!r}: unknown router state, cannot relabel it safely "
-                     "(extend megatron_c2r.placement.checkpoint)")
-
-
-def relabel_tensors(tensors: dict, plan: Plan, drop_optimizer: bool = False) -> dict:
-    """{key: tensor} -> {key: tensor} with every MoE tensor relabelled (pure; raises first)."""
-    prefixes = _moe_prefixes(tensors)
-    if not prefixes:
+    for key, shape in shapes.items():
+        if key.endswith("router.weight") and not _OPTIMIZER_KEY.match(key):
+            found[key[: -len("router.weight")]] = (shape[0], True) if len(shape) == 3 else (1, False)
+    if not found:
         raise ValueError("checkpoint has no MoE layers (no '*router.weight' key): nothing to "
                          "relabel")
-    num_layers = sum(n for _, n, _ in prefixes)
-    weight = tensors[prefixes[0][0] + "router.weight"]
-    plan.check_matches(num_experts=weight.shape[-2], num_layers=num_layers, what="the checkpoint")
-    orders_by_prefix = _orders_by_prefix(prefixes, plan)
+    prefixes = sorted(found, key=lambda p: (not p.startswith("decoder"), p))
+    weight_shape = shapes[prefixes[0] + "router.weight"]
+    plan.check_matches(num_experts=weight_shape[-2], num_layers=sum(found[p][0] for p in prefixes),
+                       what="the checkpoint")
+    families, start = [], 0
+    for prefix in prefixes:
+        layers, has_axis = found[prefix]
+        orders = tuple(torch.tensor(plan.layers[start + i].order) for i in range(layers))
+        families.append(MoEFamily(prefix, layers, has_axis, orders))
+        start += layers
+    return families
+
+
+def key_rule(key: str, families: list[MoEFamily]) -> KeyRule:
+    """The rule of one key (optimizer keys embed model keys: the longest prefix inside wins)."""
+    hits = [f for f in families if f.prefix in key]
+    if not hits:
+        return KeyRule(key, None, key, SAME)
+    family = max(hits, key=lambda f: len(f.prefix))
+    rest = key[key.index(family.prefix) + len(family.prefix):]
+    return KeyRule(key, family, rest, checkpoint_rule(rest, key))
+
+
+def check_rule_shape(rule: KeyRule, shape: tuple) -> None:
+    """A relabelled tensor must have the family's layer axis and then an expert axis of E."""
+    family = rule.family
+    if rule.kind == SAME:
+        return
+    num_experts = len(family.orders[0])
+    axis = 1 if family.has_layer_axis else 0
+    want_layers = not family.has_layer_axis or (len(shape) > 0 and shape[0] == family.layers)
+    want_experts = rule.kind == RENAME or (len(shape) > axis and shape[axis] == num_experts)
+    if not (want_layers and want_experts):
+        layout = f"[{family.layers} layers, {num_experts} experts, ...]" if family.has_layer_axis \
+            else f"[{num_experts} experts, ...]"
+        raise ValueError(f"checkpoint key {rule.key!r} has shape {tuple(shape)}, expected "
+                         f"{layout} like {family.prefix}router.weight: not a layout convert knows")
+
+
+def _rename_source(rule: KeyRule, layer: int) -> str:
+    """The key whose tensor per-expert key ``rule.key`` takes at ``layer``."""
+    head = rule.key[: len(rule.key) - len(rule.rest)]
+    return head + renamed_expert_key(rule.rest, rule.family.orders[layer])
+
+
+def check_optimizer_format(keys, drop_optimizer: bool, path: str) -> None:
+    """One-line refusal of flat distributed-optimizer buckets (see the module docstring)."""
+    flat = sorted(k for k in keys if _FLAT_OPTIMIZER_KEY.match(k))
+    if flat and not drop_optimizer:
+        raise ValueError(
+            f"checkpoint {path!r} holds the distributed optimizer's dp_reshardable state "
+            f"({flat[0]!r}, ...: flat buckets that mix parameters and record no boundaries), "
+            f"which cannot be relabelled offline: {DP_RESHARDABLE_FIX}"
+        )
+
+
+def _dropped(key: str, drop_optimizer: bool) -> bool:
+    return drop_optimizer and _OPTIMIZER_KEY.match(key) is not None
+
+
+# ------------------------------------------------------------------------------------------
+# The whole-tensor oracle
+# ------------------------------------------------------------------------------------------
+def relabel_tensors(tensors: dict, plan: Plan, drop_optimizer: bool = False) -> dict:
+    """{key: tensor} -> {key: tensor} with every MoE tensor relabelled (pure; validates first).
+    Holds everything in memory: the reference ``convert_checkpoint`` is tested against."""
+    check_optimizer_format(tensors, drop_optimizer, "(in memory)")
+    families = moe_families({k: tuple(t.shape) for k, t in tensors.items()}, plan)
+    rules = [key_rule(k, families) for k in tensors if not _dropped(k, drop_optimizer)]
+    for rule in rules:
+        check_rule_shape(rule, tuple(tensors[rule.key].shape))
     out = {}
-    for key, t in tensors.items():
-        if key.startswith("optimizer.distributed."):
-            if drop_optimizer:
-                continue
-            raise ValueError(f"checkpoint key {key!r} is a flat DistributedOptimizer buffer that "
-                             "mixes experts: convert without optimizer state (--drop-optimizer)")
-        if drop_optimizer and key.startswith("optimizer"):
+    for rule in rules:
+        t, family = tensors[rule.key], rule.family
+        if rule.kind == SAME:
+            out[rule.key] = t
             continue
-        hits = [p for p in orders_by_prefix if p in key]
-        if not hits:
-            out[key] = t
-            continue
-        prefix = max(hits, key=len)
-        orders, has_axis = orders_by_prefix[prefix]
-        rest = key[key.index(prefix) + len(prefix):]
-        single = _SINGLETON.match(rest)
-        if rest.startswith("router."):
-            out[key] = _relabel_router_tensor(rest[len("router."):], t, has_axis, orders, key)
-        elif single:
-            continue  # handled below, by family
-        elif rest.startswith("experts.experts."):
-            out[key] = _per_layer(t, has_axis, orders, lambda x, o: _permute_axis(x, 0, o))
-        else:
-            out[key] = t  # shared experts, layer norms, ...
-    out.update(_relabel_singletons(tensors, orders_by_prefix))
+        per_layer = []
+        for layer in range(family.layers):
+            order = family.orders[layer]
+            if rule.kind == RENAME:
+                src = tensors[_rename_source(rule, layer)]
+                per_layer.append(src[layer] if family.has_layer_axis else src)
+            else:
+                per_layer.append(permute(rule.kind, t[layer] if family.has_layer_axis else t,
+                                         order))
+        out[rule.key] = torch.stack(per_layer) if family.has_layer_axis else per_layer[0]
     return out
 
 
-def _relabel_singletons(tensors: dict, orders_by_prefix: dict) -> dict:
-    """experts.experts.<id>.<name> keys: new key i holds, per layer l, old id order_l[i]."""
+def relabel_objects(objects: dict, families: list[MoEFamily], drop_optimizer: bool) -> dict:
+    """ShardedObjects {unique: (key, global_shape, offset, data)} after relabelling: per-expert
+    objects of "experts.experts.*" move to their new expert (offset), per-expert keys take the
+    data of the old id they now stand for."""
+    by_key_offset = {(key, tuple(off)): data for key, _, off, data in objects.values()}
     out = {}
-    for key in tensors:
-        hits = [p for p in orders_by_prefix if p in key]
-        if not hits:
-            continue
-        prefix = max(hits, key=len)
-        head, rest = key[: key.index(prefix) + len(prefix)], key[key.index(prefix) + len(prefix):]
-        m = _SINGLETON.match(rest)
-        if not m:
-            continue
-        orders, has_axis = orders_by_prefix[prefix]
-        new_id = int(m.group(2))
-        def source(old_id):
-            return tensors[f"{head}{m.group(1)}{old_id}.{m.group(3)}"]
-        if has_axis:
-            out[key] = torch.stack([source(int(orders[l][new_id]))[l] for l in range(len(orders))])
-        else:
-            out[key] = source(int(orders[0][new_id]))
-    return out
-
-
-def _relabel_objects(objects: dict, orders_by_prefix: dict) -> dict:
-    """ShardedObjects (key, global_shape, offset) -> moved offset for expert _extra_state."""
-    moved = {}
     for unique, (key, shape, offset, data) in objects.items():
-        hits = [p for p in orders_by_prefix if p in key and "experts.experts." in key]
-        if not hits or _SINGLETON.match(key[key.index(max(hits, key=len)) + len(max(hits, key=len)):]):
-            moved[unique] = (key, shape, offset, data)
+        if _dropped(key, drop_optimizer):
             continue
-        orders, has_axis = orders_by_prefix[max(hits, key=len)]
-        layer = offset[0] if has_axis else 0
-        inverse = torch.empty_like(orders[layer])
-        inverse[orders[layer]] = torch.arange(len(inverse))
-        new_offset = tuple(offset[:-1]) + (int(inverse[offset[-1]]),)
-        moved[unique] = (key, shape, new_offset, data)
-    return moved
+        rule = key_rule(key, families)
+        family = rule.family
+        if family is None or not rule.rest.startswith("experts.experts."):
+            out[unique] = (key, shape, tuple(offset), data)
+            continue
+        layer = offset[0] if family.has_layer_axis else 0
+        if singleton_expert_key(rule.rest) is not None:
+            source = _rename_source(rule, layer)
+            out[unique] = (key, shape, tuple(offset), by_key_offset[(source, tuple(offset))])
+        else:
+            new_offset = moved_expert_offset(offset, inverse_order(family.orders[layer]))
+            out[unique] = (key, shape, new_offset, data)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Streaming conversion
+# ------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+    """One output chunk: rows [start, stop) of axis 0 of ``rule.key``; ``layer`` when the chunk
+    is one MoE layer of a stacked tensor (or 0 for an unstacked MoE tensor), else None."""
+
+    rule: KeyRule
+    shape: tuple
+    dtype: torch.dtype
+    start: int
+    stop: int
+    layer: Optional[int]
+
+
+def _chunks(rule: KeyRule, shape: tuple, dtype: torch.dtype) -> list[_Chunk]:
+    family = rule.family
+    if rule.kind != SAME:  # relabelled: one MoE layer (its whole expert axis) per chunk
+        if family.has_layer_axis:
+            return [_Chunk(rule, shape, dtype, l, l + 1, l) for l in range(shape[0])]
+        return [_Chunk(rule, shape, dtype, 0, shape[0], 0)]
+    if not shape:
+        return [_Chunk(rule, shape, dtype, 0, 0, None)]
+    row_bytes = max(1, torch.Size(shape[1:]).numel() * dtype.itemsize)
+    rows = max(1, CHUNK_BYTES // row_bytes)
+    return [_Chunk(rule, shape, dtype, a, min(a + rows, shape[0]), None)
+            for a in range(0, max(shape[0], 1), rows)]
+
+
+def _produce(chunk: _Chunk, read: Callable, shapes: dict) -> torch.Tensor:
+    """The chunk's relabelled data (reads only what it needs)."""
+    rule, family = chunk.rule, chunk.rule.family
+    if rule.kind == SAME:
+        return read(rule.key, chunk.shape, chunk.dtype, chunk.start, chunk.stop)
+    if rule.kind == RENAME:
+        source = _rename_source(rule, chunk.layer)
+        return read(source, shapes[source][0], chunk.dtype, chunk.start, chunk.stop)
+    data = read(rule.key, chunk.shape, chunk.dtype, chunk.start, chunk.stop)
+    order = family.orders[chunk.layer]
+    if family.has_layer_axis:
+        return permute(rule.kind, data[0], order).unsqueeze(0)
+    return permute(rule.kind, data, order)
 
 
 def convert_checkpoint(load: str, plan: Plan, save: str, drop_optimizer: bool = False) -> str:
-    """Relabel checkpoint ``load`` with ``plan`` into ``save`` (must not exist). Returns the
-    torch_dist directory written. Needs torch.distributed initialised (one process is enough)."""
-    from megatron.core import dist_checkpointing
+    """Relabel checkpoint ``load`` with ``plan`` into ``save`` (must not exist or be empty),
+    tensor by tensor. Returns the torch_dist directory written. Needs torch.distributed
+    initialised (one process is enough); nothing is written before every key is validated."""
+    from megatron.core import dist_checkpointing  # heavy: only the convert command needs it
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
     from megatron_c2r import compat
 
     src = resolve_checkpoint(load)
-    if os.path.exists(save) and os.listdir(save):
-        raise FileExistsError(f"--save {save!r} exists and is not empty: pick a new directory")
+    if os.path.exists(save) and (not os.path.isdir(save) or os.listdir(save)):
+        raise FileExistsError(f"--save {save!r} exists and is not an empty directory: pick a new "
+                              "directory")
     parent = os.path.dirname(os.path.abspath(save))
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"parent directory {parent!r} of --save does not exist")
 
-    metadata = load_sharded_metadata(src.path)
-    loaded = dist_checkpointing.load(metadata, src.path, validate_access_integrity=False)
+    metadata = load_sharded_metadata(src.path)  # shapes and dtypes only
+    tensors = {v.key: v for v in metadata.values() if isinstance(v, ShardedTensor)}
+    check_optimizer_format(tensors, drop_optimizer, src.path)
+    shapes = {k: (tuple(v.global_shape), v.dtype) for k, v in tensors.items()}
+    families = moe_families({k: s for k, (s, _) in shapes.items()}, plan)
+    chunks = []
+    for key, (shape, dtype) in shapes.items():
+        if not _dropped(key, drop_optimizer):
+            rule = key_rule(key, families)  # raises on unknown router state
+            check_rule_shape(rule, shape)
+            chunks += _chunks(rule, shape, dtype)
+            if rule.kind == RENAME:
+                for layer in range(rule.family.layers):
+                    if _rename_source(rule, layer) not in shapes:
+                        raise ValueError(f"checkpoint key {key!r}: per-expert key "
+                                         f"{_rename_source(rule, layer)!r} is missing")
+    object_meta = {u: v for u, v in metadata.items()
+                   if isinstance(v, ShardedObject) and not _dropped(v.key, drop_optimizer)}
+    loaded_objects = dist_checkpointing.load(dict(object_meta), src.path,
+                                             validate_access_integrity=False) if object_meta else {}
+    objects = relabel_objects(
+        {u: (v.key, v.global_shape, v.global_offset, loaded_objects[u])
+         for u, v in object_meta.items()}, families, drop_optimizer)
     common = dist_checkpointing.load_common_state_dict(src.path)
-    tensors = {v.key: loaded[k] for k, v in metadata.items() if isinstance(v, ShardedTensor)}
-    objects = {k: (v.key, v.global_shape, v.global_offset, loaded[k])
-               for k, v in metadata.items() if isinstance(v, ShardedObject)}
-    new_tensors = relabel_tensors(tensors, plan, drop_optimizer)  # validates everything
-    new_objects = _relabel_objects(objects, _orders_by_prefix(_moe_prefixes(tensors), plan))
 
+    reader = compat.DistCheckpointReader(src.path)
+    by_offset = {}
     sharded = dict(common)
-    for key, t in new_tensors.items():
-        sharded[key] = ShardedTensor.from_rank_offsets(key, t.contiguous(), replica_id=0)
-    for unique, (key, shape, offset, data) in new_objects.items():
-        if drop_optimizer and key.startswith("optimizer"):
-            continue
-        sharded[unique] = ShardedObject(key, data, tuple(shape), tuple(offset),
-                                                   replica_id=0)
+    for i, chunk in enumerate(chunks):
+        rows = chunk.stop - chunk.start
+        local = (rows, *chunk.shape[1:]) if chunk.shape else ()
+        offset = (chunk.start,) + (0,) * (len(chunk.shape) - 1) if chunk.shape else ()
+        sharded[f"{chunk.rule.key}//chunk{i}"] = ShardedTensor(
+            chunk.rule.key, compat.placeholder_tensor(local, chunk.dtype), chunk.dtype, local,
+            chunk.shape, offset, None, replica_id=0)
+        by_offset[(chunk.rule.key, offset)] = chunk
+    for unique, (key, shape, offset, data) in objects.items():
+        sharded[unique] = ShardedObject(key, data, tuple(shape), tuple(offset), replica_id=0)
+
+    def materialize(key, offset):
+        return _produce(by_offset[(key, tuple(offset))], reader.read, shapes)
 
     tmp = tempfile.mkdtemp(prefix=".c2r-convert-", dir=parent)
     try:
         target = os.path.join(tmp, src.iteration_dir) if src.iteration_dir else tmp
         os.makedirs(target, exist_ok=True)
-        compat.save_dist_checkpoint(sharded, target)
+        compat.save_dist_checkpoint_streaming(sharded, target, materialize)
         if src.iteration_dir:
             with open(os.path.join(tmp, "latest_checkpointed_iteration.txt"), "w") as f:
                 f.write(src.tracker_text)

@@ -100,7 +100,7 @@ def load_npy(path: str, what: str, max_bytes: int = 16 << 30) -> np.ndarray:
     """A numeric array from a .npy file (np.load(allow_pickle=False); object and structured
     arrays, pickles and damaged files refused in one line)."""
     check_file(path, what, max_bytes)
-    fix = "save a numeric array with numpy.save(path, array)"
+    fix = "save the numbers with numpy.save(path, array)"
     with open(path, "rb") as f:
         if f.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
             raise ValueError(f"{what} {path!r} is not a .npy file (no NumPy header; a pickle or "
@@ -120,8 +120,8 @@ def load_npy(path: str, what: str, max_bytes: int = 16 << 30) -> np.ndarray:
             raise ValueError(f"{what} {path!r} has a damaged .npy header (truncated?): {fix}"
                              ) from None
     if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf":
-        raise ValueError(f"{what} {path!r} holds dtype {dtype} (shape {tuple(shape)}): {fix} of "
-                         "numbers (object arrays are never unpickled)")
+        raise ValueError(f"{what} {path!r} holds dtype {dtype} (shape {tuple(shape)}), not "
+                         f"numbers (object arrays are never unpickled): {fix}")
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, EOFError, OSError):
@@ -144,9 +144,13 @@ def load_torch_file(path: str, what: str, max_bytes: int = 1 << 40) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError:
-        raise ValueError(f"{what} {path!r} holds pickled Python objects other than tensors, "
-                         "dicts, lists and numbers, which are never loaded: save plain tensors "
-                         "with torch.save") from None
+        if is_zip:  # a well-formed archive whose pickle names something beyond tensors
+            raise ValueError(f"{what} {path!r} holds pickled Python objects other than tensors, "
+                             "dicts, lists and numbers, which are never loaded: save plain "
+                             "tensors with torch.save") from None
+        raise ValueError(f"{what} {path!r} is not a torch.save file (damaged, another format, "
+                         "or a pickle, which is never loaded): save tensors with torch.save"
+                         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile):
         raise ValueError(f"{what} {path!r} is not a readable torch.save file (truncated, "
                          "damaged or another format): save it again with torch.save") from None

@@ -54,6 +54,8 @@ ROUTER_STATE: dict[str, str] = {
     "local_tokens_per_expert": ROWS, "global_tokens_per_expert": ROWS, "ga_steps": SAME,
     # C2RRouter
     "top_t_lists": LISTS, "expert_to_group": GROUPS, "constraint_active": SAME,
+    # per balance group (EP-rank group or node), not per expert: groups keep their ids
+    "group_bias": SAME, "local_tokens_per_group": SAME,
     **{f"tracker.{name}": kind for name, kind in TRACKER_STATE.items()},
 }
 

@@ -213,3 +213,28 @@ def test_key_rules_relabel_optimizer_copies_singleton_keys_and_c2r_router_state(
     unknown = dict(tensors, **{p + "router.mystery": torch.ones(LAYERS, E)})
     with pytest.raises(ValueError, match="unknown router state"):
         relabel_tensors(unknown, _plan(ORDERS))
+
+
+def test_chained_optimizer_keys_flat_buckets_and_unknown_layouts_are_recognised_first():
+    """ChainedOptimizer keys ("chained_<i>.optimizer...") follow the same rules; flat
+    DistributedOptimizer buckets are refused naming the save flag; a tensor under an MoE key
+    without the family's layer / expert axes is refused instead of being mis-permuted."""
+    from megatron_c2r.placement.checkpoint import relabel_tensors
+
+    p = "decoder.layers.mlp."
+    weight = torch.randn(LAYERS, E, 3)
+    chained = {p + "router.weight": weight,
+               "chained_0.optimizer.state.exp_avg." + p + "router.weight": weight * 2}
+    out = relabel_tensors(chained, _plan(ORDERS))
+    for l, order in enumerate(ORDERS):
+        assert torch.equal(out["chained_0.optimizer.state.exp_avg." + p + "router.weight"][l],
+                           2 * weight[l][order])
+    flat = dict(chained, **{"chained_1.optimizer.distributed.dp_group_idx_0.gbuf_idx_0."
+                            "dtype_(torch.float32, torch.float32).bucket_idx_0.param": torch.ones(9)})
+    with pytest.raises(ValueError, match="dp_reshardable.*--dist-ckpt-optim-fully-reshardable"):
+        relabel_tensors(flat, _plan(ORDERS))
+    dropped = relabel_tensors(flat, _plan(ORDERS), drop_optimizer=True)
+    assert list(dropped) == [p + "router.weight"]
+    odd = {p + "router.weight": weight, "optimizer.state.exp_avg." + p + "router.weight": weight[0]}
+    with pytest.raises(ValueError, match=r"has shape \(8, 3\), expected \[2 layers, 8 experts"):
+        relabel_tensors(odd, _plan(ORDERS))
