@@ -19,6 +19,12 @@ Shape-suffix legend for the whole package (one meaning per letter; a tensor name
     N   expert input rows: one per (received row, local expert), grouped by local expert
     C   columns of the count table exchanged before the rows
     K   top-k (selected experts per token)
+  the two-level (node, then rank) path (``two_level.py``, ``topology.py``):
+    D   nodes the EP group spans                G   EP ranks per node (P = D * G)
+    J   experts per node (G * L)                V   node-row slots, min(topk, J)
+    A   node-row metadata columns (2V)          W   rank-row metadata columns (2S + 1)
+    B   node rows (one per (token, destination node)); R and Q there are the rank rows a relay
+        sends and a rank receives
 """
 
 from megatron_c2r.comm.accounting import (
