@@ -35,8 +35,8 @@ from megatron_c2r.run_config import load_config
 
 PROG = "megatron-c2r"
 DEFAULT_TRAIN_CONFIG = "configs/tiny_cpu.yaml"
-# Where --help sends readers (the README's sections; its YAML block is the config schema).
-CONFIG_DOC = "README: 'Megatron-LM pretraining with C2R'"
+# Where --help sends readers (docs/ pages and README sections).
+CONFIG_DOC = "docs/config.md"
 TRAIN_DOC = "README: 'The main job on any machine'"
 PLACEMENT_DOC = "README: 'Collaboration-aware placement'"
 
@@ -51,8 +51,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_set(parser: argparse.ArgumentParser, example: str) -> None:
     parser.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-        help=f"override a YAML value, e.g. --set {example} (repeatable; the value is YAML; "
-        "errors it causes name the --set)",
+        help=f"override a YAML value, e.g. --set {example} (repeatable; the value is YAML, "
+        f"null deletes; errors it causes name the --set; rules: {CONFIG_DOC})",
     )  # fmt: skip
 
 
@@ -163,7 +163,8 @@ def _render_arguments(parser: argparse.ArgumentParser) -> None:
     _add_set(parser, "megatron.train-iters=10")
     parser.add_argument("--format", choices=FORMATS, default="shell",
                         help="shell (default), json, args, args0 (NUL-separated), env, launch "
-                             "(SLURM knobs), bash (everything, for launch scripts)")
+                             "(SLURM knobs), bash (everything, for launch scripts); see "
+                             f"{CONFIG_DOC}")
 
 
 def _run_render(args: argparse.Namespace) -> int:

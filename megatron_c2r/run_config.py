@@ -191,24 +191,38 @@ def load_config(
     overrides: Optional[Iterable[str]] = None,
     *,
     values: Sequence[Tuple[str, Any, str]] = (),
+    world: str = "launch",
 ) -> RunConfig:
     """Read ``path`` (+ extends, + ``--set`` overrides, + ``values``), validate every section and
     the cross-section contradictions. ``values`` are command-line flags that stand for a YAML key:
     ``(dotted key, value, label)``, e.g. ``('megatron.train-iters', 20, '--steps 20')``, applied
-    after the overrides. Raises ConfigError (a ValueError) with a one-line message. Imports no
-    torch."""
+    after the overrides. ``world``: which processes the parallel sizes must fit (``WORLDS``).
+    Raises ConfigError (a ValueError) with a one-line message. Imports no torch."""
     tree, origins = load_raw(path, overrides)
     for key, value, label in values:
         tree = merge(tree, nested(key.split("."), value))
         origins.append((key, label))
-    return build_config(tree, source=path, overrides=origins)
+    return build_config(tree, source=path, overrides=origins, world=world)
+
+
+# Which processes a run's parallel sizes are checked against:
+#   "launch"  launch.nodes x launch.gpus_per_node (the cluster path: render, pretrain, estimate)
+#   "cpu"     the CPU main job: one gloo process per EP rank, so world = EP and no TP/PP/CP or
+#             global batch to fit (the CPU job refuses those flags itself, naming them)
+WORLDS = ("launch", "cpu")
 
 
 def build_config(
-    tree: dict, *, source: str = "<config>", overrides: Sequence[Tuple[str, str]] = ()
+    tree: dict,
+    *,
+    source: str = "<config>",
+    overrides: Sequence[Tuple[str, str]] = (),
+    world: str = "launch",
 ) -> RunConfig:
     """Validate an already-merged tree (``megatron`` keys without ``--``). ``overrides`` as in
-    ``Origins`` (which keys were set by whom)."""
+    ``Origins`` (which keys were set by whom); ``world`` as in ``load_config``."""
+    if world not in WORLDS:
+        raise TypeError(f"world={world!r} must be one of {', '.join(WORLDS)}")
     origins = Origins(source, tuple(overrides))
     for key in tree:
         if key not in SECTIONS:
@@ -227,7 +241,7 @@ def build_config(
             origins=origins,
         )
         _check_launch(cfg.launch, cfg.slurm)
-        _check_contradictions(cfg)
+        _check_contradictions(cfg, world)
     except ValueError as exc:  # ConfigError and the option classes' own one-line messages
         raise origins.error(str(exc)) from None
     return cfg
@@ -321,9 +335,9 @@ def _int_flag(cfg: RunConfig, flag: str, default: Optional[int]) -> Optional[int
     raise ConfigError(f"megatron.--{flag}={value!r} must be an integer")
 
 
-def _check_contradictions(cfg: RunConfig) -> None:
+def _check_contradictions(cfg: RunConfig, world: str = "launch") -> None:
     """Cross-section checks (MoE presence, experts and top-k, dispatcher, parallel and batch
-    arithmetic), in that order. Raises ValueError without a file prefix."""
+    arithmetic against ``world``), in that order. Raises ValueError without a file prefix."""
     c2r = cfg.c2r
     num_experts = _int_flag(cfg, "num-experts", None)
     ep = _int_flag(cfg, "expert-model-parallel-size", 1)
@@ -359,22 +373,28 @@ def _check_contradictions(cfg: RunConfig) -> None:
                         f"set --{flag}: null"
                     )
         c2r.router.resolve(num_experts=num_experts, topk=topk, ep_size=ep)
-    _check_parallelism(cfg, ep)
+    _check_parallelism(cfg, ep, world)
 
 
-def _check_parallelism(cfg: RunConfig, ep: int) -> None:
-    """The layout rules of ``megatron_c2r.parallel`` on this run's sizes (YAML names)."""
+def _check_parallelism(cfg: RunConfig, ep: int, world: str = "launch") -> None:
+    """The layout rules of ``megatron_c2r.parallel`` on this run's sizes (YAML names). With
+    ``world='cpu'`` only the sizes themselves are checked: the CPU job's world is EP by
+    construction (so EP always fits it), and any TP/PP/CP flag is the CPU job's error to name."""
     sizes = {}
     for flag in ("tensor-model-parallel-size", "pipeline-model-parallel-size", "context-parallel-size"):
         sizes[flag] = parallel.require_positive(_int_flag(cfg, flag, 1), f"megatron.--{flag}")
     tp, pp, cp = sizes.values()
     etp = _int_flag(cfg, "expert-tensor-parallel-size", tp)
     parallel.require_positive(etp, "megatron.--expert-tensor-parallel-size")
-    world = cfg.launch.world_size
+    if world == "cpu":
+        return
+    world_size = cfg.launch.world_size
     dp = parallel.data_parallel_size(
-        world, tp, pp, cp, world_name="launch.nodes x launch.gpus_per_node"
+        world_size, tp, pp, cp, world_name="launch.nodes x launch.gpus_per_node"
     )
-    parallel.check_expert_grid(world, pp, ep, etp, ep_name="megatron.--expert-model-parallel-size")
+    parallel.check_expert_grid(
+        world_size, pp, ep, etp, ep_name="megatron.--expert-model-parallel-size"
+    )
     micro = _int_flag(cfg, "micro-batch-size", None)
     global_batch = _int_flag(cfg, "global-batch-size", None)
     if micro is not None and global_batch is not None:

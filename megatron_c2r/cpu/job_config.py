@@ -4,7 +4,9 @@ The same YAML schema as the cluster path (``megatron_c2r.run_config``): Megatron
 ``megatron:`` describe the model and the optimisation, ``c2r:`` the router and dispatcher, and a
 ``cpu:`` section the runner's own knobs. The CPU runner honours the subset of Megatron flags
 below; any other Megatron flag in a config it runs is an error (it would be silently ignored
-otherwise). Loading and validating import no torch: every error is one line before anything runs.
+otherwise). Its world is one gloo process per EP rank, so parallel sizes are checked against
+that, not against the ``launch:`` section (which the CPU job ignores). Loading and validating
+import no torch: every error is one line before anything runs.
 """
 
 from __future__ import annotations
@@ -220,7 +222,7 @@ def load_cpu_config(path: str, sets: Optional[Sequence[str]] = None, **flags: An
     """The CPU job of ``path`` + ``--set`` overrides + command-line ``flags`` (``train_iters``,
     ``out_dir``, ``progress``; None = not given), validated, exactly as written (no warm-up
     scaling: that is ``load_train_job``'s). Raises ConfigError."""
-    return cpu_config_from_run(load_config(path, sets, values=_flag_values(**flags)))
+    return cpu_config_from_run(load_config(path, sets, values=_flag_values(**flags), world="cpu"))
 
 
 def load_train_job(
@@ -243,7 +245,7 @@ def load_train_job(
             warmup, note = scaled
             values.append(("c2r.warmup_steps", warmup, f"--steps {train_iters}"))
             notes.append(note)
-    return cpu_config_from_run(load_config(path, sets, values=values)), notes
+    return cpu_config_from_run(load_config(path, sets, values=values, world="cpu")), notes
 
 
 def _flag_values(**flags: Any) -> List[Tuple[str, Any, str]]:

@@ -270,6 +270,22 @@ def test_cpu_job_config_checks_use_yaml_names_and_the_shared_parallel_rules():
             CPUTrainConfig(**kwargs)
 
 
+def test_cpu_job_sizes_fit_its_own_processes_not_the_launch_section(tmp_path):
+    # The CPU job runs one gloo process per EP rank: EP=3 (48 experts) is a valid 3-process job
+    # even though 3 does not divide the launch: default world of 8, which it never uses.
+    tiny = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
+    sets = ["megatron.expert-model-parallel-size=3", "megatron.num-experts=48"]
+    assert load_cpu_config(tiny, sets).ep_size == 3
+    with pytest.raises(ConfigError, match="must divide world/PP=8"):  # the cluster rule stays
+        load_config(tiny, sets)
+    # What is wrong is still named: experts not divisible by EP, unsupported TP.
+    with pytest.raises(ConfigError, match="--num-experts=16 must be divisible by "
+                                          "--expert-model-parallel-size=3"):  # fmt: skip
+        load_cpu_config(tiny, sets[:1])
+    with pytest.raises(ConfigError, match="tensor-model-parallel-size is not supported by the CPU"):
+        load_cpu_config(tiny, ["megatron.tensor-model-parallel-size=3"])
+
+
 def test_steps_shorter_than_the_warmup_scale_it_and_say_so_and_longer_runs_are_untouched():
     from megatron_c2r.cpu.job_config import load_train_job
 
