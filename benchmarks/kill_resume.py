@@ -93,13 +93,6 @@ def newest_loads_on_every_rank(out_dir: str, world: int) -> Optional[int]:
     return complete[0].iteration
 
 
-def _created_since(path: str, t: float) -> bool:
-    try:
-        return os.stat(path).st_ctime >= t - 0.01
-    except FileNotFoundError:
-        return False
-
-
 def kill_during_a_save(out_dir: str, steps: int, sets: List[str], resume_from: Optional[int],
                        rng: random.Random, log_path: str) -> Dict:
     """Start a run, SIGKILL its process group while save ``target`` is under way."""
@@ -108,12 +101,17 @@ def kill_during_a_save(out_dir: str, steps: int, sets: List[str], resume_from: O
     delay = rng.uniform(0.0, KILL_DELAY_S)
     target_dir = checkpoint.iter_dir(checkpoint.root_of(out_dir), target)
     with open(log_path, "w", encoding="utf-8") as log:
-        started = time.time()
+        # A directory of that iteration left by the previous kill goes first (the run's start-up
+        # removes it, seconds before its workers save anything): wait for it to vanish, then
+        # for the one this run's save creates.
+        stale = os.path.isdir(target_dir)
         proc = subprocess.Popen(command(out_dir, steps, sets, resume_from is not None), cwd=ROOT,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        # A directory of that iteration the previous kill left is older than this run: wait for
-        # the one this run creates.
-        while not _created_since(target_dir, started) and proc.poll() is None:
+        while proc.poll() is None:
+            exists = os.path.isdir(target_dir)
+            if exists and not stale:
+                break
+            stale = stale and exists
             time.sleep(0.001)
         killed = proc.poll() is None
         if killed:
@@ -168,11 +166,14 @@ def run_tries(out_root: str, tries: int, *, steps: int = 8, sets: Optional[List[
         "killed_after_a_save": sum(r["killed"] and not r["left"] for r in results),
         "failures": failures,
     }
+
+    def verdict(word):
+        return "NO" if any(word in f for f in failures) else "yes"
+
     log(f"{tries} kills in {chains} chains: {summary['killed_mid_save']} left an interrupted "
         f"save behind, {summary['killed_after_a_save']} nothing; the newest complete checkpoint "
-        f"loaded on every rank after each kill: {'yes' if not any('load' in f for f in failures) else 'NO'}; "
-        f"resumed losses equal the uninterrupted run's: "
-        f"{'yes' if not any('loss' in f for f in failures) else 'NO'}; failures: {len(failures)}")
+        f"loaded on every rank after each kill: {verdict('does not load')}; resumed losses equal "
+        f"the uninterrupted run's: {verdict('loss')}; failures: {len(failures)}")
     for failure in failures:
         log(f"FAIL {failure}")
     return summary
@@ -185,19 +186,23 @@ def finish_chain(out_dir: str, steps: int, sets: List[str], resume_from: Optiona
     failures = []
     resumed = history_losses(out_dir)
     if sorted(resumed) != sorted(reference):
-        failures.append(f"chain {chain}: history iterations {sorted(resumed)} != {sorted(reference)}")
+        failures.append(f"chain {chain}: history has iterations {sorted(resumed)}, the "
+                        f"uninterrupted run {sorted(reference)}")
     diff = [it for it in reference if it in resumed and resumed[it] != reference[it]]
     if diff:
-        failures.append(f"chain {chain}: loss differs from the uninterrupted run at iterations {diff}")
-    if leftovers(out_dir):
-        failures.append(f"chain {chain}: leftovers remain after the resumed run: {leftovers(out_dir)}")
+        failures.append(f"chain {chain}: loss differs from the uninterrupted run at {diff}")
+    left = leftovers(out_dir)
+    if left:
+        failures.append(f"chain {chain}: leftovers remain after the resumed run: {left}")
     return failures
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tries", type=int, default=20, help="kills (default 20)")
-    ap.add_argument("--steps", type=int, default=12, help="steps per run, one save each (default 12)")
+    ap.add_argument("--steps", type=int, default=12,
+                    help="steps per run, one save each (default 12)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill points")
     ap.add_argument("--out", help="working directory (default: a new temporary one, kept)")
     args = ap.parse_args(argv)

@@ -31,6 +31,7 @@ that still holds checkpoints, since its saves would mix with them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -41,6 +42,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 CKPT_DIR = "checkpoint"
 META_FILE = "meta.json"
@@ -77,39 +79,35 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _durable_replace(tmp: str, path: str) -> int:
-    """Rename the fsync'd ``tmp`` onto ``path`` and fsync the directory; returns the size."""
+@contextlib.contextmanager
+def _durable_file(path: str, mode: str):
+    """Write through ``path.tmp``: flush + fsync, rename onto ``path``, fsync the directory."""
+    tmp = f"{path}.tmp"
+    with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(path))
-    return os.path.getsize(path)
 
 
 def write_torch(obj, path: str) -> int:
-    """torch.save ``obj`` to ``path`` durably (temp file in the same directory, fsync, rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    """torch.save ``obj`` to ``path`` durably; returns the file size."""
+    with _durable_file(path, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    return _durable_replace(tmp, path)
+    return os.path.getsize(path)
 
 
 def write_json(obj, path: str) -> int:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with _durable_file(path, "w") as f:
         json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    return _durable_replace(tmp, path)
+    return os.path.getsize(path)
 
 
 def write_npy(array: np.ndarray, path: str) -> int:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    with _durable_file(path, "wb") as f:
         np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    return _durable_replace(tmp, path)
+    return os.path.getsize(path)
 
 
 # -- save (collective) -------------------------------------------------------------------------
@@ -119,9 +117,7 @@ def save(trainer, extra_rank0: Optional[Dict] = None) -> str:
     effects: every C2R tracker is reduced over WORLD first (rank-local counts would be lost
     across a resume otherwise); rank 0 rewrites ``OUT/collaboration.npy`` and prunes old
     checkpoints. Returns the checkpoint directory."""
-    import torch.distributed as dist
-
-    from megatron_c2r.moe.router import c2r_routers
+    from megatron_c2r.moe.router import c2r_routers  # imports megatron: workers only
 
     routers = list(c2r_routers(trainer.model))
     for router in routers:
@@ -200,7 +196,8 @@ def _check(path: str, iteration: int) -> Checkpoint:
         with open(marker, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{marker} is not a checkpoint marker ({type(exc).__name__})") from None
+        raise CheckpointError(
+            f"{marker} is not a checkpoint marker ({type(exc).__name__})") from None
     files = meta.get("files") if isinstance(meta, dict) else None
     if (not isinstance(files, dict) or not files or meta.get("iteration") != iteration
             or not all(isinstance(v, int) for v in files.values())):

@@ -169,11 +169,8 @@ def _quiet_megatron_fallbacks() -> None:
                     "full scope is deprecated"):
         warnings.filterwarnings("ignore", message=re.escape(message), category=UserWarning)
 
-    class _UnknownMLPType(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return not str(record.msg).startswith("Unknown MLP type")
-
-    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_UnknownMLPType())
+    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
+        lambda record: not str(record.msg).startswith("Unknown MLP type"))
 
 
 def _worker(rank: int, cfg: CPUTrainConfig, port: int, resume_from, exit_after: Optional[int]):
@@ -241,6 +238,7 @@ class Trainer:
         self.segments: List[Dict] = []  # earlier runs of this job: start, end iteration, seconds
         self._segment_start = 0
         self._saved_at: Optional[int] = None  # iteration of the last checkpoint written or loaded
+        self.last_metrics: Dict[str, float] = {}  # the latest C2RMetrics report (summary line)
 
     def _datasets(self, build_datasets, corpus, data_dir):
         cfg = self.cfg
@@ -387,7 +385,8 @@ class Trainer:
         """Collective: ``checkpoint.save`` with rank 0's history and run clock (the segments so
         far plus this one, ``segment_s`` seconds of training since it started)."""
         clock = self.segments + [self._segment(segment_s)]
-        checkpoint.save(self, extra_rank0={"history": self.history, "segments": clock})
+        checkpoint.save(self, extra_rank0={"history": self.history, "segments": clock,
+                                           "last_metrics": self.last_metrics})
         self._saved_at = self.iteration
 
     def load_checkpoint(self, ckpt: "checkpoint.Checkpoint") -> None:
@@ -399,6 +398,7 @@ class Trainer:
         self.placements = state["placements"]
         self.history = list(state.get("history", []))
         self.segments = list(state.get("segments", []))
+        self.last_metrics = dict(state.get("last_metrics", {}))
         self._saved_at = self.iteration
 
     def _segment(self, elapsed_s: float) -> Dict:
@@ -421,7 +421,7 @@ class Trainer:
         writer = outputs.tensorboard_writer(cfg.out_dir) if self.rank == 0 else None
         bar = outputs.progress_bar(cfg, self.iteration) if self.rank == 0 else None
         warmup = cfg.c2r.router.warmup_steps if cfg.c2r.enabled else 0
-        t_start, tokens_done, last = time.perf_counter(), 0, {}
+        t_start, tokens_done = time.perf_counter(), 0
         stop = cfg.train_iters if exit_after is None else min(cfg.train_iters, exit_after)
         while self.iteration < stop:
             it = self.iteration
@@ -444,7 +444,7 @@ class Trainer:
                 values = self.metrics.report(self.iteration, tb_writer=writer, csv_path=csv_path,
                                              group=dist.group.WORLD, per_layer=True)
                 self.metrics.reset()
-                last = values
+                self.last_metrics = values
                 row["ranks_per_token"] = values.get("moe/c2r/ranks_per_token", float("nan"))
                 row["rows_per_token_alltoall"] = values.get("moe/c2r/rows_per_token_alltoall", float("nan"))
             if self.rank == 0:
@@ -454,7 +454,7 @@ class Trainer:
                     writer.add_scalar("learning-rate", row["lr"], self.iteration)
                     writer.add_scalar("grad-norm", row["grad_norm"], self.iteration)
                 tps = tokens_done / (time.perf_counter() - t_start)
-                outputs.update_bar(bar, loss, last, tps)
+                outputs.update_bar(bar, loss, self.last_metrics, tps)
             if cfg.save_interval and self.iteration % cfg.save_interval == 0:
                 self.save_checkpoint(time.perf_counter() - t_start)
         elapsed = time.perf_counter() - t_start
@@ -464,6 +464,7 @@ class Trainer:
         if self.rank == 0:
             if bar is not None:
                 bar.close()
-            outputs.finish(self, val_loss=val_loss, segments=self.segments + [self._segment(elapsed)],
-                           last_metrics=last, writer=writer, config=as_dict(cfg))
+            outputs.finish(self, val_loss=val_loss,
+                           segments=self.segments + [self._segment(elapsed)],
+                           last_metrics=self.last_metrics, writer=writer, config=as_dict(cfg))
         dist.barrier()

@@ -51,7 +51,8 @@ def test_the_main_job_writes_every_output_and_ships_fewer_rows_than_alltoall(ful
                  "checkpoint/iter_0000008/meta.json", "checkpoint/iter_0000008/rank0.pt",
                  "checkpoint/iter_0000008/rank1.pt", "data"):
         assert os.path.exists(os.path.join(out, name)), name
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tensorboard")))
+    events = os.listdir(os.path.join(out, "tensorboard"))
+    assert any(f.startswith("events.out.tfevents") for f in events)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert "megatron-c2r tiny CPU pretraining" in proc.stdout
     assert summary["iterations"] == 8 and summary["resumed_at"] == []
@@ -132,7 +133,8 @@ def test_a_fresh_run_into_a_directory_with_checkpoints_is_refused(full_run):
     _one_line_error(train(out, "--steps", "8", expect=2), "already holds checkpoints", "--resume")
 
 
-def test_a_hostile_rank_file_fails_in_the_worker_and_reaches_the_parent_as_one_line(full_run, tmp_path):
+def test_a_hostile_rank_file_fails_in_the_worker_and_reaches_the_parent_as_one_line(
+        full_run, tmp_path):
     import shutil
 
     out, _ = full_run
