@@ -47,7 +47,6 @@ from megatron_c2r.cpu.job_config import CPUTrainConfig, as_dict
 from megatron_c2r.errors import USER_ERRORS, one_line
 
 SUMMARY_FILE = "summary.json"
-HISTORY_FILE = "history.csv"
 EXIT_INPUT_ERROR = 2  # a worker's input error (errors.USER_ERRORS), reported to the launcher
 ERROR_KEY = "megatron_c2r/input_error/"  # + rank: that worker's one-line message, in the store
 CPU_PATH_LINE = ("CPU runner: {n} gloo processes; Megatron-core's local layers with torch norms, "
