@@ -100,6 +100,26 @@ def validate_dedup_config(config, ep_size: int, expert_tp_size: int) -> None:
         )
 
 
+def check_local_experts(
+    local_expert_indices: List[int],
+    num_local_experts: int,
+    num_experts: int,
+    ep_rank: int,
+    ep_size: int,
+) -> None:
+    """Our dispatchers need Megatron's contiguous blocks (EP rank r owns [r*L, (r+1)*L)): a
+    placement moves experts by relabelling them, never by scattering a rank's ids. One-line
+    ValueError otherwise. Pure."""
+    first = ep_rank * num_local_experts
+    expected = list(range(first, first + num_local_experts))
+    if num_local_experts * ep_size != num_experts or list(local_expert_indices) != expected:
+        raise ValueError(
+            f"local_expert_indices={list(local_expert_indices)} must be the contiguous block "
+            f"{expected[0]}..{expected[-1]} of EP rank {ep_rank} (num_moe_experts={num_experts}, "
+            f"EP={ep_size}); relabel experts instead of placing them non-contiguously"
+        )
+
+
 class DedupAlltoAllTokenDispatcher(MoETokenDispatcher):
     """Megatron six-stage token dispatcher that ships one row per (token, destination EP rank).
 
@@ -143,18 +163,9 @@ class DedupAlltoAllTokenDispatcher(MoETokenDispatcher):
             validate_dedup_config(config, ep_size, utils.get_pg_size(pg_collection.expt_tp))
         super().__init__(config=config, pg_collection=pg_collection)
         self.ep_rank = utils.get_pg_rank(self.ep_group)
-        first = self.ep_rank * num_local_experts
-        expected = list(range(first, first + num_local_experts))
-        if (
-            num_local_experts * ep_size != config.num_moe_experts
-            or list(local_expert_indices) != expected
-        ):
-            raise ValueError(
-                f"local_expert_indices={list(local_expert_indices)} must be the contiguous block "
-                f"{expected[0]}..{expected[-1]} of EP rank {self.ep_rank} "
-                f"(num_moe_experts={config.num_moe_experts}, EP={ep_size}); relabel experts "
-                f"instead of placing them non-contiguously"
-            )
+        check_local_experts(
+            local_expert_indices, num_local_experts, config.num_moe_experts, self.ep_rank, ep_size
+        )
         self.num_local_experts = num_local_experts
         self.local_expert_indices = list(local_expert_indices)
         self.num_experts = config.num_moe_experts

@@ -1,4 +1,5 @@
-"""CUDA graphs that would capture our MoE layer are refused in one line (issue 16 part 2).
+"""Construction-time checks of the dedup dispatcher: contiguous local experts, and CUDA graphs
+that would capture our MoE layer are refused in one line (issue 16 part 2).
 
 Megatron's default ``cuda_graph_scope`` ("full", turned into ``[]`` = the whole layer) passed the
 old check, and capture would then fail on the dispatcher's data-dependent split sizes. Real
@@ -13,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from megatron_c2r.compat import moe_cuda_graph_capture
-from megatron_c2r.moe.dispatcher import validate_dedup_config
+from megatron_c2r.moe.dispatcher import check_local_experts, validate_dedup_config
 from tests.megatron_cpu import moe_config
 
 REFUSED_0_16 = [
@@ -111,3 +112,10 @@ def test_0_19_graphs_of_attention_only_are_accepted():
     assert moe_cuda_graph_capture(config_0_19()) is None
     eager = config_0_19(cuda_graph_impl="none", cuda_graph_modules=[])
     assert moe_cuda_graph_capture(eager) is None
+
+
+def test_local_experts_must_be_the_ranks_contiguous_block():
+    check_local_experts([2, 3], 2, 8, ep_rank=1, ep_size=4)
+    for indices, local, experts in [([2, 4], 2, 8), ([0, 1], 2, 8), ([2, 3], 2, 6)]:
+        with pytest.raises(ValueError, match=r"must be the contiguous block 2\.\.3 of EP rank 1"):
+            check_local_experts(indices, local, experts, ep_rank=1, ep_size=4)
