@@ -136,16 +136,12 @@ ROUTERS = [
 ]
 
 
-# With padding, CollaborationTracker.record (collaboration.py, another owner's file) still reads
-# the padded-token count on the host (``valid -= int(padding_mask_T.sum())``): one router sync.
-# Strict: this case starts failing -- and the mark must go -- once that count stays on the device.
-TRACKER_PADDING_SYNC = pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="CollaborationTracker.record syncs on padding"
-)
+# Padding and the collaboration tracker are where router syncs hid (the tracker's padded-token
+# count was read on the host until it became a device tensor): both on and off here.
 INPUTS = [
     pytest.param(False, True, id="tracked"),
     pytest.param(True, False, id="padded-untracked"),
-    pytest.param(True, True, id="padded-tracked", marks=TRACKER_PADDING_SYNC),
+    pytest.param(True, True, id="padded-tracked"),
 ]
 
 
