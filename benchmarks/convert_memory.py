@@ -147,7 +147,8 @@ def _same_tensors(work: str) -> bool:
     import torch
 
     def whole(path):
-        meta = {k: v for k, v in load_sharded_metadata(path).items() if isinstance(v, ShardedTensor)}
+        meta = {k: v for k, v in load_sharded_metadata(path).items()
+                if isinstance(v, ShardedTensor)}
         loaded = dist_checkpointing.load(meta, path, validate_access_integrity=False)
         return {v.key: loaded[k] for k, v in meta.items()}
 

@@ -257,25 +257,8 @@ def save_dist_checkpoint(sharded_state_dict: dict, checkpoint_dir: str) -> None:
     if not all(hasattr(mtorch, name) for name in needed):  # pragma: no cover
         dist_checkpointing.save(sharded_state_dict, checkpoint_dir)
         return
-    import torch.distributed.checkpoint as dcp
-
-    class _SyncTorchDistSave(mtorch.TorchDistSaveShardedStrategy):
-        def save(self, sharded_state_dict, checkpoint_dir):
-            state, _, _ = mtorch._replace_state_dict_keys_with_sharded_keys(
-                sharded_state_dict, self.keep_only_main_replica
-            )
-            dcp.save(
-                mtorch.mcore_to_pyt_state_dict(state, False),
-                storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
-                planner=mtorch.MCoreSavePlanner(
-                    dedup_replicated_tensors=not self.keep_only_main_replica,
-                    flatten_state_dict=False,
-                ),
-            )
-
-    dist_checkpointing.save(
-        sharded_state_dict, checkpoint_dir, sharded_strategy=_SyncTorchDistSave("torch_dist", 1)
-    )
+    dist_checkpointing.save(sharded_state_dict, checkpoint_dir,
+                            sharded_strategy=_sync_torch_dist_strategy(mtorch.MCoreSavePlanner))
 
 
 # --- router (C2RRouter): constructor keywords and gating ---
@@ -419,7 +402,6 @@ def save_dist_checkpoint_streaming(sharded_state_dict: dict, checkpoint_dir: str
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies import torch as mtorch
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.planner import WriteItemType
 
     class _StreamingPlanner(mtorch.MCoreSavePlanner):
@@ -436,7 +418,18 @@ def save_dist_checkpoint_streaming(sharded_state_dict: dict, checkpoint_dir: str
             self._previous = data
             return data
 
-    class _StreamingTorchDistSave(mtorch.TorchDistSaveShardedStrategy):
+    strategy = _sync_torch_dist_strategy(_StreamingPlanner, per_thread_copy_ahead=0)
+    dist_checkpointing.save(sharded_state_dict, checkpoint_dir, sharded_strategy=strategy)
+
+
+def _sync_torch_dist_strategy(planner_cls, **writer_kwargs):
+    """The torch_dist save strategy of ``save_dist_checkpoint``: Megatron's key translation, then
+    torch DCP's synchronous ``FileSystemWriter`` (one thread, plus ``writer_kwargs``) with
+    ``planner_cls`` (``MCoreSavePlanner`` or a subclass)."""
+    from megatron.core.dist_checkpointing.strategies import torch as mtorch
+    import torch.distributed.checkpoint as dcp
+
+    class _SyncTorchDistSave(mtorch.TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir):
             state, _, _ = mtorch._replace_state_dict_keys_with_sharded_keys(
                 sharded_state_dict, self.keep_only_main_replica
@@ -444,10 +437,9 @@ def save_dist_checkpoint_streaming(sharded_state_dict: dict, checkpoint_dir: str
             dcp.save(
                 mtorch.mcore_to_pyt_state_dict(state, False),
                 storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1,
-                                                    per_thread_copy_ahead=0),
-                planner=_StreamingPlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
-                                          flatten_state_dict=False),
+                                                    **writer_kwargs),
+                planner=planner_cls(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                    flatten_state_dict=False),
             )
 
-    dist_checkpointing.save(sharded_state_dict, checkpoint_dir,
-                            sharded_strategy=_StreamingTorchDistSave("torch_dist", 1))
+    return _SyncTorchDistSave("torch_dist", 1)

@@ -130,7 +130,8 @@ def moe_families(shapes: dict[str, tuple], plan: Plan) -> list[MoEFamily]:
     found = {}
     for key, shape in shapes.items():
         if key.endswith("router.weight") and not _OPTIMIZER_KEY.match(key):
-            found[key[: -len("router.weight")]] = (shape[0], True) if len(shape) == 3 else (1, False)
+            stacked = len(shape) == 3  # [layers, E, H]; [E, H] without a layer axis
+            found[key[: -len("router.weight")]] = (shape[0], True) if stacked else (1, False)
     if not found:
         raise ValueError("checkpoint has no MoE layers (no '*router.weight' key): nothing to "
                          "relabel")

@@ -59,7 +59,8 @@ def read_json_file(path: str, what: str, max_bytes: int = MAX_JSON_BYTES) -> Any
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        where = f" ({exc.msg} at line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        decode = isinstance(exc, json.JSONDecodeError)
+        where = f" ({exc.msg} at line {exc.lineno})" if decode else ""
         raise ValueError(f"{what} {path!r} is not JSON{where}: pass the file the tool wrote"
                          ) from None
 

@@ -100,7 +100,8 @@ def is_contiguous_blocks(expert_to_group_E: torch.Tensor) -> bool:
     num_groups = int(expert_to_group_E.max()) + 1 if num_experts else 1
     if num_groups < 1 or num_experts % num_groups:
         return False
-    blocks_E = torch.arange(num_experts, device=expert_to_group_E.device) // (num_experts // num_groups)
+    experts_E = torch.arange(num_experts, device=expert_to_group_E.device)
+    blocks_E = experts_E // (num_experts // num_groups)
     return bool(torch.equal(expert_to_group_E.to(torch.int64), blocks_E))
 
 

@@ -137,7 +137,8 @@ def replan_(
     if dist.get_rank() == src_rank:
         config = PlannerConfig(ep_size=ep_size, seed=seed)
         for li, c in enumerate(counts):
-            layer_plan = plan_layer(LayerCollab.from_counts(c.double().cpu().numpy(), top_k), config)
+            collab = LayerCollab.from_counts(c.double().cpu().numpy(), top_k)
+            layer_plan = plan_layer(collab, config)
             layer_orders[li] = torch.tensor(layer_plan.order)
             r = layer_plan.predicted_ranks_per_token
             preds[li] = torch.tensor([r["identity"], r["random"], r["planned"]])

@@ -79,7 +79,8 @@ def _trained(seed: int, steps: int):
     model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(
         num_experts=E, moe_grouped_gemm=False), vocab_size=64, max_sequence_length=16)
     for layer in model.decoder.layers:
-        layer.mlp.router.expert_bias.copy_(torch.randn(E, generator=torch.Generator().manual_seed(seed)))
+        g = torch.Generator().manual_seed(seed)
+        layer.mlp.router.expert_bias.copy_(torch.randn(E, generator=g))
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
         use_distributed_optimizer=True, grad_reduce_in_fp32=True), model)
     opt = get_megatron_optimizer(OptimizerConfig(
@@ -92,7 +93,8 @@ def _trained(seed: int, steps: int):
             # Replicated parameters see the same (already reduced) gradient on every rank;
             # each rank's experts their own.
             expert = not getattr(p, "allreduce", True)
-            g = torch.Generator().manual_seed(1000 * step + i + (100 * dist.get_rank() if expert else 0))
+            rank_seed = 100 * dist.get_rank() if expert else 0
+            g = torch.Generator().manual_seed(1000 * step + i + rank_seed)
             p.main_grad.copy_(torch.randn(p.shape, generator=g))
         opt.step()
     return model, opt
@@ -214,7 +216,8 @@ def _compare_with_oracle(tmp: str):
                           optimizer_keys=[k for k in dropped if k.startswith("optimizer")])
     source = _whole(os.path.join(tmp, "fully_reshardable", it))
     out["optimizer_keys"] = sorted(k for k in source if k.startswith("optimizer.state."))
-    out["experts_moved"] = [k for k in source if "experts" in k and not torch.equal(source[k], oracle[k])]
+    out["experts_moved"] = [k for k in source
+                            if "experts" in k and not torch.equal(source[k], oracle[k])]
     return out
 
 

@@ -229,8 +229,9 @@ def test_chained_optimizer_keys_flat_buckets_and_unknown_layouts_are_recognised_
     for l, order in enumerate(ORDERS):
         assert torch.equal(out["chained_0.optimizer.state.exp_avg." + p + "router.weight"][l],
                            2 * weight[l][order])
-    flat = dict(chained, **{"chained_1.optimizer.distributed.dp_group_idx_0.gbuf_idx_0."
-                            "dtype_(torch.float32, torch.float32).bucket_idx_0.param": torch.ones(9)})
+    bucket = ("chained_1.optimizer.distributed.dp_group_idx_0.gbuf_idx_0."
+              "dtype_(torch.float32, torch.float32).bucket_idx_0.param")
+    flat = dict(chained, **{bucket: torch.ones(9)})
     with pytest.raises(ValueError, match="dp_reshardable.*--dist-ckpt-optim-fully-reshardable"):
         relabel_tensors(flat, _plan(ORDERS))
     dropped = relabel_tensors(flat, _plan(ORDERS), drop_optimizer=True)

@@ -97,7 +97,7 @@ def test_exact_solver_finds_the_optimum_of_exhaustive_enumeration_on_8_experts(e
 
 
 def test_uniform_routing_estimate_matches_the_closed_form_expected_ranks():
-    """E[ranks] = P (1 - C(E - E/P, k) / C(E, k)) (REFERENCE.md section 2)."""
+    """E[ranks] = P (1 - C(E - E/P, k) / C(E, k)) (docs/comm_volume.md)."""
     for num_experts, top_k, ep_size in [(64, 8, 8), (256, 8, 8), (60, 4, 4), (16, 4, 4)]:
         per_pair = top_k * (top_k - 1) / (num_experts * (num_experts - 1))
         counts = np.full((num_experts, num_experts), per_pair)
