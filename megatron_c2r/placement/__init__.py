@@ -2,7 +2,8 @@
 
     sources.py      collaboration inputs (tracker state, traces, dumps, matrices) -> LayerCollab
     input_files.py  reading files users hand us: size bounds, no pickle, one-line errors
-    planner.py      balanced partition of experts over EP ranks; predicted ranks per token
+    partition.py    balanced-partition search: objectives, exhaustive / swap search, load caps
+    planner.py      placement plans (flat or nodes-then-ranks, optional load bound), predictions
     plan_file.py    the plan contract: PlanLayer / Plan (write atomically, read and validate)
     permutation.py  what a relabelling does to every kind of state (one table; pure torch)
     relabel.py      apply a plan to a model in memory (router, experts, tracker, optimizer state)
@@ -22,6 +23,7 @@ Shape-suffix legend, one meaning per letter in this package:
     L  length of a top-T collaborator list (the paper's "T"; never T, which is tokens)
     C  candidate placements evaluated together (planner)    H  hidden size
     B  bytes of a raw payload (replan's all-to-all)
+    M  experts of one node (the rank level of a hierarchical plan)
 A leading MoE-layer axis (checkpoint tensors, stacked files) has no letter: shapes say
 ``[layers, ...]``.
 """

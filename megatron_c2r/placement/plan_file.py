@@ -6,8 +6,20 @@
                  "expert_to_rank": [rank of expert 0, ...],           # E entries
                  "top_t_lists": [[L partners of expert 0], ...],      # only when --top-t given
                  "predicted_ranks_per_token": {"identity": x, "random": y, "planned": z},
-                 "exact": true},       # predictions exact (full top-k sets) or estimated
-                ...]}
+                 "predicted_nodes_per_token": {...},      # hierarchical plans only
+                 "predicted_busiest_rank_load": {...},    # busiest EP rank's tokens / mean
+                 "predicted_busiest_node_load": {...},    # hierarchical plans only
+                 "load_bound": {"max_load_imbalance": X, "smallest_rank": r,
+                                "smallest_node": n, "smallest_exact": true},  # when bounded
+                 "exact": true},       # locality predictions exact (full top-k sets) or estimated
+                ...],
+     "num_nodes": N}                   # hierarchical plans only: node n = ranks [n P/N, (n+1) P/N)
+
+The busiest-load predictions are exact on every source (loads are known from traces and from
+pair counts alike). ``load_bound`` records the requested bound and the smallest busiest/mean
+any placement achieves (exact for small E, else the best found); where the request is below
+that, the plan meets the smallest instead. Files without the optional keys (older planners)
+read as before, with those fields None.
 
 All expert ids in the file are in the labelling of the collaboration source (before relabelling).
 Applying layer l relabels experts with ``order = concat(groups)`` (``permutation.
@@ -45,7 +57,9 @@ def expert_to_rank_from_groups(groups: Sequence[Sequence[int]], num_experts: int
 class PlanLayer:
     """One MoE layer's placement. ``groups[g]`` = expert ids on EP rank g (source labelling);
     ``predicted_ranks_per_token`` = {identity, random, planned}, ``exact`` when computed from
-    full top-k sets (traces, dumps) rather than estimated from pair counts."""
+    full top-k sets (traces, dumps) rather than estimated from pair counts. The optional
+    predictions have the same keys: distinct nodes per token, busiest rank / node load over the
+    mean; ``load_bound`` as in the module docstring (None when planned without a bound)."""
 
     layer: int
     groups: list[list[int]]
@@ -53,13 +67,18 @@ class PlanLayer:
     predicted_ranks_per_token: dict[str, float]
     top_t_lists: Optional[list[list[int]]] = None
     exact: bool = False
+    predicted_busiest_rank_load: Optional[dict[str, float]] = None
+    predicted_nodes_per_token: Optional[dict[str, float]] = None
+    predicted_busiest_node_load: Optional[dict[str, float]] = None
+    load_bound: Optional[dict[str, Any]] = None
 
     @classmethod
     def from_groups(cls, layer: int, groups, predicted: dict[str, float], *,
-                    top_t_lists=None, exact: bool = False) -> "PlanLayer":
+                    top_t_lists=None, exact: bool = False, **optional) -> "PlanLayer":
+        """``optional``: the predicted_* dicts and load_bound, by field name."""
         groups = [[int(e) for e in g] for g in groups]
         e2r = expert_to_rank_from_groups(groups, sum(len(g) for g in groups))
-        return cls(layer, groups, e2r, dict(predicted), top_t_lists, exact)
+        return cls(layer, groups, e2r, dict(predicted), top_t_lists, exact, **optional)
 
     @property
     def order(self) -> list[int]:
@@ -82,8 +101,16 @@ class PlanLayer:
         if self.top_t_lists is not None:
             out["top_t_lists"] = self.top_t_lists
         out["predicted_ranks_per_token"] = self.predicted_ranks_per_token
+        for key in OPTIONAL_LAYER_KEYS:
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         out["exact"] = self.exact
         return out
+
+
+# PlanLayer fields written only when set, in this order; all but load_bound map to numbers.
+OPTIONAL_LAYER_KEYS = ("predicted_nodes_per_token", "predicted_busiest_rank_load",
+                       "predicted_busiest_node_load", "load_bound")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,17 +119,21 @@ class Plan:
     ep_size: int
     top_k: int
     layers: list[PlanLayer]
+    num_nodes: Optional[int] = None  # hierarchical plans: nodes of ep_size / num_nodes ranks
 
     def __post_init__(self):
         validate_plan(self)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "num_experts": self.num_experts,
             "ep_size": self.ep_size,
             "top_k": self.top_k,
             "layers": [layer.to_json() for layer in self.layers],
         }
+        if self.num_nodes is not None:
+            out["num_nodes"] = self.num_nodes
+        return out
 
     def check_matches(self, *, num_experts: int, num_layers: Optional[int] = None,
                       ep_size: Optional[int] = None, what: str = "the model") -> None:
@@ -132,6 +163,9 @@ def validate_plan(plan: Plan) -> None:
         raise ValueError(f"num_experts={E} must be a positive multiple of ep_size={P}")
     if not 1 <= plan.top_k <= E:
         raise ValueError(f"top_k={plan.top_k} must be in [1, num_experts={E}]")
+    if plan.num_nodes is not None and (plan.num_nodes < 1 or P % plan.num_nodes):
+        raise ValueError(f"num_nodes={plan.num_nodes} must be >= 1 and divide ep_size={P}: "
+                         "nodes hold equal blocks of EP ranks")
     for i, layer in enumerate(plan.layers):
         where = f"layers[{i}]"
         if layer.layer != i:
@@ -165,6 +199,15 @@ def _as_int(value) -> int:
     return value
 
 
+def _numbers(value, where: str, allow: tuple = ()) -> dict:
+    """{str: float} from a JSON object of numbers (values of the ``allow`` types kept as they
+    are); one-line ValueError naming ``where`` otherwise."""
+    try:
+        return {str(k): v if isinstance(v, allow) else float(v) for k, v in value.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(f"{where}={value!r:.80}: expected an object of numbers") from None
+
+
 def _require(obj: dict, key: str, where: str):
     if key not in obj:
         raise ValueError(f"{where} has no {key!r}: not a megatron-c2r plan file")
@@ -192,15 +235,20 @@ def plan_from_json(obj: Any, where: str = "plan") -> Plan:
             if str(exc).startswith(w):
                 raise
             raise ValueError(f"{w} has a non-integer expert id ({exc}): ids are ints") from None
-        pred = lo.get("predicted_ranks_per_token", {})
-        try:
-            pred = {str(k): float(v) for k, v in pred.items()}
-        except (AttributeError, TypeError, ValueError):
-            raise ValueError(f"{w}.predicted_ranks_per_token={pred!r:.80}: expected an object of "
-                             "numbers") from None
-        layers.append(PlanLayer(layer_idx, groups, e2r, pred, top_t, lo.get("exact") is True))
+        pred = _numbers(lo.get("predicted_ranks_per_token", {}), f"{w}.predicted_ranks_per_token")
+        optional = {key: lo.get(key) for key in OPTIONAL_LAYER_KEYS}
+        for key in OPTIONAL_LAYER_KEYS[:-1]:
+            if optional[key] is not None:
+                optional[key] = _numbers(optional[key], f"{w}.{key}")
+        if optional["load_bound"] is not None:
+            optional["load_bound"] = _numbers(optional["load_bound"], f"{w}.load_bound",
+                                              allow=(bool, type(None)))
+        layers.append(PlanLayer(layer_idx, groups, e2r, pred, top_t, lo.get("exact") is True,
+                                **optional))
     sizes = {}
-    for key in ("num_experts", "ep_size", "top_k"):
+    for key in ("num_experts", "ep_size", "top_k", "num_nodes"):
+        if key == "num_nodes" and key not in obj:
+            continue
         value = _require(obj, key, where)
         try:
             sizes[key] = _as_int(value)

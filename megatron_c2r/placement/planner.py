@@ -1,40 +1,68 @@
-"""Balanced expert placement: partition E experts into P groups of N = E/P (group g = EP rank g).
+"""Expert placement plans: which experts share an EP rank (and a node), and what that predicts.
 
-Goal: few distinct destination ranks per token (= rows a per-rank dedup communicator ships).
+Goal: few distinct destination ranks per token (= rows a per-rank dedup communicator ships),
+optionally under a load bound, optionally hierarchical (nodes first, ranks inside each node).
 
-Shape suffixes (the legend in ``megatron_c2r/placement/__init__.py``): E experts, P EP ranks,
-N = E/P experts per rank, K top-k, U distinct top-k sets of a trace, C candidate placements
-evaluated together, G planned groups before they are assigned to ranks.
-    counts_EE   float64, symmetric, zero diagonal: raw co-activation counts C[i, j]
-    sets_UK     int64: distinct top-k expert sets (one row per set), weight_U their token counts
-    e2r_E       int64: expert_to_rank, the placement; group g = the experts with e2r_E == g
+    locality       mean distinct EP ranks (nodes) per token; exact on traces (full top-k sets),
+                   estimated from pair counts on matrices (``partition.ranks_per_token_estimate``)
+    balance        the busiest group's expected tokens over the mean (``expert_load_E``): an EP
+                   step waits for its busiest rank, the inter-node hop for its busiest node
+    bound          ``max_load_imbalance`` X: every group's expected load <= X x the mean, where
+                   any placement achieves that; where none does, the smallest achievable bound
+                   (exact for small E, the best found above) is applied and recorded instead.
+                   A bound costs locality (REFERENCE.md section 10): ``plan_with_tradeoff``
+                   plans several bounds so the user can choose.
+    hierarchy      ``num_nodes`` N > 1: node n = EP ranks [n G, (n+1) G), G = P/N. Experts are
+                   first split into N node groups (fewest nodes per token, node loads bounded),
+                   then each node's experts into its G ranks (fewest ranks per token within the
+                   node, rank loads bounded); swaps never cross nodes at the second level. One
+                   plan (P groups = ranks), applied by the same relabelling as a flat plan.
 
-Objectives (all pure numpy, CPU):
-    within_group_pairs       sum of C[i, j] over pairs on the same rank. The planner's objective for
-                             plain matrices: each such pair is one row a dedup communicator does
-                             not ship when a token has <= 2 experts per rank.
-    ranks_per_token_exact    mean distinct ranks per token of a trace. The quantity itself; with
-                             full top-k sets (traces, dumps) the planner optimises it directly.
-    ranks_per_token_estimate an estimate from pair counts only (see its docstring); used to report
-                             matrix sources. Matches uniform routing's closed form
-                             P (1 - C(E - N, K) / C(E, K)) (docs/comm_volume.md).
-
-Search: exhaustive over all balanced partitions when E <= ``exact_max_experts`` (12 gives at most
-15,400 partitions); otherwise greedy seeding + best-improvement pairwise swaps (Kernighan-Lin
-style, vectorised over all E^2 pairs) from several seeded starts, including the identity, so the
-result is never worse than the identity in the optimised objective. Deterministic for a seed.
+Search (``partition.py``): exhaustive when E <= ``exact_max_experts`` (the bound filters the
+enumeration); otherwise seeded pairwise swaps, and under a bound repair + bound-keeping swaps
+from the unbounded plan, the identity, a load-balanced start, the greedy seed and random starts.
+Never worse than the identity in the optimised objective when the identity meets the bound;
+``max_load_imbalance=None`` reproduces the locality-only plans exactly. Deterministic for a seed.
+Shape suffixes: the legend in ``megatron_c2r/placement/__init__.py`` (E, P, K, U, C as there).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-from typing import Iterator, Optional
+import math
+from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_c2r.placement.partition import (
+    Limits,
+    balanced_by_load,
+    busiest_over_mean,
+    fits_caps,
+    greedy_seed,
+    group_loads,
+    identity_placement,
+    objective_batch,
+    random_placements,
+    ranks_per_token_estimate,
+    ranks_per_token_exact,
+    refine_pairs,
+    refine_trace,
+    solve_capped,
+    solve_exact,
+    solve_exact_capped,
+    solve_heuristic,
+    within_group_pairs,
+)
 from megatron_c2r.placement.plan_file import Plan, PlanLayer, expert_to_rank_from_groups
 from megatron_c2r.placement.sources import LayerCollab
+
+__all__ = [  # partition's objectives are part of the planner's API (tests, benchmarks)
+    "PlannerConfig", "expert_load_E", "predicted_ranks_per_token", "plan_layer", "plan_layers",
+    "make_plan", "plan_with_tradeoff", "assign_groups_to_ranks", "identity_placement",
+    "within_group_pairs", "ranks_per_token_exact", "ranks_per_token_estimate",
+    "random_placements",
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,294 +80,55 @@ class PlannerConfig:
     # Exact-objective swap passes on traces (each pass tries the best `swap_candidates` by proxy).
     trace_passes: int = 200
     swap_candidates: int = 48
+    # None: locality only. X >= 1: each rank's (and node's) expected tokens <= X x the mean.
+    max_load_imbalance: Optional[float] = None
+    # 1: flat. N > 1: nodes of ep_size / N consecutive ranks, planned nodes first.
+    num_nodes: int = 1
 
     def __post_init__(self):
         if self.ep_size < 1:
             raise ValueError(f"ep_size={self.ep_size} must be >= 1")
         if self.restarts < 1:
             raise ValueError(f"restarts={self.restarts} must be >= 1")
+        x = self.max_load_imbalance
+        if x is not None and not (isinstance(x, (int, float)) and math.isfinite(x) and x >= 1):
+            raise ValueError(f"max_load_imbalance={x!r} must be a number >= 1 (busiest group "
+                             "over the mean load) or None for no bound")
+        if self.num_nodes < 1 or self.ep_size % self.num_nodes:
+            raise ValueError(f"num_nodes={self.num_nodes} must be >= 1 and divide ep_size="
+                             f"{self.ep_size}: nodes hold equal blocks of EP ranks")
 
 
 # ------------------------------------------------------------------------------------------
-# Objectives
+# What a placement predicts
 # ------------------------------------------------------------------------------------------
-def identity_placement(num_experts: int, ep_size: int) -> np.ndarray:
-    """int64 [E]: Megatron's default, expert e on rank e // (E/P)."""
-    return np.arange(num_experts, dtype=np.int64) // (num_experts // ep_size)
+def expert_load_E(layer: LayerCollab) -> np.ndarray:
+    """float64 [E]: expected tokens per expert, from what the source holds.
 
-
-def within_group_pairs(counts_EE: np.ndarray, e2r_CE: np.ndarray) -> np.ndarray:
-    """Sum of C[i, j] over unordered pairs on the same rank. e2r [E] -> scalar, [C, E] -> [C]."""
-    same_CEE = e2r_CE[..., :, None] == e2r_CE[..., None, :]
-    return (same_CEE * counts_EE).sum(axis=(-1, -2)) / 2.0
-
-
-def ranks_per_token_exact(
-    sets_UK: np.ndarray, weight_U: np.ndarray, e2r_CE: np.ndarray
-) -> np.ndarray:
-    """Token-weighted mean of distinct ranks per top-k set. e2r [E] -> scalar, [C, E] -> [C]."""
-    if int(e2r_CE.max()) < 63 and hasattr(np, "bitwise_count"):
-        # One bit per rank, OR over the set, popcount: ~5x faster than sorting.
-        bits_CUK = np.left_shift(np.int64(1), e2r_CE[..., sets_UK])
-        distinct_CU = np.bitwise_count(np.bitwise_or.reduce(bits_CUK, axis=-1))
+    Traces / dumps: tokens whose top-k set contains the expert. Matrices (tracker counts, pair
+    matrices): row sum / (k - 1), since each of the expert's tokens pairs it with k - 1 others
+    (exact for top-k routing, where every token has k distinct experts). A source that carries
+    no load (k = 1 matrices, no tokens) gives uniform loads, so no bound ever binds."""
+    num_experts = layer.num_experts
+    if layer.sets_UK is not None:
+        load_E = np.bincount(layer.sets_UK.ravel(), minlength=num_experts,
+                             weights=np.repeat(layer.weight_U, layer.top_k)).astype(np.float64)
+    elif layer.top_k > 1:
+        load_E = layer.counts_EE.sum(axis=1) / (layer.top_k - 1)
     else:
-        ranks_CUK = np.sort(e2r_CE[..., sets_UK], axis=-1)
-        distinct_CU = 1 + (np.diff(ranks_CUK, axis=-1) != 0).sum(axis=-1)
-    return (distinct_CU * weight_U).sum(axis=-1) / weight_U.sum()
-
-
-def ranks_per_token_estimate(counts_EE: np.ndarray, e2r_E: np.ndarray, top_k: int) -> float:
-    """Expected distinct ranks per token from pair counts only (tokens with exactly k experts).
-
-    Per token, n_g = number of its experts on rank g; ranks = sum_g P(n_g >= 1). Pair counts give
-    two moments per rank: mu_g = E[n_g] (loads: each of expert i's tokens has k-1 partners, so
-    load_i = rowsum_i / (k-1), tokens N = sum(load)/k) and E[n_g(n_g-1)] = 2 * (pairs in g) / N.
-    P(n_g = 0) is taken from the binomial / Poisson / negative-binomial family with those two
-    moments, which share one closed form with rho = E[n(n-1)] / mu^2:
-        P0 = (1 - mu (1 - rho)) ** (1 / (1 - rho))      (rho -> 1: exp(-mu))
-    Uniform routing (hypergeometric ~ binomial): within 0.1% at E=256, 1% at E=16; within a few
-    % on clustered routing (tests compare it with exact counts).
-    """
-    if top_k <= 1:
-        return 1.0
-    load_E = counts_EE.sum(axis=1) / (top_k - 1)
-    num_tokens = load_E.sum() / top_k
-    if num_tokens <= 0:
-        return float(min(top_k, int(e2r_E.max()) + 1))
-    ep_size = int(e2r_E.max()) + 1
-    onehot_EP = np.zeros((len(e2r_E), ep_size))
-    onehot_EP[np.arange(len(e2r_E)), e2r_E] = 1.0
-    mu_P = (load_E @ onehot_EP) / num_tokens
-    pairs2_P = np.einsum("ep,ef,fp->p", onehot_EP, counts_EE, onehot_EP) / num_tokens  # E[n(n-1)]
-    total = 0.0
-    for mu, m2 in zip(mu_P, pairs2_P):
-        if mu <= 0:
-            continue
-        rho = m2 / (mu * mu)
-        if abs(1.0 - rho) < 1e-9:
-            p0 = np.exp(-mu)
-        else:
-            base = max(1.0 - mu * (1.0 - rho), 0.0)
-            p0 = base ** (1.0 / (1.0 - rho))
-        total += 1.0 - p0
-    return float(total)
+        load_E = np.zeros(num_experts)
+    return load_E if load_E.sum() > 0 else np.ones(num_experts)
 
 
 def predicted_ranks_per_token(layer: LayerCollab, e2r_E: np.ndarray) -> float:
-    """Exact on traces, estimated on matrices."""
+    """Distinct groups of ``e2r_E`` per token: exact on traces, estimated on matrices."""
     if layer.sets_UK is not None:
         return float(ranks_per_token_exact(layer.sets_UK, layer.weight_U, e2r_E))
     return ranks_per_token_estimate(layer.counts_EE, e2r_E, layer.top_k)
 
 
-def random_placements(num_experts: int, ep_size: int, samples: int, seed: int) -> np.ndarray:
-    """int64 [samples, E]: uniformly random balanced placements."""
-    rng = np.random.default_rng(seed)
-    base_E = identity_placement(num_experts, ep_size)
-    return np.stack([rng.permutation(base_E) for _ in range(samples)])
-
-
-# ------------------------------------------------------------------------------------------
-# Search
-# ------------------------------------------------------------------------------------------
-def balanced_partitions(num_experts: int, ep_size: int) -> Iterator[np.ndarray]:
-    """Every partition of range(E) into P unlabelled groups of E/P, as e2r [E] (group ids in
-    order of each group's smallest expert). E=12, P=4: 15,400 partitions."""
-    size = num_experts // ep_size
-    e2r_E = np.full(num_experts, -1, dtype=np.int64)
-
-    def rec(group: int) -> Iterator[np.ndarray]:
-        free = np.flatnonzero(e2r_E < 0)
-        if len(free) == 0:
-            yield e2r_E.copy()
-            return
-        first, rest = free[0], free[1:]
-        for others in itertools.combinations(rest.tolist(), size - 1):
-            members = [first, *others]
-            e2r_E[members] = group
-            yield from rec(group + 1)
-            e2r_E[members] = -1
-
-    yield from rec(0)
-
-
-def _objective_batch(layer: LayerCollab, e2r_CE: np.ndarray) -> np.ndarray:
-    """Lower is better: distinct ranks (traces) or minus within-group pairs (matrices)."""
-    if layer.sets_UK is not None:
-        return ranks_per_token_exact(layer.sets_UK, layer.weight_U, e2r_CE)
-    return -within_group_pairs(layer.counts_EE, e2r_CE)
-
-
-def solve_exact(layer: LayerCollab, ep_size: int, chunk: int = 2048) -> np.ndarray:
-    """The optimal placement by exhaustive enumeration (first optimum in enumeration order)."""
-    best_val, best_E = np.inf, None
-    gen = balanced_partitions(layer.num_experts, ep_size)
-    while True:
-        batch = list(itertools.islice(gen, chunk))
-        if not batch:
-            break
-        vals_C = _objective_batch(layer, np.stack(batch))
-        i = int(np.argmin(vals_C))
-        if best_E is None or vals_C[i] < best_val - 1e-9 * max(1.0, abs(best_val)):
-            best_val, best_E = vals_C[i], batch[i]
-    return best_E
-
-
-def greedy_seed(counts_EE: np.ndarray, ep_size: int) -> np.ndarray:
-    """Grow one group at a time from the busiest free expert, adding its strongest free partner."""
-    num_experts = counts_EE.shape[0]
-    size = num_experts // ep_size
-    e2r_E = np.full(num_experts, -1, dtype=np.int64)
-    load_E = counts_EE.sum(axis=1)
-    for group in range(ep_size):
-        free = e2r_E < 0
-        seed = int(np.argmax(np.where(free, load_E, -np.inf)))
-        e2r_E[seed] = group
-        affinity_E = counts_EE[seed].copy()
-        for _ in range(size - 1):
-            pick = int(np.argmax(np.where(e2r_E < 0, affinity_E, -np.inf)))
-            e2r_E[pick] = group
-            affinity_E += counts_EE[pick]
-    return e2r_E
-
-
-class _SwapState:
-    """Pairwise-swap bookkeeping for the pair objective. S[i, g] = sum of C[i, j] over j on g;
-    base[a, b] = -2 C[a, b], or -inf when a and b share a rank (kept up to date on swaps)."""
-
-    def __init__(self, counts_EE: np.ndarray, e2r_E: np.ndarray, ep_size: int):
-        self.c_EE = counts_EE
-        self.e2r_E = e2r_E.copy()
-        onehot_EP = np.zeros((len(e2r_E), ep_size))
-        onehot_EP[np.arange(len(e2r_E)), e2r_E] = 1.0
-        self.s_EP = counts_EE @ onehot_EP
-        self.arange_E = np.arange(len(e2r_E))
-        self.base_EE = np.where(self.e2r_E[:, None] == self.e2r_E[None, :], -np.inf, -2.0 * counts_EE)
-
-    def gains_EE(self) -> np.ndarray:
-        """Gain in within-group pairs of swapping a and b: D[a, g(b)] + D[b, g(a)] - 2 C[a, b],
-        D[a, h] = S[a, h] - S[a, g(a)]; -inf for pairs already on one rank."""
-        d_EP = self.s_EP - self.s_EP[self.arange_E, self.e2r_E][:, None]
-        dg_EE = d_EP[:, self.e2r_E]
-        gain_EE = dg_EE + dg_EE.T
-        gain_EE += self.base_EE
-        return gain_EE
-
-    def swap(self, a: int, b: int) -> None:
-        ra, rb = self.e2r_E[a], self.e2r_E[b]
-        delta_E = self.c_EE[:, b] - self.c_EE[:, a]
-        self.s_EP[:, ra] += delta_E
-        self.s_EP[:, rb] -= delta_E
-        self.e2r_E[a], self.e2r_E[b] = rb, ra
-        for x in (a, b):
-            row_E = np.where(self.e2r_E == self.e2r_E[x], -np.inf, -2.0 * self.c_EE[x])
-            self.base_EE[x, :] = row_E
-            self.base_EE[:, x] = row_E
-
-
-def refine_pairs(counts_EE: np.ndarray, e2r_E: np.ndarray, ep_size: int, max_rounds: int = 4096):
-    """Best-improvement pairwise swaps until no swap gains within-group pairs.
-
-    Each round applies the best swap, then the best swap between two other ranks, and so on:
-    a swap's gain only depends on its own two ranks, so swaps on disjoint rank pairs are
-    independent and up to P/2 of them share one O(E^2) gain computation."""
-    state = _SwapState(counts_EE, e2r_E, ep_size)
-    tol = 1e-12 * max(1.0, float(counts_EE.sum()))
-    for _ in range(max_rounds):
-        gain_EE = state.gains_EE()
-        swapped = False
-        while True:
-            flat = int(np.argmax(gain_EE))
-            a, b = divmod(flat, gain_EE.shape[1])
-            if not gain_EE[a, b] > tol:
-                break
-            busy_E = (state.e2r_E == state.e2r_E[a]) | (state.e2r_E == state.e2r_E[b])
-            gain_EE[busy_E, :] = -np.inf
-            gain_EE[:, busy_E] = -np.inf
-            state.swap(a, b)
-            swapped = True
-        if not swapped:
-            break
-    return state.e2r_E
-
-
-class _TraceState:
-    """Per-set rank counts N[u, g] for exact swap deltas on traces."""
-
-    def __init__(self, sets_UK: np.ndarray, weight_U: np.ndarray, e2r_E: np.ndarray, ep_size):
-        self.sets_UK, self.w_U = sets_UK, weight_U
-        num_sets, top_k = sets_UK.shape
-        cell = (np.arange(num_sets)[:, None] * ep_size + e2r_E[sets_UK]).ravel()
-        self.n_UP = np.bincount(cell, minlength=num_sets * ep_size).astype(np.int32)
-        self.n_UP = self.n_UP.reshape(num_sets, ep_size)
-        flat = sets_UK.ravel()
-        by_expert = np.argsort(flat, kind="stable")
-        starts = np.searchsorted(flat[by_expert], np.arange(len(e2r_E) + 1))
-        sets_of = by_expert // top_k
-        self.sets_of_expert = [sets_of[starts[e] : starts[e + 1]] for e in range(len(e2r_E))]
-
-    def _split(self, a: int, b: int):
-        u_a, u_b = self.sets_of_expert[a], self.sets_of_expert[b]
-        only_a = u_a[~(self.sets_UK[u_a] == b).any(axis=1)]
-        only_b = u_b[~(self.sets_UK[u_b] == a).any(axis=1)]
-        return only_a, only_b
-
-    def delta(self, a: int, b: int, ra: int, rb: int) -> float:
-        """Change of the weighted distinct-rank total if a (on ra) and b (on rb) swap."""
-        only_a, only_b = self._split(a, b)
-        n = self.n_UP
-        d_a = (n[only_a, rb] == 0).astype(np.int64) - (n[only_a, ra] == 1)
-        d_b = (n[only_b, ra] == 0).astype(np.int64) - (n[only_b, rb] == 1)
-        return float((self.w_U[only_a] * d_a).sum() + (self.w_U[only_b] * d_b).sum())
-
-    def swap(self, a: int, b: int, ra: int, rb: int) -> None:
-        only_a, only_b = self._split(a, b)
-        self.n_UP[only_a, ra] -= 1
-        self.n_UP[only_a, rb] += 1
-        self.n_UP[only_b, rb] -= 1
-        self.n_UP[only_b, ra] += 1
-
-
-def refine_trace(layer: LayerCollab, e2r_E: np.ndarray, ep_size: int, config: PlannerConfig):
-    """Swaps judged by the exact distinct-ranks objective; candidates ranked by the pair gain."""
-    pairs = _SwapState(layer.counts_EE, e2r_E, ep_size)
-    trace = _TraceState(layer.sets_UK, layer.weight_U, pairs.e2r_E, ep_size)
-    tol = 1e-9 * float(layer.weight_U.sum())
-    for _ in range(config.trace_passes):
-        gain_EE = np.triu(pairs.gains_EE(), 1)
-        gain_EE[np.tril_indices_from(gain_EE)] = -np.inf
-        top = np.argsort(-gain_EE, axis=None, kind="stable")[: config.swap_candidates]
-        improved, touched = False, set()
-        for flat in top.tolist():
-            a, b = divmod(flat, gain_EE.shape[1])
-            if not np.isfinite(gain_EE[a, b]) or a in touched or b in touched:
-                continue
-            ra, rb = int(pairs.e2r_E[a]), int(pairs.e2r_E[b])
-            if trace.delta(a, b, ra, rb) < -tol:
-                trace.swap(a, b, ra, rb)
-                pairs.swap(a, b)
-                touched.update((a, b))
-                improved = True
-        if not improved:
-            break
-    return pairs.e2r_E
-
-
-def solve_heuristic(layer: LayerCollab, config: PlannerConfig) -> np.ndarray:
-    """Best of: greedy seed, identity, random starts; each refined by pair swaps (and by exact
-    swaps on traces). The identity is always a start, so the result is never worse than it."""
-    ep_size, num_experts = config.ep_size, layer.num_experts
-    starts = [greedy_seed(layer.counts_EE, ep_size), identity_placement(num_experts, ep_size)]
-    if config.restarts > 2:
-        starts += list(random_placements(num_experts, ep_size, config.restarts - 2, config.seed))
-    refined = [refine_pairs(layer.counts_EE, s, ep_size) for s in starts]
-    if layer.sets_UK is not None:
-        pair_vals = [-float(within_group_pairs(layer.counts_EE, r)) for r in refined]
-        best_two = np.argsort(pair_vals, kind="stable")[:2].tolist()
-        refined = [refine_trace(layer, refined[i], ep_size, config) for i in best_two]
-        refined.append(identity_placement(num_experts, ep_size))
-    vals = _objective_batch(layer, np.stack(refined))
-    return refined[int(np.argmin(vals))]
+def _groups(e2r_E: np.ndarray, ep_size: int) -> list[list[int]]:
+    return [np.flatnonzero(e2r_E == g).tolist() for g in range(ep_size)]
 
 
 def assign_groups_to_ranks(e2r_E: np.ndarray, ep_size: int) -> list[list[int]]:
@@ -360,56 +149,225 @@ def assign_groups_to_ranks(e2r_E: np.ndarray, ep_size: int) -> list[list[int]]:
     return groups
 
 
-def plan_layer(layer: LayerCollab, config: PlannerConfig, index: int = 0) -> PlanLayer:
-    """Plan one layer (plan layer ``index``): search, rank assignment, predicted ranks per
-    token. The result has no top-T lists (``make_plan`` adds them)."""
-    ep_size, num_experts = config.ep_size, layer.num_experts
+def _assigned(e2r_E: np.ndarray, ep_size: int) -> np.ndarray:
+    groups = assign_groups_to_ranks(e2r_E, ep_size)
+    return np.asarray(expert_to_rank_from_groups(groups, len(e2r_E)), dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------
+# Flat placement (also the node level of a hierarchical plan, with ep_size = nodes)
+# ------------------------------------------------------------------------------------------
+def _place_unbounded(layer: LayerCollab, config: PlannerConfig, ep_size: int) -> np.ndarray:
+    """The locality-only plan over ``ep_size`` groups, groups on the ranks holding most of
+    their experts; the identity when it predicts no more groups per token."""
+    num_experts = layer.num_experts
+    identity_E = identity_placement(num_experts, ep_size)
+    if ep_size == 1 or ep_size == num_experts:
+        return identity_E  # every placement is equivalent
+    if num_experts <= config.exact_max_experts:
+        e2r_E = solve_exact(layer, ep_size)
+    else:
+        e2r_E = solve_heuristic(layer, dataclasses.replace(config, ep_size=ep_size, num_nodes=1))
+    e2r_E = _assigned(e2r_E, ep_size)
+    # The estimate can disagree with the pair objective: never predict worse than the identity.
+    if predicted_ranks_per_token(layer, e2r_E) > predicted_ranks_per_token(layer, identity_E):
+        return identity_E
+    return e2r_E
+
+
+def _place_bounded(layer: LayerCollab, config: PlannerConfig, ep_size: int, ratio: float,
+                   unbounded_E: np.ndarray, load_E: np.ndarray) -> tuple[np.ndarray, float]:
+    """The best-locality plan whose busiest group is <= ``ratio`` x the mean where achievable,
+    else <= the smallest achievable. Returns (e2r_E, smallest achievable ratio)."""
+    num_experts = layer.num_experts
+    mean = load_E.sum() / ep_size
+    identity_E = identity_placement(num_experts, ep_size)
+    unbounded_ratio = float(busiest_over_mean(load_E, unbounded_E, ep_size))
+    if ep_size == 1 or ep_size == num_experts:
+        return unbounded_E, unbounded_ratio  # every placement has the same loads
+    if num_experts <= config.exact_max_experts:
+        best_E, smallest = solve_exact_capped(layer, np.arange(num_experts), ep_size,
+                                              np.zeros(num_experts, np.int64), load_E, ratio, mean)
+        starts = None
+    else:
+        balanced_E = balanced_by_load(load_E, ep_size)
+        smallest = float(min(busiest_over_mean(load_E, np.stack([balanced_E, unbounded_E,
+                                                                  identity_E]), ep_size)))
+        cfg = dataclasses.replace(config, ep_size=ep_size, num_nodes=1)
+        starts = [unbounded_E, identity_E, balanced_E, greedy_seed(layer.counts_EE, ep_size)]
+        if config.restarts > 2:
+            starts += list(random_placements(num_experts, ep_size, config.restarts - 2, config.seed))
+    cap_P = np.full(ep_size, max(ratio, smallest) * mean)
+    if fits_caps(load_E, unbounded_E, cap_P):
+        return unbounded_E, min(smallest, unbounded_ratio)  # the bound does not bind
+    if starts is not None:
+        capped_E = solve_capped(layer, starts, ep_size, cfg, load_E=load_E, cap_P=cap_P)
+        best_E = balanced_E if capped_E is None else capped_E  # balanced_E always fits
+        smallest = min(smallest, float(busiest_over_mean(load_E, best_E, ep_size)))
+    best_E = _assigned(best_E, ep_size)
+    if (fits_caps(load_E, identity_E, cap_P) and predicted_ranks_per_token(layer, identity_E)
+            < predicted_ranks_per_token(layer, best_E)):
+        best_E = identity_E
+    return best_E, smallest
+
+
+# ------------------------------------------------------------------------------------------
+# Rank level of a hierarchical plan: each node's experts over its G ranks
+# ------------------------------------------------------------------------------------------
+def _assign_within_nodes(e2r_E: np.ndarray, ep_size: int, per_node: int) -> np.ndarray:
+    """Inside each node, rank groups moved to the node's ranks holding most of their experts."""
+    home_E = identity_placement(len(e2r_E), ep_size)
+    out_E = e2r_E.copy()
+    for node in range(ep_size // per_node):
+        first = node * per_node
+        members = np.flatnonzero(e2r_E // per_node == node)
+        local_E, home_local_E = e2r_E[members] - first, home_E[members] - first
+        inside = (home_local_E >= 0) & (home_local_E < per_node)
+        overlap = np.zeros((per_node, per_node), dtype=np.int64)
+        np.add.at(overlap, (local_E[inside], home_local_E[inside]), 1)
+        slot = [-1] * per_node
+        for flat in np.argsort(-overlap, axis=None, kind="stable").tolist():
+            g, r = divmod(flat, per_node)
+            if slot[g] < 0 and r not in slot:
+                slot[g] = r
+        out_E[members] = first + np.asarray(slot)[local_E]
+    return out_E
+
+
+def _ranks_within_nodes(layer: LayerCollab, config: PlannerConfig, e2n_E: np.ndarray,
+                        ratio: Optional[float], load_E: np.ndarray):
+    """Ranks inside fixed nodes. Returns (e2r_E, smallest achievable rank ratio or None)."""
+    num_experts, ep_size, num_nodes = layer.num_experts, config.ep_size, config.num_nodes
+    per_node = ep_size // num_nodes  # G ranks per node
+    size = num_experts // ep_size
+    mean = load_E.sum() / ep_size
+    members = [np.flatnonzero(e2n_E == n) for n in range(num_nodes)]
+    base_E = np.empty(num_experts, dtype=np.int64)  # identity inside each node
+    for n, m in enumerate(members):
+        base_E[m] = n * per_node + np.arange(len(m)) // size
+    if per_node == 1:
+        e2r_E = base_E
+        return e2r_E, None if ratio is None else float(busiest_over_mean(load_E, e2r_E, ep_size))
+    if num_experts <= config.exact_max_experts:
+        e2r_E, worst = base_E, []
+        for m in members:  # the objective is a sum over nodes: optimise each node on its own
+            e2r_E, smallest_n = solve_exact_capped(layer, m, per_node, e2r_E, load_E,
+                                                   math.inf if ratio is None else ratio, mean)
+            worst.append(smallest_n)
+        return _assign_within_nodes(e2r_E, ep_size, per_node), (
+            None if ratio is None else max(worst))
+    allowed_EE = e2n_E[:, None] == e2n_E[None, :]
+    rng = np.random.default_rng(config.seed)
+    starts = [base_E, base_E.copy(), *[base_E.copy() for _ in range(config.restarts - 2)]]
+    for n, m in enumerate(members):
+        starts[1][m] = n * per_node + greedy_seed(layer.counts_EE[np.ix_(m, m)], per_node)
+        for s in starts[2:]:
+            s[m] = n * per_node + rng.permutation(np.arange(len(m)) // size)
+    limits = [Limits(s, ep_size, allowed_EE=allowed_EE) for s in starts]
+    refined = [refine_pairs(layer.counts_EE, s, ep_size, limits=lim)
+               for s, lim in zip(starts, limits)]
+    if layer.sets_UK is not None:
+        pair_vals = [-float(within_group_pairs(layer.counts_EE, r)) for r in refined]
+        refined += [refine_trace(layer, refined[i], ep_size, config,
+                                 limits=Limits(refined[i], ep_size, allowed_EE=allowed_EE))
+                    for i in np.argsort(pair_vals, kind="stable")[:2].tolist()]
+    best_E = refined[int(np.argmin(objective_batch(layer, np.stack(refined))))]
+    if ratio is None:
+        return _assign_within_nodes(best_E, ep_size, per_node), None
+    # Per node: the smallest busiest rank found (over the layer's mean rank load), and a cap
+    # of max(ratio, that) x the mean for the node's ranks.
+    balanced_E = base_E.copy()
+    cap_P, worst = np.empty(ep_size), []
+    for n, m in enumerate(members):
+        balanced_E[m] = n * per_node + balanced_by_load(load_E[m], per_node)
+        smallest_n = min(group_loads(load_E[m], s[m] - n * per_node, per_node).max() / mean
+                         for s in (balanced_E, best_E, base_E))
+        worst.append(float(smallest_n))
+        cap_P[n * per_node:(n + 1) * per_node] = max(ratio, smallest_n) * mean
+    if not fits_caps(load_E, best_E, cap_P):
+        capped_E = solve_capped(layer, [best_E, balanced_E, *starts], ep_size, config,
+                                load_E=load_E, cap_P=cap_P, allowed_EE=allowed_EE)
+        best_E = balanced_E if capped_E is None else capped_E
+    return _assign_within_nodes(best_E, ep_size, per_node), max(worst)
+
+
+# ------------------------------------------------------------------------------------------
+# Plans
+# ------------------------------------------------------------------------------------------
+def _plan_layer_bounds(layer: LayerCollab, config: PlannerConfig,
+                       ratios: Sequence[Optional[float]], index: int = 0) -> list[PlanLayer]:
+    """One PlanLayer per bound in ``ratios`` (None = no bound), sharing the unbounded search."""
+    ep_size, num_experts, num_nodes = config.ep_size, layer.num_experts, config.num_nodes
     if num_experts % ep_size:
         raise ValueError(
             f"num_experts ({num_experts}) must be divisible by ep_size ({ep_size}): "
             "pick --ep from the divisors of E"
         )
+    per_node = ep_size // num_nodes
+    load_E = expert_load_E(layer)
+    top_groups = num_nodes if num_nodes > 1 else ep_size
+    unbounded_E = _place_unbounded(layer, config, top_groups)
     identity_E = identity_placement(num_experts, ep_size)
-    if ep_size == 1 or ep_size == num_experts:
-        e2r_E = identity_E  # every placement is equivalent
-    elif num_experts <= config.exact_max_experts:
-        e2r_E = solve_exact(layer, ep_size)
-    else:
-        e2r_E = solve_heuristic(layer, config)
-    groups = assign_groups_to_ranks(e2r_E, ep_size)
-    e2r_E = np.asarray(expert_to_rank_from_groups(groups, num_experts), dtype=np.int64)
-    ident = predicted_ranks_per_token(layer, identity_E)
-    planned = predicted_ranks_per_token(layer, e2r_E)
-    if planned > ident:  # the estimate can disagree with the pair objective: never report worse
-        groups = [list(range(g * num_experts // ep_size, (g + 1) * num_experts // ep_size))
-                  for g in range(ep_size)]
-        e2r_E, planned = identity_E, ident
     randoms = random_placements(num_experts, ep_size, config.random_samples, config.seed + 1)
-    rand = float(np.mean([predicted_ranks_per_token(layer, r) for r in randoms]))
-    return PlanLayer.from_groups(
-        index, groups, {"identity": ident, "random": rand, "planned": planned},
-        exact=layer.sets_UK is not None,
-    )
+    baselines = {"identity": identity_E[None], "random": randoms}
+    out = []
+    for ratio in ratios:
+        bound: dict = {}
+        e2t_E, smallest = unbounded_E, None  # top level: nodes, or ranks for a flat plan
+        if ratio is not None:
+            e2t_E, smallest = _place_bounded(layer, config, top_groups, ratio, unbounded_E, load_E)
+            bound = {"max_load_imbalance": float(ratio),
+                     "smallest_exact": num_experts <= config.exact_max_experts}
+        if num_nodes > 1:
+            e2r_E, smallest_rank = _ranks_within_nodes(layer, config, e2t_E, ratio, load_E)
+            if ratio is not None:
+                bound.update(smallest_rank=smallest_rank, smallest_node=smallest)
+        else:
+            e2r_E = e2t_E
+            if ratio is not None:
+                bound["smallest_rank"] = smallest
+        placements = dict(baselines, planned=e2r_E[None])
+
+        def mean_of(fn):
+            return {k: float(np.mean([fn(e) for e in v])) for k, v in placements.items()}
+
+        nodes = {}
+        if num_nodes > 1:
+            nodes = dict(
+                predicted_nodes_per_token=mean_of(
+                    lambda e: predicted_ranks_per_token(layer, e // per_node)),
+                predicted_busiest_node_load=mean_of(
+                    lambda e: busiest_over_mean(load_E, e // per_node, num_nodes)))
+        out.append(PlanLayer.from_groups(
+            index, _groups(e2r_E, ep_size),
+            mean_of(lambda e: predicted_ranks_per_token(layer, e)),
+            exact=layer.sets_UK is not None,
+            predicted_busiest_rank_load=mean_of(lambda e: busiest_over_mean(load_E, e, ep_size)),
+            load_bound=bound or None, **nodes,
+        ))
+    return out
+
+
+def plan_layer(layer: LayerCollab, config: PlannerConfig, index: int = 0) -> PlanLayer:
+    """Plan one layer (plan layer ``index``) at ``config.max_load_imbalance``: search, rank
+    assignment, predictions for identity / random / planned. No top-T lists (``make_plan``)."""
+    return _plan_layer_bounds(layer, config, [config.max_load_imbalance], index)[0]
 
 
 def plan_layers(
     layers: list[LayerCollab], config: PlannerConfig, progress: bool = True
 ) -> list[PlanLayer]:
     """Plan every layer (tqdm progress bar when ``progress``); plan layer i = ``layers[i]``."""
+    return plan_with_tradeoff(layers, config, progress=progress)[0].layers
+
+
+def plan_with_tradeoff(layers: list[LayerCollab], config: PlannerConfig, *,
+                       bounds: Sequence[Optional[float]] = (), top_t: Optional[int] = None,
+                       progress: bool = True) -> tuple[Plan, dict]:
+    """``make_plan``'s plan at ``config.max_load_imbalance``, and ``{bound: [PlanLayer per
+    layer]}`` for every bound in ``bounds`` (None = off): the locality/balance trade-off."""
     from tqdm import tqdm  # optional progress bar, imported only when planning
 
-    return [
-        plan_layer(layer, config, index=i)
-        for i, layer in enumerate(
-            tqdm(layers, desc="planning layers", unit="layer", disable=not progress))
-    ]
-
-
-def make_plan(layers: list[LayerCollab], config: PlannerConfig, *, top_t: Optional[int] = None,
-              progress: bool = True) -> Plan:
-    """The plan file's content for ``layers`` (all with the same E and top-k): every layer
-    planned, and with ``top_t`` each also carries the C2R paper's top-T lists from its counts
-    (``collaboration.top_t_lists``). One-line ValueError for inconsistent layers or a bad T."""
     if not layers:
         raise ValueError("no MoE layers in the collaboration source: nothing to plan")
     num_experts, top_k = layers[0].num_experts, layers[0].top_k
@@ -421,7 +379,13 @@ def make_plan(layers: list[LayerCollab], config: PlannerConfig, *, top_t: Option
                          f"({config.ep_size}): pick P from the divisors of E")
     if top_t is not None and not 0 <= top_t <= num_experts - 1:
         raise ValueError(f"--top-t {top_t} must be in [0, num_experts-1={num_experts - 1}]")
-    planned = plan_layers(layers, config, progress=progress)
+    ratios = [config.max_load_imbalance] + [b for b in bounds if b != config.max_load_imbalance]
+    per_ratio: dict = {r: [] for r in ratios}
+    for i, layer in enumerate(tqdm(layers, desc="planning layers", unit="layer",
+                                   disable=not progress)):
+        for r, p in zip(ratios, _plan_layer_bounds(layer, config, ratios, index=i)):
+            per_ratio[r].append(p)
+    planned = per_ratio[config.max_load_imbalance]
     if top_t is not None:
         import torch  # the lists come from the tracker's torch implementation
 
@@ -432,4 +396,14 @@ def make_plan(layers: list[LayerCollab], config: PlannerConfig, *, top_t: Option
                 p, top_t_lists=top_t_lists(torch.from_numpy(layer.counts_EE), top_t).tolist())
             for p, layer in zip(planned, layers)
         ]
-    return Plan(num_experts=num_experts, ep_size=config.ep_size, top_k=top_k, layers=planned)
+    plan = Plan(num_experts=num_experts, ep_size=config.ep_size, top_k=top_k, layers=planned,
+                num_nodes=config.num_nodes if config.num_nodes > 1 else None)
+    return plan, {b: per_ratio[b] for b in bounds}
+
+
+def make_plan(layers: list[LayerCollab], config: PlannerConfig, *, top_t: Optional[int] = None,
+              progress: bool = True) -> Plan:
+    """The plan file's content for ``layers`` (all with the same E and top-k): every layer
+    planned, and with ``top_t`` each also carries the C2R paper's top-T lists from its counts
+    (``collaboration.top_t_lists``). One-line ValueError for inconsistent layers or a bad T."""
+    return plan_with_tradeoff(layers, config, top_t=top_t, progress=progress)[0]

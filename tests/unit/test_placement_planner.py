@@ -8,14 +8,13 @@ import time
 import numpy as np
 import pytest
 
+from megatron_c2r.placement.partition import balanced_partitions, solve_exact
 from megatron_c2r.placement.planner import (
     PlannerConfig,
-    balanced_partitions,
     identity_placement,
     plan_layer,
     ranks_per_token_estimate,
     ranks_per_token_exact,
-    solve_exact,
     within_group_pairs,
 )
 from megatron_c2r.placement.sources import LayerCollab, synthetic_top_indices
