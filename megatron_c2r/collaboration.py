@@ -61,10 +61,11 @@ class CollaborationTracker(torch.nn.Module):
         counts   int64 [E, E]  counts already summed over the reduce group (identical on all ranks)
         pending  int64 [E, E]  this rank's counts since the last ``reduce_`` (rank-local)
         tokens   int64 []      tokens counted into ``counts``
-    ``record`` is called on every training forward (no collectives); ``reduce_`` sums ``pending``
-    over a process group (data-parallel ranks see different tokens) and folds it into
-    ``counts``; call it on all ranks of that group at the same point (e.g. when lists are
-    derived, and before saving a checkpoint that only one data-parallel replica writes).
+    ``record`` is called on every counted training forward (no collectives, no host sync);
+    ``reduce_`` sums ``pending`` over a process group (data-parallel ranks see different tokens)
+    and folds it into ``counts``; call it on all ranks of that group at the same point (when
+    lists are derived, and before saving: ``C2RRouter.sharded_state_dict`` does, so torch_dist
+    checkpoints hold the whole group's counts).
     """
 
     def __init__(self, num_experts: int):
@@ -79,12 +80,14 @@ class CollaborationTracker(torch.nn.Module):
     def record(
         self, routing_map_TE: torch.Tensor, padding_mask_T: Optional[torch.Tensor] = None
     ) -> None:
+        """Add one routing map's co-activation to ``pending`` (no collective, no host sync: the
+        padding count stays a device tensor). ``padding_mask_T``: bool, True marks padding."""
         counts_EE = coactivation_counts(routing_map_TE, padding_mask_T)
         self.pending += counts_EE.to(self.pending.device)
-        valid = routing_map_TE.shape[0]
-        if padding_mask_T is not None:
-            valid -= int(padding_mask_T.sum())
-        self.pending_tokens += valid
+        if padding_mask_T is None:
+            self.pending_tokens += routing_map_TE.shape[0]
+        else:
+            self.pending_tokens += (~padding_mask_T.reshape(-1)).sum().to(self.pending_tokens.device)
 
     @torch.no_grad()
     def reduce_(self, group: Optional[dist.ProcessGroup] = None) -> None:

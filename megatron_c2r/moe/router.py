@@ -13,17 +13,19 @@ The routing math lives in ``megatron_c2r.routing`` (pure functions and one rule 
     * constrained rules replace only the expert *selection* (``rule.select``); probs are computed
       from the chosen experts exactly as Megatron computes them, then capacity dropping, the aux
       losses (on the constrained routing map) and the expert-bias counts run as in ``TopKRouter``.
-    * the collaboration tracker, the penalty (``rule.penalty``), warm-up, list refresh and the
-      statistics (``rule.violated_T``) sit around that.
+    * the collaboration tracker, the penalty (``rule.penalty``), the group-level balance losses
+      and group bias (``routing.balance`` over ``rule.balance``, attached in
+      ``moe/router_balance.py``), warm-up, list refresh and the statistics (``rule.violated_T``)
+      sit around that. Construction against ``TopKRouter``: ``moe/router_setup.py``.
 
 Select it through the layer spec: ``MoESubmodules(router=functools.partial(C2RRouter,
 c2r_config=C2RRouterConfig(...)))``. Call ``step_routers(model, iteration)`` once per training
-iteration on every rank (it is collective when a warm-up ends or lists are refreshed).
+iteration on every rank (it is collective when a warm-up ends or lists are refreshed, and every
+iteration with ``c2r.group_bias_rate`` > 0, when it updates the group biases).
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -35,7 +37,15 @@ from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 
 from megatron_c2r import compat
 from megatron_c2r.collaboration import CollaborationTracker
+from megatron_c2r.moe.router_balance import (
+    all_reduce_sum_,
+    attach_collaboration_penalty,
+    attach_group_balance_losses,
+    update_group_biases,
+)
+from megatron_c2r.moe.router_setup import check_megatron_features, init_topk_router
 from megatron_c2r.placement.permutation import ROUTER_STATE, check_order, permute_module_state_
+from megatron_c2r.routing.balance import group_loads, updated_group_bias
 from megatron_c2r.routing.config import C2RRouterConfig
 from megatron_c2r.routing.functional import (
     contiguous_groups,
@@ -46,7 +56,7 @@ from megatron_c2r.routing.functional import (
     validate_top_t_lists,
 )
 from megatron_c2r.routing.penalty import full_scores
-from megatron_c2r.routing.rules import RoutingRule, RoutingTables, build_rule
+from megatron_c2r.routing.rules import RoutingRule, RoutingTables, rule_for_config
 
 
 class C2RRouter(TopKRouter):
@@ -58,6 +68,10 @@ class C2RRouter(TopKRouter):
         top_t_lists  int64 [E, L]    collaborator lists (c2r mode; L = 0 otherwise)
         expert_to_group int64 [E]    the group partition (group mode / penalty / statistics)
         constraint_active bool []    False during warm-up
+        group_bias   fp32 [G]        per balance group (rank, or node) offset on the group choice
+                                     (only with ``c2r.group_bias_rate`` > 0, like Megatron's
+                                     expert_bias); its non-persistent load counts are
+                                     ``local_tokens_per_group`` fp32 [G]
 
     Derived state (never saved): ``rule`` (built once from the config), the host mirror
     ``_active`` of ``constraint_active`` and the cached ``RoutingTables``; all reset by
@@ -85,17 +99,14 @@ class C2RRouter(TopKRouter):
         ``pg_collection`` (see ``compat.topk_router_kwargs``)."""
         if pg_collection is None:
             pg_collection = compat.get_default_pg_collection()
-        self._init_topk_router(config, pg_collection, compat.topk_router_kwargs(router_kwargs))
+        init_topk_router(self, config, pg_collection, compat.topk_router_kwargs(router_kwargs))
         c2r_config = c2r_config if c2r_config is not None else C2RRouterConfig()
         ep_size = pg_collection.ep.size() if getattr(pg_collection, "ep", None) is not None else 1
         self.c2r_config = cfg = c2r_config.resolve(
             num_experts=config.num_moe_experts, topk=config.moe_router_topk, ep_size=ep_size
         )
-        self.rule: RoutingRule = build_rule(
-            cfg.mode, cfg.group_selection, topk=self.topk, num_groups=cfg.num_groups,
-            max_groups=cfg.max_groups,
-        )
-        self._check_megatron_features()
+        self.rule: RoutingRule = rule_for_config(cfg, topk=self.topk)
+        check_megatron_features(self.config, self.routing_type, cfg, self.rule)
         num_experts, device = config.num_moe_experts, self.weight.device
 
         if cfg.expert_to_group is not None:
@@ -113,6 +124,12 @@ class C2RRouter(TopKRouter):
         starts_active = self.rule.constrained and not self.rule.needs_lists and cfg.warmup_steps == 0
         self.register_buffer("constraint_active", torch.tensor(starts_active, device=device))
         self.tracker = CollaborationTracker(num_experts).to(device)
+        if cfg.group_bias_rate > 0:  # registered only when on (old checkpoints keep loading)
+            zeros_G = torch.zeros(self.rule.num_balance_groups, dtype=torch.float32, device=device)
+            self.register_buffer("group_bias", zeros_G.clone())
+            self.register_buffer("local_tokens_per_group", zeros_G.clone(), persistent=False)
+        else:
+            self.group_bias = self.local_tokens_per_group = None
 
         self.defer_finite_check = False  # set True by C2RMoELayer (see the class docstring)
         self.logits_finite: Optional[torch.Tensor] = None  # 0-d bool, last forward (deferred)
@@ -120,6 +137,9 @@ class C2RRouter(TopKRouter):
         # Caches derived from the buffers above; declared here, reset only by _invalidate_caches.
         self._tables: Optional[RoutingTables] = None
         self._active = starts_active  # host mirror of constraint_active: routing never syncs
+        # Host counter set by ``step``: which training iteration the next forwards belong to
+        # (preference sampling; not saved, a resumed run restarts the sampling phase).
+        self._next_iteration = 0
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def _invalidate_caches(self) -> None:
@@ -140,63 +160,6 @@ class C2RRouter(TopKRouter):
         return tables
 
     # ------------------------------------------------------------------------------------------
-    # Construction helpers
-    # ------------------------------------------------------------------------------------------
-    def _init_topk_router(self, config, pg_collection, router_kwargs) -> None:
-        """``TopKRouter.__init__`` allocates expert-bias / global-aux buffers on
-        ``torch.cuda.current_device()``. Without CUDA, build it with those features off and
-        register the same buffers on the weight's device ourselves."""
-        needs_cuda = config.moe_router_enable_expert_bias or _global_aux_coeff(config) > 0
-        if torch.cuda.is_available() or not needs_cuda:
-            super().__init__(config=config, pg_collection=pg_collection, **router_kwargs)
-            return
-        init_config = copy.copy(config)
-        init_config.moe_router_enable_expert_bias = False
-        init_config.moe_router_load_balancing_type = "none"
-        super().__init__(config=init_config, pg_collection=pg_collection, **router_kwargs)
-        self.config = config
-        self.routing_type = config.moe_router_load_balancing_type
-        self.enable_expert_bias = config.moe_router_enable_expert_bias
-        device, num_experts = self.weight.device, config.num_moe_experts
-        zeros_E = torch.zeros(num_experts, dtype=torch.float32, device=device)
-        if self.enable_expert_bias:
-            del self.local_tokens_per_expert, self.expert_bias  # TopKRouter set them to None
-            self.register_buffer("local_tokens_per_expert", zeros_E.clone(), persistent=False)
-            self.register_buffer("expert_bias", zeros_E.clone())
-        if self.get_aux_loss_coeff("global_aux_loss") > 0:
-            del self.global_tokens_per_expert, self.ga_steps
-            self.register_buffer("global_tokens_per_expert", zeros_E.clone(), persistent=False)
-            self.register_buffer(
-                "ga_steps", torch.tensor(0, dtype=torch.float32, device=device), persistent=False
-            )
-
-    def _check_megatron_features(self) -> None:
-        """Reject Megatron options that contradict a constrained rule (one-line errors)."""
-        cfg, mc = self.c2r_config, self.config
-        if not self.rule.constrained:
-            return
-        if self.routing_type == "sinkhorn":
-            raise ValueError(
-                f"c2r.mode={cfg.mode!r} cannot be combined with moe_router_load_balancing_type="
-                "'sinkhorn': use aux_loss/seq_aux_loss/global_aux_loss/none"
-            )
-        if mc.moe_router_num_groups or mc.moe_router_group_topk:
-            raise ValueError(
-                f"c2r.mode={cfg.mode!r} replaces Megatron's group-limited routing: unset "
-                f"moe_router_num_groups={mc.moe_router_num_groups} and moe_router_group_topk="
-                f"{mc.moe_router_group_topk} (use c2r.mode='group', c2r.group_selection="
-                "'group_score' for the same rule)"
-            )
-        if mc.moe_router_fusion:
-            raise ValueError(
-                f"c2r.mode={cfg.mode!r} selects experts in PyTorch: set moe_router_fusion=False"
-            )
-        if mc.moe_enable_routing_replay:
-            raise ValueError(
-                f"c2r.mode={cfg.mode!r} does not support moe_enable_routing_replay=True"
-            )
-
-    # ------------------------------------------------------------------------------------------
     # Distributed checkpointing
     # ------------------------------------------------------------------------------------------
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
@@ -205,8 +168,12 @@ class C2RRouter(TopKRouter):
         (``top_t_lists`` [E, 0] in modes without lists) goes as a ShardedObject, because
         torch_dist's sharding check divides by each dimension (ZeroDivisionError on 0).
 
-        Tracker ``pending`` counts are rank-local but saved like the rest (the main replica's
-        copy): reduce them over DP (``tracker.reduce_``) before saving for exact counts."""
+        Tracker ``pending`` counts are rank-local, so they are first summed over TP x DP x CP into
+        ``counts`` (``tracker.reduce_``, the reduction the warm-up end runs anyway): the saved,
+        replicated counts are the whole group's and a resumed run's planner sees them all.
+        Collective over that group: every rank builds its sharded state together (a
+        dist_checkpointing save or load does)."""
+        self.tracker.reduce_(self.tp_dp_cp_group)
         sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         for name, value in list(sharded.items()):
             data = getattr(value, "data", None)
@@ -258,13 +225,31 @@ class C2RRouter(TopKRouter):
         )
 
     def step(self, iteration: int) -> None:
-        """Advance the schedule after training iteration ``iteration`` (0-based, all ranks)."""
+        """Advance the schedule after training iteration ``iteration`` (0-based, all ranks).
+        The group-bias update is not here: ``step_routers`` batches it over all routers."""
         cfg = self.c2r_config
         done = iteration + 1
+        self._next_iteration = done
         if not self.rule.constrained or not cfg.track_collaboration:
             return
         if (not self._active and done >= cfg.warmup_steps) or self.refresh_due(iteration):
             self.activate()
+
+    @torch.no_grad()
+    def update_group_bias_(self, load_G: Optional[torch.Tensor] = None) -> None:
+        """Move ``group_bias`` by +-``c2r.group_bias_rate`` toward balance (the sign rule of
+        Megatron's ``get_updated_expert_bias``) from the groups' (token, expert) loads since the
+        last update, then zero them. ``load_G``: those loads already summed over the ranks that
+        route (``update_group_biases`` passes them: one collective for all routers); None ->
+        sum ``local_tokens_per_group`` over TP x DP x CP (Megatron's expert-bias group) here, a
+        collective. No-op when the option is off. Called once per iteration by ``step_routers``."""
+        if self.group_bias is None:
+            return
+        if load_G is None:
+            load_G = self.local_tokens_per_group.clone()
+            all_reduce_sum_(load_G, self.tp_dp_cp_group)
+        self.group_bias.copy_(updated_group_bias(load_G, self.group_bias, self.c2r_config.group_bias_rate))
+        self.local_tokens_per_group.zero_()
 
     def relabel_experts_(self, order: torch.Tensor, optimizer=None) -> None:
         """Apply a placement: new expert i is old expert ``order[i]``. Every router tensor moves
@@ -305,20 +290,22 @@ class C2RRouter(TopKRouter):
             )
         training = self.training and torch.is_grad_enabled()
         counting = training and self.c2r_config.track_collaboration
-        preferred = None
-        if self._active and self.rule.constrained:
-            # Under the constraint the routing map only confirms the current groups; refresh
-            # windows count what plain top-k would have picked instead.
-            probs, routing_map, preferred = self._constrained_routing(
-                logits_TE, padding_T, logits.shape[:2],
-                want_preferred=counting and bool(self.c2r_config.refresh_interval),
+        constrained = self._active and self.rule.constrained
+        if constrained:
+            # Under the constraint the routing map only confirms the current groups: the tracker
+            # counts what plain top-k would have picked, on sampled iterations.
+            sampled = self._next_iteration % self.c2r_config.preference_sample_interval == 0
+            probs, routing_map, counted = self._constrained_routing(
+                logits_TE, padding_T, logits.shape[:2], want_preferred=counting and sampled
             )
         else:
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+            counted = routing_map  # plain top-k (warm-up, topk mode): its map is the preference
         if training:
-            if counting:
-                self.tracker.record(routing_map if preferred is None else preferred, padding_T)
-            probs = self._apply_collaboration_penalty(probs, logits_TE, padding_T)
+            if counting and counted is not None:
+                self.tracker.record(counted, padding_T)
+            probs = attach_collaboration_penalty(self, probs, logits_TE, padding_T)
+            probs = attach_group_balance_losses(self, probs, logits_TE, routing_map, padding_T)
         self._record_stats(probs, routing_map, padding_T)
         return probs, routing_map
 
@@ -347,7 +334,8 @@ class C2RRouter(TopKRouter):
         """TopKRouter.routing with the rule's selection in place of plain top-k.
         ``logits_TE`` [T, E], ``padding_T`` [T] or None, ``seq_batch`` = (S, B).
         Returns (probs_TE, routing_map_TE, preferred_TE): ``preferred_TE`` is plain top-k's map
-        of the same scores if ``want_preferred`` (refresh windows count it), else None."""
+        of the same scores (expert bias included, as Megatron ranks) if ``want_preferred`` (the
+        tracker counts it), else None."""
         mc = self.config
         seq_length, bsz = seq_batch
         logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_T)
@@ -359,7 +347,8 @@ class C2RRouter(TopKRouter):
             use_pre_softmax=mc.moe_router_pre_softmax,
             expert_bias_E=self.expert_bias if self.score_function == "sigmoid" else None,
         )
-        indices_TK = self.rule.select(scores_TE, self._routing_tables())
+        tables = self._routing_tables()
+        indices_TK = self.rule.select(scores_TE, tables, self.group_bias)
         preferred_TE = None
         if want_preferred:
             preferred_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter_(
@@ -403,30 +392,18 @@ class C2RRouter(TopKRouter):
             probs_TE = self._apply_global_aux_loss(
                 probs_TE, scores_for_aux_TE, aux_map_TE, with_padding_mask=masked
             )
-        # 5. Expert-bias token counts (the bias itself is updated by the training loop).
-        if self.enable_expert_bias and torch.is_grad_enabled():
+        # 5. Expert-bias and group-bias token counts of the constrained map (the biases are
+        # updated after the iteration: Megatron's by the training loop, ours by step_routers).
+        if torch.is_grad_enabled() and (self.enable_expert_bias or self.group_bias is not None):
             with torch.no_grad():
                 counted_TE = (
                     routing_map_TE if padding_T is None else routing_map_TE & ~padding_T.unsqueeze(-1)
                 )
-                self.local_tokens_per_expert += counted_TE.sum(dim=0)
+                if self.enable_expert_bias:
+                    self.local_tokens_per_expert += counted_TE.sum(dim=0)
+                if self.group_bias is not None:
+                    self.local_tokens_per_group += group_loads(counted_TE, self.rule.balance(tables)[1])[0]
         return probs_TE, routing_map_TE, preferred_TE
-
-    def _apply_collaboration_penalty(self, probs_TE, logits_TE, padding_T):
-        """Attach ``c2r.penalty_coeff`` x the rule's penalty to ``probs_TE`` (Megatron's aux-loss
-        mechanism, logged as ``c2r_penalty`` over the TP x CP group); no host sync."""
-        coeff = self.c2r_config.penalty_coeff
-        if coeff == 0 or not self.rule.penalty_applies(self._active):
-            return probs_TE
-        penalty = self.rule.penalty(
-            logits_TE, self._routing_tables(), score_function=self.score_function,
-            padding_mask_T=padding_T,
-        )
-        self._last["penalty"] = penalty.detach()
-        valid = None if padding_T is None else (~padding_T).sum()
-        return self.attach_and_log_load_balancing_loss(
-            probs_TE, coeff, coeff * penalty, "c2r_penalty", self.tp_cp_group, valid_token_count=valid
-        )
 
     @torch.no_grad()
     def _record_stats(self, probs_TE, routing_map_TE, padding_T) -> None:
@@ -435,17 +412,21 @@ class C2RRouter(TopKRouter):
         groups_T = groups_per_token(
             routing_map_TE, tables.expert_to_group_E, self.rule.num_groups, groups_GN=tables.groups_GN
         ).float()
-        violated_T = self.rule.violated_T(
-            probs_TE, routing_map_TE, groups_T, tables, self._active
-        ).float()
+        per_token_T = {
+            "groups_per_token": groups_T,
+            "violation_rate": self.rule.violated_T(
+                probs_TE, routing_map_TE, groups_T, tables, self._active
+            ).float(),
+            **self.rule.extra_stats_T(routing_map_TE, tables),
+        }
         if padding_T is None:
-            self._last["groups_per_token"] = groups_T.mean()
-            self._last["violation_rate"] = violated_T.mean()
+            for name, value_T in per_token_T.items():
+                self._last[name] = value_T.mean()
         else:  # a weighted mean, not boolean indexing (which syncs to size its output)
             valid_T = (~padding_T).float()
             num_valid = valid_T.sum().clamp(min=1.0)
-            self._last["groups_per_token"] = (groups_T * valid_T).sum() / num_valid
-            self._last["violation_rate"] = (violated_T * valid_T).sum() / num_valid
+            for name, value_T in per_token_T.items():
+                self._last[name] = (value_T * valid_T).sum() / num_valid
         self._last["constraint_active"] = float(self._active)
 
     def c2r_metrics(self) -> Dict[str, float]:
@@ -453,22 +434,13 @@ class C2RRouter(TopKRouter):
         groups_per_token: distinct groups (= EP ranks by default) per token; violation_rate:
         share of tokens outside the rule (``rule.violated_T``: 0 in hard modes; the 1-group
         reference in topk mode and during a c2r warm-up); penalty: the collaboration penalty
-        (without its coefficient); constraint_active: 0/1."""
+        (without its coefficient); constraint_active: 0/1; rule extras (node mode:
+        nodes_per_token)."""
         return {k: float(v) for k, v in self._last.items()}
 
 
 def _refresh_after_load(module: "C2RRouter", incompatible_keys) -> None:
     module._invalidate_caches()
-
-
-def _global_aux_coeff(config) -> float:
-    types = config.moe_router_load_balancing_type
-    coeffs = config.moe_aux_loss_coeff
-    if isinstance(types, str):
-        return coeffs if types == "global_aux_loss" else 0.0
-    if isinstance(types, (list, tuple)) and "global_aux_loss" in types:
-        return coeffs[types.index("global_aux_loss")]
-    return 0.0
 
 
 def c2r_routers(model: torch.nn.Module) -> Iterable[C2RRouter]:
@@ -481,7 +453,9 @@ def c2r_routers(model: torch.nn.Module) -> Iterable[C2RRouter]:
 
 
 def step_routers(model, iteration: int) -> None:
-    """Call once per training iteration, after the optimizer step, on every rank: ends the
+    """Call once per training iteration, after the optimizer step, on every rank: updates the
+    group biases (``update_group_biases``: with ``c2r.group_bias_rate`` > 0 only), ends the
     warm-up (derives lists, turns the constraint on) and refreshes lists on schedule."""
+    update_group_biases(list(c2r_routers(model)))
     for router in c2r_routers(model):
         router.step(iteration)

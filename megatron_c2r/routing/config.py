@@ -8,8 +8,10 @@ from typing import Optional, Tuple
 
 from megatron_c2r.parallel import experts_per_rank
 
-MODES = ("topk", "c2r", "group")
+MODES = ("topk", "c2r", "group", "node")
 GROUP_SELECTIONS = ("anchored", "group_score")
+# Options that only the node rule reads (set with another mode: a one-line error, not ignored).
+NODE_ONLY_FIELDS = ("max_nodes", "max_ranks_per_node")
 
 
 def experts_per_group(
@@ -30,28 +32,50 @@ class C2RRouterConfig:
     """Collaboration-constrained routing options (one instance per model; all MoE layers share it).
 
     mode: 'group' (default, the flagship) keeps each token inside at most ``max_groups`` groups,
-        the top-1 expert's group first; 'c2r' is the paper's rule (top-1 free, the other k-1 from
-        the top-1 expert's top-T collaborators); 'topk' is Megatron's TopKRouter, bit for bit, plus
-        the collaboration tracker and optional penalty.
+        the top-1 expert's group first; 'node' does the same with nodes as the groups (at most
+        ``max_nodes`` nodes, optionally at most ``max_ranks_per_node`` ranks in each); 'c2r' is
+        the paper's rule (top-1 free, the other k-1 from the top-1 expert's top-T
+        collaborators); 'topk' is Megatron's TopKRouter, bit for bit, plus the collaboration
+        tracker and optional penalty.
     top_t: length of the collaborator ("top-T") lists (c2r). top_t = E-1 is plain top-k.
-    num_groups: G, number of groups (group mode, penalty). None -> the EP size, so one group is
-        one EP rank's expert block (after any placement relabelling).
+    num_groups: G, number of groups (group and node modes, penalty, statistics). None -> the EP
+        size, so one group is one EP rank's expert block (after any placement relabelling).
     max_groups: M, groups a token may use (group mode). 1 -> every token is sent to one rank.
-    group_selection: 'anchored' (top-1 expert's group + best other groups; lower loss than
-        Megatron's rule at equal ranks per token, see docs/quality.md) or 'group_score' (the
-        best M groups by group score: Megatron's group-limited rule).
+    group_selection: how groups (group mode) or nodes (node mode) are chosen: 'anchored'
+        (top-1 expert's group + best other groups; lower loss than Megatron's rule at equal
+        ranks per token, see docs/quality.md) or 'group_score' (the best M by group score:
+        Megatron's group-limited rule, node-limited in node mode).
     expert_to_group: explicit balanced partition (length E, group id per expert). None -> the
         contiguous blocks of E/G ids, i.e. the EP ranks' expert sets.
+    num_nodes / gpus_per_node: the node layout, one of them (node mode; ``gpus_per_node`` is
+        also what the two-level dispatcher simulates nodes with). Nodes hold contiguous blocks
+        of groups (EP ranks, hence of expert ids): node of group g = g // (G / num_nodes). On a
+        cluster: num_nodes = EP size / GPUs per node, or give gpus_per_node from the launch
+        config and it is derived (an EP group inside one node is 1 node).
+    max_nodes: nodes a token may use (node mode; default 1).
+    max_ranks_per_node: optional R, ranks (groups) a token may use inside each chosen node
+        (node mode; None = no rank limit): the anchored group rule nested in each node.
     penalty_coeff: collaboration penalty coefficient (0 = off). See routing/penalty.py.
+    device_balance_coeff / comm_balance_coeff: DeepSeek-V2's device- and communication-level
+        balance losses over the rule's balance groups (EP ranks; nodes in node mode), attached
+        and logged like Megatron's aux loss (0 = off; the paper uses 0.05 and 0.02). See
+        ``routing/balance.py``.
+    group_bias_rate: aux-loss-free balance of the group choice (group and node modes; 0 = off):
+        a per-group offset on the group (node) score, moved by +-rate toward balance after each
+        iteration from the groups' token loads (``C2RRouter.update_group_bias_``, run by
+        ``step_routers``). In units of the selection scores (logits for softmax routers).
     warmup_steps: plain top-k for this many training steps while the tracker collects
         collaboration; then top-T lists are derived and the constraint turns on. Pretraining has
         no lists at step 0. 0 -> constrained from the start (c2r then needs lists from a file).
     refresh_interval: every R steps after warm-up, re-derive the top-T lists (c2r) or, in the
         CPU trainer, re-plan the placement (group) from what plain top-k would have picked over
-        those R steps (the constrained map itself would only confirm the current groups; this
-        costs one top-k per forward while on). 0 = frozen after warm-up, as in the paper.
+        those R steps. 0 = frozen after warm-up, as in the paper.
     track_collaboration: count co-activation on every training forward (needed for warm-up,
-        refresh and placement planning).
+        refresh and placement planning). Under an active constraint the tracker counts what
+        plain top-k would have picked (the constrained map would only confirm the current
+        groups), which costs one extra top-k per counted forward.
+    preference_sample_interval: under an active constraint, count plain top-k's preference on
+        every n-th training iteration only (1 = every iteration). Warm-up counts every step.
     check_finite_logits: raise on NaN/Inf router logits before they reach a collective. In a
         stock Megatron MoELayer this costs one small device->host sync per layer; our
         C2RMoELayer defers it into the dispatcher's count exchange (no extra sync; see
@@ -64,10 +88,18 @@ class C2RRouterConfig:
     max_groups: int = 1
     group_selection: str = "anchored"
     expert_to_group: Optional[Tuple[int, ...]] = None
+    num_nodes: Optional[int] = None
+    gpus_per_node: Optional[int] = None
+    max_nodes: Optional[int] = None
+    max_ranks_per_node: Optional[int] = None
     penalty_coeff: float = 0.0
+    device_balance_coeff: float = 0.0
+    comm_balance_coeff: float = 0.0
+    group_bias_rate: float = 0.0
     warmup_steps: int = 0
     refresh_interval: int = 0
     track_collaboration: bool = True
+    preference_sample_interval: int = 1
     check_finite_logits: bool = True
 
     def __post_init__(self):
@@ -81,8 +113,29 @@ class C2RRouterConfig:
         for name in ("warmup_steps", "refresh_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"c2r.{name}={getattr(self, name)} must be >= 0")
-        if self.penalty_coeff < 0:
-            raise ValueError(f"c2r.penalty_coeff={self.penalty_coeff} must be >= 0 (0 = off)")
+        for name in ("penalty_coeff", "device_balance_coeff", "comm_balance_coeff", "group_bias_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"c2r.{name}={getattr(self, name)} must be >= 0 (0 = off)")
+        if self.preference_sample_interval < 1:
+            raise ValueError(
+                f"c2r.preference_sample_interval={self.preference_sample_interval} must be >= 1 "
+                "(1 = count every iteration)"
+            )
+        for name in ("num_nodes", "gpus_per_node", "max_nodes", "max_ranks_per_node"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"c2r.{name}={getattr(self, name)} must be >= 1 (or unset)")
+        if self.mode != "node":
+            for name in NODE_ONLY_FIELDS:
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"c2r.{name}={getattr(self, name)} applies to c2r.mode='node' only: set "
+                        f"c2r.mode: node or remove c2r.{name} (mode is {self.mode!r})"
+                    )
+        if self.group_bias_rate and self.mode not in ("group", "node"):
+            raise ValueError(
+                f"c2r.group_bias_rate={self.group_bias_rate} biases the group choice of modes "
+                f"'group' and 'node' (mode is {self.mode!r}): set it to 0 or change c2r.mode"
+            )
         if self.mode == "c2r" and self.top_t is None:
             raise ValueError("c2r.top_t is required for mode='c2r' (e.g. top_t: 5 for E=8, k=2)")
         if self.expert_to_group is not None:
@@ -123,4 +176,65 @@ class C2RRouterConfig:
                 f"c2r.expert_to_group has {len(self.expert_to_group)} entries, expected "
                 f"num_moe_experts={num_experts}"
             )
+        if self.mode == "node":
+            return self._resolve_nodes(num_experts, topk, num_groups)
         return dataclasses.replace(self, num_groups=num_groups)
+
+    def _resolve_nodes(self, num_experts: int, topk: int, num_groups: int) -> "C2RRouterConfig":
+        """Node mode: fill num_nodes (from gpus_per_node) and max_nodes (1), check the limits."""
+        num_nodes = nodes_in_groups(num_groups, self.num_nodes, self.gpus_per_node)
+        max_nodes = self.max_nodes if self.max_nodes is not None else 1
+        if max_nodes > num_nodes:
+            raise ValueError(f"c2r.max_nodes={max_nodes} must be in [1, num_nodes={num_nodes}]")
+        ranks_per_node = num_groups // num_nodes
+        max_ranks = self.max_ranks_per_node
+        if max_ranks is not None and max_ranks > ranks_per_node:
+            raise ValueError(
+                f"c2r.max_ranks_per_node={max_ranks} must be in [1, {ranks_per_node}] (num_groups="
+                f"{num_groups} / num_nodes={num_nodes} ranks per node)"
+            )
+        ranks = max_ranks if max_ranks is not None else ranks_per_node
+        per_rank = num_experts // num_groups
+        if topk > max_nodes * ranks * per_rank:
+            raise ValueError(
+                f"moe_router_topk={topk} exceeds c2r.max_nodes={max_nodes} x {ranks} ranks x "
+                f"{per_rank} experts per rank: raise c2r.max_nodes (or c2r.max_ranks_per_node)"
+            )
+        return dataclasses.replace(
+            self, num_groups=num_groups, num_nodes=num_nodes, max_nodes=max_nodes
+        )
+
+
+def nodes_in_groups(num_groups: int, num_nodes: Optional[int], gpus_per_node: Optional[int]) -> int:
+    """Nodes that ``num_groups`` groups (EP ranks) span: ``num_nodes``, or derived from
+    ``gpus_per_node`` (EP ranks per node; an EP group inside one node spans 1 node). Nodes hold
+    equal, contiguous blocks of groups; anything else is a one-line ValueError."""
+    if num_nodes is None and gpus_per_node is None:
+        raise ValueError(
+            "c2r.mode='node' needs c2r.num_nodes or c2r.gpus_per_node (num_nodes = EP size / "
+            "GPUs per node): set one, e.g. c2r.gpus_per_node: 8"
+        )
+    derived = None
+    if gpus_per_node is not None:
+        if num_groups % gpus_per_node == 0:
+            derived = num_groups // gpus_per_node
+        elif gpus_per_node % num_groups == 0:
+            derived = 1
+        else:
+            raise ValueError(
+                f"c2r.gpus_per_node={gpus_per_node} splits num_groups={num_groups} (the EP size) "
+                "into unequal nodes: use an EP size that is a multiple or a divisor of it"
+            )
+    if num_nodes is not None:
+        if num_groups % num_nodes:
+            raise ValueError(
+                f"c2r.num_nodes={num_nodes} must divide num_groups={num_groups} (nodes hold "
+                f"equal blocks of EP ranks): pick a divisor of {num_groups}"
+            )
+        if derived is not None and derived != num_nodes:
+            raise ValueError(
+                f"c2r.num_nodes={num_nodes} contradicts c2r.gpus_per_node={gpus_per_node} with "
+                f"num_groups={num_groups} ({derived} nodes): set only one of them"
+            )
+        return num_nodes
+    return derived

@@ -166,6 +166,7 @@ def group_topk(
     max_groups: int,
     anchored: bool = True,
     groups_GN: Optional[torch.Tensor] = None,
+    group_bias_G: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Hard group-aligned routing: each token uses at most ``max_groups`` groups (M).
 
@@ -181,23 +182,107 @@ def group_topk(
     Args:
         groups_GN: [G, N] expert ids per group (``groups_from_expert_to_group``); pass it to avoid
             recomputing it every call.
+        group_bias_G: optional fp32 [G] offsets on the group choice only (aux-loss-free group
+            balance): added to every group score, and the anchor becomes the group with the best
+            (best expert score + offset); expert choice inside the kept groups stays unbiased.
+            None -> exactly the unbiased rule.
     Returns (values_TK, indices_TK) like torch.topk (descending).
     """
     num_tokens, num_experts = scores_TE.shape
     if groups_GN is None:
         groups_GN = groups_from_expert_to_group(expert_to_group_E, num_groups)
     per_group = groups_GN.shape[1]
-    if anchored and max_groups == 1:
+    if group_bias_G is None and anchored and max_groups == 1:
         kept_TM = expert_to_group_E.index_select(0, scores_TE.argmax(dim=-1)).unsqueeze(1)
     else:
         scores_TGN = scores_TE.index_select(1, groups_GN.flatten()).view(num_tokens, num_groups, per_group)
-        take = max(1, min(per_group, topk // max_groups))
-        group_scores_TG = scores_TGN.topk(take, dim=-1).values.sum(dim=-1)
-        if anchored:
+        anchor_T1 = None  # with a bias the anchor group is chosen from biased group maxima
+        if anchored and group_bias_G is None:  # the top-1 expert's group
             anchor_T1 = expert_to_group_E.index_select(0, scores_TE.argmax(dim=-1)).unsqueeze(1)
-            group_scores_TG = group_scores_TG.scatter(1, anchor_T1, float("inf"))
-        kept_TM = group_scores_TG.topk(max_groups, dim=-1).indices
+        kept_TM = _keep_best_blocks(
+            scores_TGN, topk, max_groups, anchored=anchored, bias_G=group_bias_G, anchor_T1=anchor_T1
+        )
     cand_TC = groups_GN.index_select(0, kept_TM.flatten()).view(num_tokens, -1)  # C = M*N
+    values_TK, pos_TK = scores_TE.gather(1, cand_TC).topk(topk, dim=-1)
+    return values_TK, cand_TC.gather(1, pos_TK)
+
+
+def _keep_best_blocks(
+    scores_TGN: torch.Tensor,
+    topk: int,
+    keep: int,
+    *,
+    anchored: bool,
+    bias_G: Optional[torch.Tensor] = None,
+    anchor_T1: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """int64 [T, keep]: the blocks (groups, nodes, ranks of a node: dim 1 of ``scores_TGN``)
+    each token keeps. Block score = sum of its top-(k // keep) scores (at least 1, at most the
+    block) plus ``bias_G``. ``anchored``: the anchor block is always kept (``anchor_T1``, else
+    the block with the best (best score + bias)), then the best ``keep - 1`` others."""
+    if anchored and anchor_T1 is None:
+        best_TG = scores_TGN.amax(dim=-1)
+        anchor_T1 = (best_TG if bias_G is None else best_TG + bias_G).argmax(dim=-1, keepdim=True)
+    if anchored and keep == 1:
+        return anchor_T1
+    take = max(1, min(scores_TGN.shape[-1], topk // keep))
+    block_scores_TG = scores_TGN.topk(take, dim=-1).values.sum(dim=-1)
+    if bias_G is not None:
+        block_scores_TG = block_scores_TG + bias_G
+    if anchored:
+        block_scores_TG = block_scores_TG.scatter(1, anchor_T1, float("inf"))
+    return block_scores_TG.topk(keep, dim=-1).indices
+
+
+def node_topk(
+    scores_TE: torch.Tensor,
+    topk: int,
+    groups_GN: torch.Tensor,
+    num_nodes: int,
+    max_nodes: int,
+    *,
+    anchored: bool = True,
+    max_ranks_per_node: Optional[int] = None,
+    node_bias_D: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Node-limited routing: each token uses at most ``max_nodes`` nodes (M), optionally at most
+    ``max_ranks_per_node`` groups (Q, EP ranks) inside each kept node.
+
+    Nodes are contiguous blocks of P = G / D groups (``groups_GN`` rows g*P .. g*P+P-1 form node
+    g), so X = P*N experts each. Node score = sum of the top-(k // M) scores of its experts
+    (Megatron's group-limited score with groups = nodes, DeepSeek-V3's node-limited rule).
+    ``anchored``: the top-1 expert's node plus the best M-1 other nodes; else the best M nodes
+    (``group_limited_topk`` with num_groups = nodes, equal to it). With Q set, each kept node
+    keeps the rank of its own best expert plus its best Q-1 other ranks by rank score (sum of the
+    top-(k // (M*Q)) scores): the anchored group rule nested in every node. Then plain top-k
+    over the kept candidates (C = M*X, or M*Q*N columns).
+
+    Args:
+        scores_TE: selection scores (higher is better).
+        groups_GN: int64 [G, N] expert ids per group; G must be a multiple of ``num_nodes``.
+        node_bias_D: optional fp32 [D] offsets on the node choice (as ``group_bias_G`` in
+            ``group_topk``); None -> the unbiased rule.
+    Returns (values_TK, indices_TK) like torch.topk (descending).
+    """
+    num_tokens = scores_TE.shape[0]
+    num_groups, per_group = groups_GN.shape
+    ranks_per_node = num_groups // num_nodes
+    nodes_DX = groups_GN.reshape(num_nodes, ranks_per_node * per_group)
+    scores_TDX = scores_TE.index_select(1, nodes_DX.flatten()).view(num_tokens, num_nodes, -1)
+    kept_TM = _keep_best_blocks(scores_TDX, topk, max_nodes, anchored=anchored, bias_G=node_bias_D)
+    if max_ranks_per_node is None or max_ranks_per_node >= ranks_per_node:
+        cand_TC = nodes_DX.index_select(0, kept_TM.flatten()).view(num_tokens, -1)  # C = M*X
+    else:
+        kept_nodes = kept_TM.shape[1]
+        index_TMX = kept_TM.unsqueeze(-1).expand(-1, -1, nodes_DX.shape[1])
+        scores_TMPN = scores_TDX.gather(1, index_TMX).view(
+            num_tokens, kept_nodes, ranks_per_node, per_group
+        )
+        ranks_TMQ = _keep_best_blocks(  # each kept node's ranks, by index inside the node
+            scores_TMPN.flatten(0, 1), topk // kept_nodes, max_ranks_per_node, anchored=True
+        ).view(num_tokens, kept_nodes, -1)
+        groups_TMQ = kept_TM.unsqueeze(-1) * ranks_per_node + ranks_TMQ
+        cand_TC = groups_GN.index_select(0, groups_TMQ.flatten()).view(num_tokens, -1)  # C = M*Q*N
     values_TK, pos_TK = scores_TE.gather(1, cand_TC).topk(topk, dim=-1)
     return values_TK, cand_TC.gather(1, pos_TK)
 

@@ -11,7 +11,9 @@ from megatron_c2r.routing.functional import (
     c2r_topk,
     expert_scores,
     group_topk,
+    groups_from_expert_to_group,
     groups_per_token,
+    node_topk,
     probs_from_selection,
     selection_scores,
     validate_groups,
@@ -175,18 +177,23 @@ def test_every_configurable_mode_has_exactly_one_rule_whose_selection_is_the_pur
     e2g = torch.randperm(16, generator=gen) % 4
     lists = random_lists(16, 5, gen)
     scores = torch.randn(200, 16, generator=gen)
+    groups_GN = groups_from_expert_to_group(e2g, 4)
     expected = {
         "topk": scores.topk(4, dim=1).indices,
         "c2r": c2r_topk(scores, 4, lists)[1],
         "group/anchored": group_topk(scores, 4, e2g, 4, 2, anchored=True)[1],
         "group/group_score": group_topk(scores, 4, e2g, 4, 2, anchored=False)[1],
+        "node/anchored": node_topk(scores, 4, groups_GN, 2, 1, anchored=True, max_ranks_per_node=1)[1],
+        "node/group_score": node_topk(scores, 4, groups_GN, 2, 1, anchored=False, max_ranks_per_node=1)[1],
     }
     built = {}
+    node_options = dict(num_nodes=2, max_nodes=1, max_ranks_per_node=1)
     for mode in MODES:
         for selection in GROUP_SELECTIONS:
-            rule = build_rule(mode, selection, topk=4, num_groups=4, max_groups=2)
+            options = node_options if mode == "node" else {}
+            rule = build_rule(mode, selection, topk=4, num_groups=4, max_groups=2, **options)
             assert rule.mode == mode
-            key = f"{mode}/{selection}" if mode == "group" else mode
+            key = f"{mode}/{selection}" if mode in ("group", "node") else mode
             built.setdefault(key, type(rule))
             assert built[key] is type(rule), "group_selection must not change a non-group rule"
             got = rule.select(scores, rule.tables(e2g, lists))
