@@ -3,9 +3,10 @@
 Four gloo processes build a real GPTModel whose MoE layers carry C2R routers (our spec builder,
 dedup dispatcher), put every kind of router state in place (0-d bool ``constraint_active``,
 top-T lists [E, L] or the empty [E, 0] of group mode, a non-default ``expert_to_group``, the
-tracker's reduced counts and per-rank pending counts), save ``model.sharded_state_dict()`` with
+fp32 [G] group bias, the tracker's reduced counts and per-rank pending counts), save ``model.sharded_state_dict()`` with
 ``dist_checkpointing`` and load it into a freshly initialised model. The reloaded routers must hold
-the same buffers and route the same tokens to the same experts.
+the same buffers and route the same tokens to the same experts, and the tracker counts of the
+whole TP x DP group: saving sums the per-rank pending counts into them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def _model(mode: str, seed: int):
     config = moe_config(num_layers=2, hidden_size=H, num_moe_experts=E, moe_router_topk=K,
                         tensor_model_parallel_size=2, expert_model_parallel_size=2)
     router = (C2RRouterConfig(mode="c2r", top_t=3, warmup_steps=1) if mode == "c2r" else
-              C2RRouterConfig(mode="group", max_groups=1, warmup_steps=1, expert_to_group=GROUPS))
+              C2RRouterConfig(mode="group", max_groups=1, warmup_steps=1, expert_to_group=GROUPS,
+                              group_bias_rate=1e-3))
     spec = get_c2r_decoder_block_spec(config, C2ROptions(router=router), use_transformer_engine=False)
     torch.manual_seed(seed)
     with megatron_cpu():
@@ -50,7 +52,9 @@ def _tokens(seed: int):
 
 
 def _state(router):
+    extra = {} if router.group_bias is None else {"group_bias": router.group_bias.clone()}
     return {
+        **extra,
         "constraint_active": router.constraint_active.clone(),
         "top_t_lists": router.top_t_lists.clone(),
         "expert_to_group": router.expert_to_group.clone(),
@@ -75,6 +79,8 @@ def _save_and_load(mode: str, ckpt_dir: str):
         router(_tokens(10 * layer + rank // 2))  # DP ranks see different tokens
         router.step(0)  # warm-up ends: tracker summed over TP x DP, lists derived, active
         router(_tokens(100 + 10 * layer + rank))  # pending counts that differ per rank
+        if router.group_bias is not None:  # fp32 [G] group-choice offsets (group mode)
+            router.group_bias.copy_(torch.tensor([0.25, -0.5]) + layer)
     source.eval()
     with torch.no_grad():
         want_maps = [r(_tokens(7))[1] for r in _routers(source)]
@@ -108,7 +114,11 @@ def test_router_state_round_trips_through_torch_dist_with_tp2_ep2(dist_pool, tmp
         for layer, (want, got) in enumerate(zip(r["want"], r["got"])):
             for name in ("constraint_active", "top_t_lists", "expert_to_group", "counts", "tokens"):
                 assert want[name].dtype == got[name].dtype and want[name].shape == got[name].shape, name
+            for name in ("constraint_active", "top_t_lists", "expert_to_group"):
                 assert torch.equal(want[name], got[name]), (r["rank"], layer, name)
+            if mode == "group":
+                assert got["group_bias"].dtype == torch.float32
+                assert torch.equal(got["group_bias"], torch.tensor([0.25, -0.5]) + layer)
             assert bool(got["constraint_active"]) and int(got["tokens"]) > 0
             if mode == "c2r":
                 assert got["top_t_lists"].shape == (E, 3)
@@ -117,12 +127,16 @@ def test_router_state_round_trips_through_torch_dist_with_tp2_ep2(dist_pool, tmp
                 assert got["expert_to_group"].tolist() == GROUPS
         for want_map, got_map in zip(r["want_maps"], r["got_maps"]):
             assert torch.equal(want_map, got_map), "the reloaded router routes differently"
-    # Pending (not yet reduced) tracker counts are per rank but checkpointed as one replicated
-    # tensor: every rank gets back the main replica's (rank 0's) pending counts. They must be
-    # reduced over DP before a save to be exact (see the router's checkpoint notes).
-    rank0 = results[0]["want"]
-    assert not torch.equal(rank0[0]["pending"], results[1]["want"][0]["pending"])
-    for r in results:
-        for layer, got in enumerate(r["got"]):
-            assert torch.equal(got["pending"], rank0[layer]["pending"])
-            assert torch.equal(got["pending_tokens"], rank0[layer]["pending_tokens"])
+    # Pending tracker counts are per rank; saving sums them over TP x DP (here all 4 ranks) into
+    # the replicated counts, so every rank -- and a resumed run's planner -- gets the whole
+    # group's counts back, and nothing is pending.
+    assert not torch.equal(results[0]["want"][0]["pending"], results[1]["want"][0]["pending"])
+    for layer in range(len(results[0]["want"])):
+        whole = results[0]["want"][layer]["counts"] + sum(r["want"][layer]["pending"] for r in results)
+        whole_tokens = results[0]["want"][layer]["tokens"] + sum(r["want"][layer]["pending_tokens"] for r in results)
+        assert int(whole.sum()) > int(results[0]["want"][layer]["counts"].sum())
+        for r in results:
+            got = r["got"][layer]
+            assert torch.equal(got["counts"], whole), (r["rank"], layer)
+            assert torch.equal(got["tokens"], whole_tokens), (r["rank"], layer)
+            assert not got["pending"].any() and int(got["pending_tokens"]) == 0
