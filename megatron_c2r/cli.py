@@ -4,6 +4,7 @@
     megatron-c2r pretrain CONFIG.yaml [--set K=V] [--dry-run]    one Megatron-LM process
     megatron-c2r render   CONFIG.yaml [--set K=V] [--format F]   the exact command and env
     megatron-c2r plan     --collab SRC --ep P [--top-k K] [--top-t T] [--out plan.json]
+                          [--max-load-imbalance X] [--nodes N | --gpus-per-node G]
     megatron-c2r convert  --load CKPT --plan plan.json --save OUT
 
 ``python -m megatron_c2r ...`` is the same command; ``python -m megatron_c2r.pretrain CONFIG``
@@ -190,6 +191,20 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write Top-T collaborator lists (the C2R paper's rule)")
     parser.add_argument("--num-experts", type=int, default=None, metavar="E",
                         help="number of experts (traces: default max id + 1)")
+    parser.add_argument("--max-load-imbalance", type=_load_bound, default=None, metavar="X",
+                        help="keep every EP rank's (and node's) expected tokens <= X x the mean "
+                             "where achievable (else the smallest achievable), maximising "
+                             "locality under that; 'off' (default): locality only")
+    nodes = parser.add_mutually_exclusive_group()
+    nodes.add_argument("--nodes", type=int, default=None, metavar="N",
+                       help="hierarchical plan: N nodes of P/N consecutive EP ranks; experts go "
+                            "to nodes first (fewest nodes per token), then to ranks inside each")
+    nodes.add_argument("--gpus-per-node", type=int, default=None, metavar="G",
+                       help="the same as --nodes P/G")
+    parser.add_argument("--tradeoff", type=_load_bounds, default=DEFAULT_TRADEOFF,
+                        metavar="X,Y,...",
+                        help="also plan these bounds and print the locality/balance trade-off "
+                             f"(default {','.join(map(str, DEFAULT_TRADEOFF))}; 'none' skips it)")
     parser.add_argument("--seed", type=int, default=0, help="planner seed (deterministic)")
     parser.add_argument("--restarts", type=int, default=4,
                         help="heuristic starts per layer (greedy, identity, random...)")
@@ -197,27 +212,45 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def format_plan_table(plans, exact: bool) -> str:
-    """Per-layer predicted ranks/token: identity, random, planned, and the planned gain."""
-    lines = [f"{'layer':>5}  {'identity':>8}  {'random':>8}  {'planned':>8}  "
-             f"{'vs identity':>11}  {'vs random':>9}"]
-    sums = [0.0, 0.0, 0.0]
-    for i, p in enumerate(plans):
-        r = p.predicted_ranks_per_token
-        vals = [r["identity"], r["random"], r["planned"]]
-        sums = [s + v for s, v in zip(sums, vals)]
-        lines.append(_plan_row(str(i), vals))
-    if len(plans) > 1:
-        lines.append(_plan_row("mean", [s / len(plans) for s in sums]))
-    how = "exact, from full top-k sets" if exact else "estimated from pair counts"
-    lines.append(f"(predicted distinct EP ranks per token, {how})")
-    return "\n".join(lines)
+DEFAULT_TRADEOFF = (1.25, 1.1, 1.05)  # bounds the plan report compares with 'off'
 
 
-def _plan_row(label: str, vals) -> str:
-    ident, rand, planned = vals
-    return (f"{label:>5}  {ident:8.3f}  {rand:8.3f}  {planned:8.3f}  "
-            f"{100 * (planned / ident - 1):+10.1f}%  {100 * (planned / rand - 1):+8.1f}%")
+def _load_bound(text: str) -> Optional[float]:
+    """--max-load-imbalance: 'off' or a finite number >= 1 (argparse turns errors into one line)."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 1 or value == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a bound: give the busiest group over the mean load, a number >= 1 "
+            "(e.g. 1.1), or 'off'")
+    return value
+
+
+def _load_bounds(text: str) -> Tuple[Optional[float], ...]:
+    if text.strip().lower() == "none":
+        return ()
+    return tuple(_load_bound(part) for part in text.split(","))
+
+
+def _plan_nodes(args: argparse.Namespace) -> int:
+    """Nodes of the hierarchical plan from --nodes / --gpus-per-node (1: flat)."""
+    if args.nodes is not None:
+        parallel.require_positive(args.nodes, "--nodes")
+        if args.ep % args.nodes:
+            raise ValueError(f"--nodes {args.nodes} must divide --ep {args.ep}: nodes hold equal "
+                             "blocks of EP ranks")
+        return args.nodes
+    if args.gpus_per_node is not None:
+        parallel.require_positive(args.gpus_per_node, "--gpus-per-node")
+        if args.ep % args.gpus_per_node:
+            raise ValueError(f"--gpus-per-node {args.gpus_per_node} must divide --ep {args.ep}: "
+                             "nodes hold equal blocks of EP ranks")
+        return args.ep // args.gpus_per_node
+    return 1
 
 
 def _run_plan(args: argparse.Namespace) -> int:
@@ -226,25 +259,34 @@ def _run_plan(args: argparse.Namespace) -> int:
     for name in ("top_k", "num_experts"):
         if getattr(args, name) is not None:
             parallel.require_positive(getattr(args, name), "--" + name.replace("_", "-"))
+    num_nodes = _plan_nodes(args)
     if not os.path.lexists(args.collab):
         raise FileNotFoundError(f"--collab {args.collab!r}: no such file or directory")
     check_output_file(args.out, "--out")
     # Heavy: torch and numpy (sources, planner).
     from megatron_c2r.placement.plan_file import write_plan
-    from megatron_c2r.placement.planner import PlannerConfig, make_plan
+    from megatron_c2r.placement.plan_report import format_plan_table, format_tradeoff
+    from megatron_c2r.placement.planner import PlannerConfig, plan_with_tradeoff
     from megatron_c2r.placement.sources import load_collaboration
 
     layers = load_collaboration(args.collab, top_k=args.top_k, num_experts=args.num_experts)
     num_experts, top_k = layers[0].num_experts, layers[0].top_k
     parallel.experts_per_rank(num_experts, args.ep, experts_name=f"{args.collab}: num_experts",
                               ep_name="--ep")
-    config = PlannerConfig(ep_size=args.ep, seed=args.seed, restarts=args.restarts)
-    plan = make_plan(layers, config, top_t=args.top_t, progress=not args.no_progress)
+    config = PlannerConfig(ep_size=args.ep, seed=args.seed, restarts=args.restarts,
+                           max_load_imbalance=args.max_load_imbalance, num_nodes=num_nodes)
+    bounds = list(dict.fromkeys([None, *args.tradeoff, args.max_load_imbalance])) \
+        if args.tradeoff else []
+    plan, tradeoff = plan_with_tradeoff(layers, config, bounds=bounds, top_t=args.top_t,
+                                        progress=not args.no_progress)
     plans = plan.layers
     print(format_plan_table(plans, exact=all(p.exact for p in plans)))
+    if tradeoff:
+        print(format_tradeoff(tradeoff, chosen=args.max_load_imbalance))
     write_plan(plan, args.out)
-    print(f"wrote {args.out} ({len(plans)} layers, E={num_experts}, EP={args.ep}, k={top_k})",
-          file=sys.stderr)
+    where = f", {num_nodes} nodes x {args.ep // num_nodes} ranks" if num_nodes > 1 else ""
+    print(f"wrote {args.out} ({len(plans)} layers, E={num_experts}, EP={args.ep}{where}, "
+          f"k={top_k})", file=sys.stderr)
     return 0
 
 
