@@ -207,3 +207,20 @@ def test_node_anchored_router_with_a_rank_limit_keeps_tokens_inside_the_rule():
     assert router.weight.grad.abs().sum() > 0
     metrics = router.c2r_metrics()
     assert metrics["violation_rate"] == 0.0 and metrics["nodes_per_token"] <= 2.0 and metrics["penalty"] > 0
+
+
+def test_new_router_options_travel_through_the_c2r_flags_unchanged():
+    import argparse
+
+    from megatron_c2r.megatron_lm.arguments import add_c2r_args, c2r_options_from_args
+    from megatron_c2r.megatron_lm.flags import c2r_argv
+    from megatron_c2r.moe.options import C2ROptions
+
+    router = C2RRouterConfig(mode="node", gpus_per_node=8, max_nodes=2, max_ranks_per_node=1,
+                             group_selection="group_score", device_balance_coeff=0.05,
+                             comm_balance_coeff=0.02, group_bias_rate=1e-3, preference_sample_interval=4)
+    options = C2ROptions(router=router)
+    argv = c2r_argv(options)
+    assert "--c2r-max-ranks-per-node" in argv and "--c2r-num-nodes" not in argv  # None: not written
+    parsed = c2r_options_from_args(add_c2r_args(argparse.ArgumentParser()).parse_args(argv))
+    assert parsed == options
