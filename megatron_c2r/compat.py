@@ -279,13 +279,22 @@ def topk_router_kwargs(router_kwargs: dict) -> dict:
     return accepted
 
 
-def use_stock_router_gating(device: Any) -> bool:
-    """True where a router should run Megatron's own ``Router.gating``: on CUDA, where
-    ``router_gating_linear`` takes bf16 activations straight into TE's fp32-output GEMM
-    (``te_general_gemm``; no fp32 copy of the [T, H] input). Elsewhere False: 0.16-0.20's
-    ``Router.gating`` moves CPU weights to ``torch.cuda.current_device()``, so the caller keeps a
-    device-agnostic copy of the same math (``routing.functional.gating_linear``)."""
-    return torch.device(device).type == "cuda"
+def use_stock_router_gating(device: Any, *, te_gemm_defined: Optional[bool] = None) -> bool:
+    """True where a router should run Megatron's own ``Router.gating``: on CUDA with
+    transformer-engine, where ``router_gating_linear`` takes bf16 activations straight into TE's
+    fp32-output GEMM (``te_general_gemm``; no fp32 copy of the [T, H] input). Elsewhere False:
+    0.16-0.20's ``Router.gating`` moves CPU weights to ``torch.cuda.current_device()``, and
+    0.16.1 without TE never defines ``moe_utils.te_general_gemm`` (the stock gating raises
+    ``NameError`` on CUDA), so the caller keeps a device-agnostic copy of the same math
+    (``routing.functional.gating_linear``; without TE both paths make the same fp32 copy).
+    ``te_gemm_defined`` overrides the probe of ``moe_utils`` (tests)."""
+    if torch.device(device).type != "cuda":
+        return False
+    if te_gemm_defined is None:
+        from megatron.core.transformer.moe import moe_utils
+
+        te_gemm_defined = getattr(moe_utils, "te_general_gemm", None) is not None
+    return te_gemm_defined
 
 
 # --- dedup dispatcher (moe/dispatcher.py): config fields that differ between versions ---

@@ -453,8 +453,11 @@ def test_gating_runs_megatrons_own_gating_exactly_where_compat_chooses_it(monkey
     from megatron.core.transformer.moe.router import TopKRouter
     from megatron_c2r import compat
 
-    assert compat.use_stock_router_gating(torch.device("cuda", 0))
-    assert compat.use_stock_router_gating("cuda")
+    assert compat.use_stock_router_gating(torch.device("cuda", 0), te_gemm_defined=True)
+    assert compat.use_stock_router_gating("cuda", te_gemm_defined=True)
+    # 0.16.1 without transformer-engine leaves te_general_gemm undefined: the stock gating would
+    # raise NameError on CUDA, so ours runs there too.
+    assert not compat.use_stock_router_gating("cuda", te_gemm_defined=False)
     assert not compat.use_stock_router_gating(torch.device("cpu"))
     router = C2RRouter(make_config(moe_router_dtype="fp32", params_dtype=torch.bfloat16, bf16=True),
                        c2r_config=C2RRouterConfig(mode="topk"))
