@@ -6,12 +6,13 @@
     megatron-c2r plan     --collab SRC --ep P [--top-k K] [--top-t T] [--out plan.json]
                           [--max-load-imbalance X] [--nodes N | --gpus-per-node G]
     megatron-c2r convert  --load CKPT --plan plan.json --save OUT
+    megatron-c2r estimate CONFIG.yaml [--routing SRC] [--nodes N]  modeled MoE-layer time
 
 ``python -m megatron_c2r ...`` is the same command; ``python -m megatron_c2r.pretrain CONFIG``
 is ``pretrain`` for ``torchrun -m`` / ``srun``. Each subcommand is an argument builder and a
 ``_run_<name>(args) -> exit status`` that calls the library function owning the work
 (``run_config``, ``cpu.job_config`` + ``cpu.trainer``, ``render``, ``placement.*``,
-``megatron_lm.entry``). Inputs are validated first and torch/Megatron are imported only after
+``megatron_lm.entry``, ``cost_inputs`` + ``cost_routing`` + ``cost_model``). Inputs are validated first and torch/Megatron are imported only after
 that, inside the run function, so ``--help`` and every config error take milliseconds.
 
 Errors: any ``errors.USER_ERRORS`` (``ValueError`` and so ``ConfigError``, missing, unwritable or
@@ -22,6 +23,7 @@ misplaced paths) raised while a subcommand runs, and any argument error, print O
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import sys
@@ -29,6 +31,14 @@ import tempfile
 from typing import Callable, Dict, NoReturn, Optional, Sequence, Tuple
 
 from megatron_c2r import __version__, parallel
+from megatron_c2r.cost_inputs import (
+    PARAM_HELP,
+    LinkParams,
+    config_rule,
+    node_anchored,
+    parse_routing,
+    shape_from_config,
+)
 from megatron_c2r.cpu.job_config import load_train_job
 from megatron_c2r.errors import USER_ERRORS, one_line
 from megatron_c2r.render import FORMATS, render
@@ -40,6 +50,7 @@ DEFAULT_TRAIN_CONFIG = "configs/tiny_cpu.yaml"
 CONFIG_DOC = "docs/config.md"
 TRAIN_DOC = "README: 'The main job on any machine'"
 PLACEMENT_DOC = "README: 'Collaboration-aware placement'"
+COST_DOC = "docs/cost_model.md"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -340,6 +351,76 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# estimate: the cluster cost model
+# --------------------------------------------------------------------------------------------
+def _estimate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help=f"run config YAML with an MoE model (schema: {CONFIG_DOC})")
+    _add_set(parser, "megatron.moe-router-topk=4")
+    parser.add_argument("--routing", default="uniform", metavar="SOURCE",
+                        help="uniform (default: iid router scores), clustered[:C[:S]] (C planted "
+                             "clusters of co-activating experts, +S on the logits), or a file: a "
+                             "Megatron routing trace (.jsonl or its directory), our routing dump "
+                             "or tracker state (.pt), a co-activation matrix (.npy)")
+    parser.add_argument("--nodes", type=int, metavar="N",
+                        help="nodes the EP group spans: EP = N x launch.gpus_per_node (default: "
+                             "the config's megatron.--expert-model-parallel-size)")
+    parser.add_argument("--max-nodes", type=int, default=1, metavar="M",
+                        help="nodes per token under our node-anchored routing (default 1)")
+    parser.add_argument("--tokens-per-gpu", type=int, metavar="T",
+                        help="tokens each GPU routes per micro-batch (default: micro-batch-size "
+                             "x seq-length / context-parallel-size)")
+    parser.add_argument("--layer", type=int, metavar="L",
+                        help="one layer of a routing file (default: the mean over its layers)")
+    parser.add_argument("--seed", type=int, default=0, help="token sampling seed (deterministic)")
+    parser.add_argument("--json", metavar="PATH", help="also write every row as JSON (atomically)")
+    for f in dataclasses.fields(LinkParams):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=f.default,
+                            metavar="X", help=f"{PARAM_HELP[f.name]} (default {f.default:g})")
+    parser.epilog = f"Model, parameters and their sources, calibration: {COST_DOC}."
+
+
+def _run_estimate(args: argparse.Namespace) -> int:
+    params = LinkParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LinkParams)})
+    cfg = load_config(args.config, args.sets)
+    shape, notes = shape_from_config(cfg, nodes=args.nodes, tokens_per_gpu=args.tokens_per_gpu)
+    config = config_rule(cfg, shape.ep_size, shape.nodes)
+    config.check(shape.num_experts, shape.topk)
+    ours = node_anchored(shape.nodes, args.max_nodes)
+    ours.check(shape.num_experts, shape.topk)
+    source = parse_routing(args.routing)
+    if args.layer is not None and (source.kind != "file" or args.layer < 0):
+        raise ValueError(f"--layer {args.layer}: only a routing file has layers, numbered from 0")
+    if args.json is not None:
+        check_output_file(args.json, "--json")
+    for note in notes:
+        print(f"{PROG} estimate: {note}", file=sys.stderr)
+    # Heavy: torch (the counting code of the dispatchers; no Megatron).
+    from megatron_c2r.cost_model import estimate, format_table, write_json
+    from megatron_c2r.cost_routing import mean_rows, sample_routings
+
+    counts, baseline = sample_routings(
+        source, shape, config, ours, seed=args.seed, layer_index=args.layer,
+        score_function=cfg.megatron_value("moe-router-score-function", "softmax"),
+    )  # fmt: skip
+    rows = mean_rows([estimate(c, params, baseline) for c in counts])
+    layers = f", mean of {len(counts)} layers" if len(counts) > 1 else ""
+    print(f"{args.config}: {shape.num_experts} experts top-{shape.topk}, hidden {shape.hidden}, "
+          f"expert FFN {shape.ffn_hidden}{' (SwiGLU)' if shape.swiglu else ''}; EP "
+          f"{shape.ep_size} = {shape.nodes} node(s) x {shape.gpus_per_node} GPUs; "
+          f"{shape.tokens_per_gpu} tokens per GPU; routing: {source.label}{layers}")  # fmt: skip
+    print(f"modeled with NVLink {params.nvlink_gbps:g} / IB {params.ib_gbps:g} GB/s per GPU, "
+          f"{params.nvlink_latency_us:g} / {params.ib_latency_us:g} us per peer, GEMM "
+          f"{params.gemm_tflops:g} TFLOP/s, {params.bytes_per_element:g} bytes per element "
+          f"({COST_DOC})")  # fmt: skip
+    print(format_table(rows))
+    if args.json is not None:
+        write_json(args.json, dict(config=args.config, routing=source.label, rows=rows,
+                                   shape=dataclasses.asdict(shape), params=dataclasses.asdict(params)))  # fmt: skip
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------
 # name -> (one-line help, add arguments, run)
@@ -355,6 +436,9 @@ SUBCOMMANDS: Dict[str, _Subcommand] = {
              "statistics", _plan_arguments, _run_plan),
     "convert": ("apply a placement plan to a Megatron-LM torch_dist checkpoint (relabel "
                 "experts, offline)", _convert_arguments, _run_convert),
+    "estimate": ("model one MoE layer's forward+backward time on a GPU cluster: Megatron "
+                 "alltoall, DeepEP-style, our flat and two-level dispatchers, with the config's "
+                 "routing and with node-anchored routing", _estimate_arguments, _run_estimate),
 }
 
 

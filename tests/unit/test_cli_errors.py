@@ -136,7 +136,7 @@ def test_input_file_errors_from_placement_are_one_line_too(tmp_path):
 
 
 def test_help_of_every_subcommand_imports_no_torch_and_points_at_docs_not_sources():
-    for command in ["", "train", "pretrain", "render", "plan", "convert"]:
+    for command in ["", "train", "pretrain", "render", "plan", "convert", "estimate"]:
         argv = [command, "--help"] if command else ["--help"]
         probe = ("import sys\nfrom megatron_c2r.cli import main\n"
                  "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"

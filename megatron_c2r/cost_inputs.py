@@ -1,0 +1,284 @@
+"""What the cluster cost model is given: hardware parameters, the MoE layer and its EP group, the
+routing rules, and where routing comes from. Pure Python (no torch), so ``megatron-c2r estimate``
+reports every bad flag or config in milliseconds, before torch is imported.
+
+``shape_from_config`` and ``config_rule`` read a validated run config (``run_config.RunConfig``)
+the way Megatron would run it; the model itself (``cost_model``) never sees YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+from megatron_c2r import parallel
+
+# Synthetic routing when no routing source is given: "uniform" (iid scores: every top-k set
+# equally likely) or "clustered[:C[:S]]" (C planted clusters of co-activating experts, dealt
+# over the expert ids at random; a token's cluster gets +S on its logits).
+SYNTHETIC = ("uniform", "clustered")
+DEFAULT_CLUSTERS = 16
+DEFAULT_STRENGTH = 2.0
+
+
+# --help of each LinkParams flag (the default and its source are in docs/cost_model.md).
+PARAM_HELP = {
+    "nvlink_gbps": "NVLink GB/s per GPU per direction (H100, effective in NCCL)",
+    "ib_gbps": "InfiniBand GB/s per GPU per direction (one CX7 NDR 400 Gb/s NIC, measured)",
+    "nvlink_latency_us": "microseconds per NVLink peer per all-to-all",
+    "ib_latency_us": "microseconds per InfiniBand peer per all-to-all",
+    "gemm_tflops": "achieved expert GEMM throughput, TFLOP/s (BF16 H100)",
+    "bytes_per_element": "bytes per hidden-state element on the wire (2 = bf16, ~1.03 = fp8 + scales)",
+    "meta_bytes": "bytes per metadata column (a prob or an expert id)",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinkParams:
+    """Hardware parameters (defaults: a DGX H100 cluster; sources in docs/cost_model.md).
+
+    nvlink_gbps / ib_gbps: GB/s (1e9 bytes) per GPU per direction: NVLink effective in NCCL;
+        one ConnectX-7 NDR 400 Gb/s NIC per GPU as measured.
+    nvlink_latency_us / ib_latency_us: microseconds per peer a GPU exchanges rows with on that
+        link in one all-to-all (NCCL skips zero-size peers).
+    gemm_tflops: achieved dense BF16 GEMM throughput of the expert MLPs, 1e12 FLOP/s.
+    bytes_per_element: hidden-state bytes per element on the wire (2 = bf16).
+    meta_bytes: bytes per metadata column (one prob or one expert id; fp32/int32).
+    Each field is also the ``estimate`` flag ``--<field with dashes>``.
+    """
+
+    nvlink_gbps: float = 370.0
+    ib_gbps: float = 48.0
+    nvlink_latency_us: float = 1.5
+    ib_latency_us: float = 3.1
+    gemm_tflops: float = 400.0
+    bytes_per_element: float = 2.0
+    meta_bytes: float = 4.0
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            may_be_zero = f.name.endswith("latency_us") or f.name == "meta_bytes"
+            if not math.isfinite(value) or value < 0 or (value == 0 and not may_be_zero):
+                raise ValueError(
+                    f"--{f.name.replace('_', '-')}={value} must be {'>= 0' if may_be_zero else '> 0'}"
+                )
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEShape:
+    """One MoE layer and its EP group: E experts top-K, hidden H, expert FFN hidden F (SwiGLU:
+    two input projections), P = ``ep_size`` GPUs of ``gpus_per_node`` per node, T tokens per GPU
+    per micro-batch. Raises ValueError naming the field for an impossible layout."""
+
+    num_experts: int
+    topk: int
+    hidden: int
+    ffn_hidden: int
+    swiglu: bool = True
+    ep_size: int
+    gpus_per_node: int
+    tokens_per_gpu: int
+
+    def __post_init__(self):
+        for name in ("hidden", "ffn_hidden", "gpus_per_node", "tokens_per_gpu"):
+            parallel.require_positive(getattr(self, name), name)
+        parallel.experts_per_rank(self.num_experts, self.ep_size, ep_name="ep_size")
+        parallel.check_topk(self.topk, self.num_experts, topk_name="topk")
+        if self.ep_size % self.gpus_per_node:
+            raise ValueError(
+                f"ep_size={self.ep_size} must be a multiple of gpus_per_node={self.gpus_per_node} "
+                "(an EP group spans whole nodes; below one node give gpus_per_node=ep_size)"
+            )
+
+    @property
+    def nodes(self) -> int:
+        """D, nodes the EP group spans."""
+        return self.ep_size // self.gpus_per_node
+
+    @property
+    def experts_per_gpu(self) -> int:
+        return self.num_experts // self.ep_size
+
+    @property
+    def flops_per_row(self) -> float:
+        """Expert GEMM FLOPs of one (token, expert) row, forward + backward (= 3x forward):
+        forward 2*H*F per projection, three projections with SwiGLU (gate, up, down), else two."""
+        projections = 3 if self.swiglu else 2
+        return 3.0 * 2.0 * self.hidden * self.ffn_hidden * projections
+
+
+@dataclass(frozen=True)
+class RoutingRule:
+    """How tokens pick experts in the model: plain top-k (``num_groups`` None), or at most
+    ``max_groups`` of ``num_groups`` contiguous expert groups, then top-k inside them, the
+    groups chosen anchored (the top-1 expert's group first, then the best others by group
+    score: our rule) or by group score alone (Megatron's group-limited rule). With groups = the
+    nodes the EP group spans this is node-limited routing."""
+
+    label: str
+    num_groups: Optional[int] = None
+    max_groups: int = 1
+    anchored: bool = True
+    limit_name: str = "max_groups"  # the flag or YAML path that set max_groups (for messages)
+
+    def check(self, num_experts: int, topk: int) -> None:
+        """ValueError naming ``limit_name`` unless the rule can route ``topk`` of
+        ``num_experts`` experts."""
+        if self.num_groups is None:
+            return
+        per_group = parallel.experts_per_rank(
+            num_experts, self.num_groups, experts_name="megatron.--num-experts",
+            ep_name=f"the {self.num_groups} groups of {self.label}",
+        )  # fmt: skip
+        if not 1 <= self.max_groups <= self.num_groups:
+            raise ValueError(
+                f"{self.limit_name}={self.max_groups} must be in [1, {self.num_groups}] "
+                f"({self.label})"
+            )
+        if self.max_groups * per_group < topk:
+            raise ValueError(
+                f"{self.limit_name}={self.max_groups}: {self.max_groups} group(s) of {per_group} "
+                f"experts cannot hold top-{topk} ({self.label}): raise it"
+            )
+
+
+def node_anchored(nodes: int, max_nodes: int) -> RoutingRule:
+    """Our node-anchored rule: the top-1 expert's node plus the best M-1 other nodes by group
+    score, top-k inside (the group-anchored rule with groups = nodes)."""
+    return RoutingRule(f"node-anchored M={max_nodes}", nodes, max_nodes, anchored=True,
+                       limit_name="--max-nodes")  # fmt: skip
+
+
+def config_rule(cfg, ep_size: int, nodes: int) -> RoutingRule:
+    """The routing rule a run config trains with (``cfg``: a validated ``RunConfig``), for an EP
+    group of ``ep_size`` GPUs on ``nodes`` nodes. Raises ValueError for a rule the model cannot
+    synthesize (the C2R top-T rule needs the run's learned lists: pass a routing source)."""
+    c2r, router = cfg.c2r, cfg.c2r.router
+    if c2r.enabled and router.mode == "group":
+        groups = router.num_groups or ep_size
+        how = "" if router.group_selection == "anchored" else ", group score"
+        return RoutingRule(f"C2R group {router.max_groups} of {groups}{how}", groups,
+                           router.max_groups, anchored=router.group_selection == "anchored",
+                           limit_name="c2r.max_groups")  # fmt: skip
+    if c2r.enabled and router.mode == "node":
+        if getattr(router, "max_ranks_per_node", None) is not None:
+            raise ValueError(
+                f"c2r.max_ranks_per_node={router.max_ranks_per_node}: the cost model has no "
+                "rank limit inside a node: remove it with --set c2r.max_ranks_per_node=null or "
+                "pass --routing with a routing trace of that run"
+            )
+        max_nodes = getattr(router, "max_nodes", None) or 1
+        return RoutingRule(f"C2R node {max_nodes} of {nodes}", nodes, max_nodes,
+                           anchored=router.group_selection == "anchored",
+                           limit_name="c2r.max_nodes")  # fmt: skip
+    if c2r.enabled and router.mode == "c2r":
+        raise ValueError(
+            "c2r.mode='c2r' routes from learned top-T lists the model cannot synthesize: pass "
+            "--routing with a routing trace or dump of that run"
+        )
+    groups, kept = cfg.megatron_value("moe-router-num-groups"), cfg.megatron_value("moe-router-group-topk")
+    if groups and kept:
+        return RoutingRule(f"Megatron group-limited {kept} of {groups}", groups, kept,
+                           anchored=False, limit_name="megatron.--moe-router-group-topk")  # fmt: skip
+    return RoutingRule("top-k")
+
+
+def shape_from_config(
+    cfg, *, nodes: Optional[int] = None, tokens_per_gpu: Optional[int] = None
+) -> Tuple[MoEShape, List[str]]:
+    """``(shape, notes)``: the MoE layer and EP group of a validated run config.
+
+    EP group: ``--expert-model-parallel-size`` GPUs, ``launch.gpus_per_node`` per node (an EP
+    group smaller than a node sits inside one); ``nodes`` (``--nodes N``) instead makes the EP
+    group span N whole nodes (EP = N x gpus_per_node), said in ``notes``. Tokens per GPU:
+    ``--micro-batch-size x --seq-length / --context-parallel-size`` unless given. Raises
+    ValueError naming the YAML path or flag."""
+    mega = cfg.megatron_value
+    num_experts = mega("num-experts")
+    if num_experts is None:
+        raise ValueError(f"{cfg.source}: megatron.--num-experts is not set: estimate models an "
+                         "MoE layer; use an MoE config")  # fmt: skip
+    hidden = mega("hidden-size")
+    if not isinstance(hidden, int):
+        raise ValueError(f"{cfg.source}: megatron.--hidden-size={hidden!r} must be an integer")
+    ffn = mega("moe-ffn-hidden-size") or mega("ffn-hidden-size") or 4 * hidden
+    gpus = cfg.launch.gpus_per_node
+    notes = []
+    if nodes is not None:
+        parallel.require_positive(nodes, "--nodes")
+        ep = nodes * gpus
+        parallel.experts_per_rank(num_experts, ep, experts_name="megatron.--num-experts",
+                                  ep_name=f"EP (--nodes {nodes} x launch.gpus_per_node {gpus})")  # fmt: skip
+        notes.append(f"--nodes {nodes}: the EP group spans {nodes} node(s) of {gpus} GPUs "
+                     f"(EP {ep}; the config has {mega('expert-model-parallel-size', 1)})")  # fmt: skip
+    else:
+        ep = mega("expert-model-parallel-size", 1)
+        if ep > gpus and ep % gpus:
+            raise ValueError(
+                f"megatron.--expert-model-parallel-size={ep} spans nodes of launch.gpus_per_node="
+                f"{gpus} unevenly: the model needs whole nodes; pass --nodes N"
+            )
+        gpus = min(gpus, ep)
+    if tokens_per_gpu is None:
+        micro, seq = mega("micro-batch-size"), mega("seq-length")
+        if not (isinstance(micro, int) and isinstance(seq, int)):
+            raise ValueError(f"{cfg.source}: megatron.--micro-batch-size and --seq-length are "
+                             "needed for the tokens per GPU: set them or pass --tokens-per-gpu")  # fmt: skip
+        tokens_per_gpu = micro * seq // mega("context-parallel-size", 1)
+    else:
+        parallel.require_positive(tokens_per_gpu, "--tokens-per-gpu")
+    shape = MoEShape(
+        num_experts=num_experts, topk=mega("moe-router-topk", 2), hidden=hidden, ffn_hidden=ffn,
+        swiglu=bool(mega("swiglu", False)), ep_size=ep, gpus_per_node=gpus,
+        tokens_per_gpu=tokens_per_gpu,
+    )  # fmt: skip
+    return shape, notes
+
+
+@dataclass(frozen=True)
+class RoutingSource:
+    """Where tokens' routing comes from: ``kind`` 'uniform', 'clustered' (``clusters``,
+    ``strength``) or 'file' (``path``: a Megatron routing trace (.jsonl or its directory), our
+    routing dump or tracker/model state dict (.pt), or a co-activation matrix (.npy/.pt))."""
+
+    kind: str
+    path: Optional[str] = None
+    clusters: int = DEFAULT_CLUSTERS
+    strength: float = DEFAULT_STRENGTH
+
+    @property
+    def label(self) -> str:
+        if self.kind == "file":
+            return os.path.basename(os.path.normpath(self.path))
+        if self.kind == "clustered":
+            return f"clustered {self.clusters}x{self.strength:g}"
+        return "uniform"
+
+
+def parse_routing(spec: str) -> RoutingSource:
+    """``--routing`` text -> RoutingSource: 'uniform', 'clustered[:C[:S]]' or a path that
+    exists. Raises ValueError / FileNotFoundError naming ``--routing``."""
+    name, _, rest = spec.partition(":")
+    if name in SYNTHETIC and (name == "clustered" or not rest):
+        if name == "uniform":
+            return RoutingSource("uniform")
+        parts = rest.split(":") if rest else []
+        try:
+            clusters = int(parts[0]) if parts and parts[0] else DEFAULT_CLUSTERS
+            strength = float(parts[1]) if len(parts) > 1 else DEFAULT_STRENGTH
+        except ValueError:
+            raise ValueError(f"--routing {spec!r}: expected clustered[:C[:S]] with an integer C "
+                             "and a number S, e.g. clustered:16:2.0") from None  # fmt: skip
+        if len(parts) > 2 or clusters < 1 or not math.isfinite(strength) or strength < 0:
+            raise ValueError(f"--routing {spec!r}: expected clustered[:C[:S]] with C >= 1 and "
+                             "S >= 0, e.g. clustered:16:2.0")  # fmt: skip
+        return RoutingSource("clustered", clusters=clusters, strength=strength)
+    if not os.path.lexists(spec):
+        raise FileNotFoundError(
+            f"--routing {spec!r}: no such file or directory (or give uniform, clustered[:C[:S]])"
+        )
+    return RoutingSource("file", path=spec)
