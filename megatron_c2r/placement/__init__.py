@@ -2,7 +2,8 @@
 
     sources.py      collaboration inputs (tracker state, traces, dumps, matrices) -> LayerCollab
     input_files.py  reading files users hand us: size bounds, no pickle, one-line errors
-    partition.py    balanced-partition search: objectives, exhaustive / swap search, load caps
+    partition.py    balanced-partition search: objectives, swap search, repair to load caps
+    exhaustive.py   exact search over every balanced partition (small E), flat or hierarchical
     planner.py      placement plans (flat or nodes-then-ranks, optional load bound), predictions
     plan_file.py    the plan contract: PlanLayer / Plan (write atomically, read and validate)
     permutation.py  what a relabelling does to every kind of state (one table; pure torch)

@@ -21,7 +21,7 @@ Objectives:
     group_loads, busiest_over_mean   expected tokens per group; the busiest group over the mean
                              is what an EP step waits for.
 
-Search: exhaustive over all balanced partitions for small E; otherwise greedy seeding plus
+Search (the exhaustive one for small E is ``exhaustive.py``): greedy seeding plus
 best-improvement pairwise swaps (Kernighan-Lin style, vectorised over all E^2 pairs). Under a
 cap, a start that breaks it is first repaired (swaps that remove the most excess load per unit
 of locality lost), then refined with swaps that keep every group under its cap. Deterministic.
@@ -29,8 +29,7 @@ of locality lost), then refined with swaps that keep every group under its cap. 
 
 from __future__ import annotations
 
-import itertools
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -124,79 +123,11 @@ def busiest_over_mean(load_E: np.ndarray, e2r_CE: np.ndarray, num_groups: int) -
     return group_loads(load_E, e2r_CE, num_groups).max(axis=-1) / mean
 
 
-# ------------------------------------------------------------------------------------------
-# Exhaustive search
-# ------------------------------------------------------------------------------------------
-def balanced_partitions(num_experts: int, ep_size: int) -> Iterator[np.ndarray]:
-    """Every partition of range(E) into P unlabelled groups of E/P, as e2r [E] (group ids in
-    order of each group's smallest expert). E=12, P=4: 15,400 partitions."""
-    size = num_experts // ep_size
-    e2r_E = np.full(num_experts, -1, dtype=np.int64)
-
-    def rec(group: int) -> Iterator[np.ndarray]:
-        free = np.flatnonzero(e2r_E < 0)
-        if len(free) == 0:
-            yield e2r_E.copy()
-            return
-        first, rest = free[0], free[1:]
-        for others in itertools.combinations(rest.tolist(), size - 1):
-            members = [first, *others]
-            e2r_E[members] = group
-            yield from rec(group + 1)
-            e2r_E[members] = -1
-
-    yield from rec(0)
-
-
 def objective_batch(layer, e2r_CE: np.ndarray) -> np.ndarray:
     """Lower is better: distinct ranks (traces) or minus within-group pairs (matrices)."""
     if layer.sets_UK is not None:
         return ranks_per_token_exact(layer.sets_UK, layer.weight_U, e2r_CE)
     return -within_group_pairs(layer.counts_EE, e2r_CE)
-
-
-def solve_exact(layer, ep_size: int, chunk: int = 2048) -> np.ndarray:
-    """The optimal placement by exhaustive enumeration (first optimum in enumeration order)."""
-    best_val, best_E = np.inf, None
-    gen = balanced_partitions(layer.num_experts, ep_size)
-    while True:
-        batch = list(itertools.islice(gen, chunk))
-        if not batch:
-            break
-        vals_C = objective_batch(layer, np.stack(batch))
-        i = int(np.argmin(vals_C))
-        if best_E is None or vals_C[i] < best_val - 1e-9 * max(1.0, abs(best_val)):
-            best_val, best_E = vals_C[i], batch[i]
-    return best_E
-
-
-def solve_exact_capped(layer, members_M: np.ndarray, num_groups: int, base_E: np.ndarray,
-                       load_E: np.ndarray, ratio: float, mean: float, chunk: int = 2048):
-    """Exhaustive search over the partitions of ``members_M`` into ``num_groups`` groups (group
-    ids ``base_E[members]``'s block: min(base_E[members]) + local id); every other expert keeps
-    ``base_E``. Among partitions whose busiest group is <= ``ratio`` x ``mean``, or, when none
-    is, the least imbalanced ones, the best objective (first in enumeration order).
-
-    Returns (e2r_E, smallest): the placement and the smallest busiest-group load / ``mean``
-    any partition of the members achieves."""
-    offset = int(base_E[members_M].min())
-    vals, worst, parts = [], [], []
-    gen = balanced_partitions(len(members_M), num_groups)
-    while True:
-        batch = list(itertools.islice(gen, chunk))
-        if not batch:
-            break
-        local_CM = np.stack(batch)
-        e2r_CE = np.repeat(base_E[None, :], len(batch), axis=0)
-        e2r_CE[:, members_M] = offset + local_CM
-        vals.append(objective_batch(layer, e2r_CE))
-        worst.append(group_loads(load_E[members_M], local_CM, num_groups).max(axis=1) / mean)
-        parts.append(e2r_CE)
-    vals_C, worst_C, parts_CE = np.concatenate(vals), np.concatenate(worst), np.concatenate(parts)
-    smallest = float(worst_C.min())
-    ok_C = worst_C <= max(ratio, smallest) * (1 + 1e-9)
-    best = np.flatnonzero(ok_C)[int(np.argmin(vals_C[ok_C]))]
-    return parts_CE[best], smallest
 
 
 # ------------------------------------------------------------------------------------------

@@ -34,6 +34,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_c2r.placement.exhaustive import (
+    solve_exact,
+    solve_exact_capped,
+    solve_exact_hierarchical,
+)
 from megatron_c2r.placement.partition import (
     Limits,
     balanced_by_load,
@@ -49,8 +54,6 @@ from megatron_c2r.placement.partition import (
     refine_pairs,
     refine_trace,
     solve_capped,
-    solve_exact,
-    solve_exact_capped,
     solve_heuristic,
     within_group_pairs,
 )
@@ -234,9 +237,21 @@ def _assign_within_nodes(e2r_E: np.ndarray, ep_size: int, per_node: int) -> np.n
     return out_E
 
 
+def _assign_hierarchical(e2r_E: np.ndarray, ep_size: int, per_node: int) -> np.ndarray:
+    """Node groups to the nodes holding most of their experts, then rank groups likewise."""
+    e2n_E = e2r_E // per_node
+    num_nodes = ep_size // per_node
+    node_of = np.empty(num_nodes, dtype=np.int64)
+    for node, members in enumerate(assign_groups_to_ranks(e2n_E, num_nodes)):
+        node_of[e2n_E[members[0]]] = node
+    return _assign_within_nodes(node_of[e2n_E] * per_node + e2r_E % per_node, ep_size, per_node)
+
+
 def _ranks_within_nodes(layer: LayerCollab, config: PlannerConfig, e2n_E: np.ndarray,
                         ratio: Optional[float], load_E: np.ndarray):
-    """Ranks inside fixed nodes. Returns (e2r_E, smallest achievable rank ratio or None)."""
+    """Heuristic ranks inside fixed nodes (swaps never cross nodes); under a bound each node's
+    ranks are capped at max(ratio, the smallest busiest rank found for that node) x the mean.
+    Returns (e2r_E, the largest of those smallest ratios, or None without a bound)."""
     num_experts, ep_size, num_nodes = layer.num_experts, config.ep_size, config.num_nodes
     per_node = ep_size // num_nodes  # G ranks per node
     size = num_experts // ep_size
@@ -248,14 +263,6 @@ def _ranks_within_nodes(layer: LayerCollab, config: PlannerConfig, e2n_E: np.nda
     if per_node == 1:
         e2r_E = base_E
         return e2r_E, None if ratio is None else float(busiest_over_mean(load_E, e2r_E, ep_size))
-    if num_experts <= config.exact_max_experts:
-        e2r_E, worst = base_E, []
-        for m in members:  # the objective is a sum over nodes: optimise each node on its own
-            e2r_E, smallest_n = solve_exact_capped(layer, m, per_node, e2r_E, load_E,
-                                                   math.inf if ratio is None else ratio, mean)
-            worst.append(smallest_n)
-        return _assign_within_nodes(e2r_E, ep_size, per_node), (
-            None if ratio is None else max(worst))
     allowed_EE = e2n_E[:, None] == e2n_E[None, :]
     rng = np.random.default_rng(config.seed)
     starts = [base_E, base_E.copy(), *[base_E.copy() for _ in range(config.restarts - 2)]]
@@ -291,6 +298,79 @@ def _ranks_within_nodes(layer: LayerCollab, config: PlannerConfig, e2n_E: np.nda
     return _assign_within_nodes(best_E, ep_size, per_node), max(worst)
 
 
+def _group_ranks_into_nodes(layer: LayerCollab, config: PlannerConfig, e2r_E: np.ndarray,
+                           ratio: float, load_E: np.ndarray) -> np.ndarray:
+    """Bottom-up: keep the ranks of ``e2r_E`` and put them into nodes (fewest nodes per token by
+    the ranks' pair counts, node loads bounded). Node n gets ranks [n G, (n+1) G)."""
+    num_experts, ep_size, num_nodes = layer.num_experts, config.ep_size, config.num_nodes
+    per_node = ep_size // num_nodes
+    onehot_EP = np.zeros((num_experts, ep_size))
+    onehot_EP[np.arange(num_experts), e2r_E] = 1.0
+    counts_PP = onehot_EP.T @ layer.counts_EE @ onehot_EP
+    np.fill_diagonal(counts_PP, 0.0)
+    ranks = LayerCollab(counts_EE=counts_PP, top_k=max(1, min(layer.top_k, ep_size)))
+    rank_load_P = load_E @ onehot_EP
+    r2n_P, _ = _place_bounded(ranks, config, num_nodes, ratio,
+                              _place_unbounded(ranks, config, num_nodes), rank_load_P)
+    new_rank_P = np.empty(ep_size, dtype=np.int64)
+    for n in range(num_nodes):
+        new_rank_P[r2n_P == n] = n * per_node + np.arange(per_node)
+    return _assign_within_nodes(new_rank_P[e2r_E], ep_size, per_node)
+
+
+def _place(layer: LayerCollab, config: PlannerConfig, ratio: Optional[float],
+           unbounded_E: np.ndarray, load_E: np.ndarray) -> tuple[np.ndarray, Optional[dict]]:
+    """The plan at one bound: (e2r_E, the plan file's ``load_bound`` or None when unbounded).
+    ``unbounded_E``: the unbounded top-level placement (ranks, or nodes when hierarchical).
+
+    Hierarchical under a bound: nodes first, then ranks inside them (top-down). The node split
+    can leave a node whose experts cannot be spread evenly over its ranks, so when top-down
+    misses the rank bound a bottom-up plan competes (the bounded flat rank plan, its ranks
+    grouped into nodes: node loads are then at most G x the rank cap). The winner has the least
+    excess over the applied bounds at both levels, then the fewest nodes, then ranks, per token."""
+    num_experts, ep_size, num_nodes = layer.num_experts, config.ep_size, config.num_nodes
+    exact = num_experts <= config.exact_max_experts
+    bound = None if ratio is None else {"max_load_imbalance": float(ratio), "smallest_exact": exact}
+    if num_nodes > 1 and exact:
+        e2r_E, smallest_rank, smallest_node = solve_exact_hierarchical(
+            layer, ep_size, num_nodes, load_E, math.inf if ratio is None else ratio)
+        if bound is not None:
+            bound.update(smallest_rank=smallest_rank, smallest_node=smallest_node)
+        return _assign_hierarchical(e2r_E, ep_size, ep_size // num_nodes), bound
+    if ratio is None:
+        if num_nodes == 1:
+            return unbounded_E, None
+        return _ranks_within_nodes(layer, config, unbounded_E, None, load_E)[0], None
+    if num_nodes == 1:
+        e2r_E, bound["smallest_rank"] = _place_bounded(layer, config, ep_size, ratio, unbounded_E,
+                                                       load_E)
+        return e2r_E, bound
+    per_node = ep_size // num_nodes
+    e2n_E, smallest_node = _place_bounded(layer, config, num_nodes, ratio, unbounded_E, load_E)
+    top_down_E, smallest_within = _ranks_within_nodes(layer, config, e2n_E, ratio, load_E)
+    smallest_rank = min(smallest_within,
+                        float(busiest_over_mean(load_E, balanced_by_load(load_E, ep_size), ep_size)))
+    candidates = [top_down_E]
+    top_down_rank = float(busiest_over_mean(load_E, top_down_E, ep_size))
+    if top_down_rank > max(ratio, smallest_rank) * (1 + 1e-9):
+        flat_E, smallest_flat = _place_bounded(layer, config, ep_size, ratio,
+                                               _place_unbounded(layer, config, ep_size), load_E)
+        smallest_rank = min(smallest_rank, smallest_flat)
+        candidates.append(_group_ranks_into_nodes(layer, config, flat_E, ratio, load_E))
+    cap_rank, cap_node = max(ratio, smallest_rank), max(ratio, smallest_node)
+
+    def key(e2r_E):
+        excess = (max(0.0, float(busiest_over_mean(load_E, e2r_E, ep_size)) - cap_rank)
+                  + max(0.0, float(busiest_over_mean(load_E, e2r_E // per_node, num_nodes))
+                        - cap_node))
+        return (excess if excess > 1e-9 else 0.0,
+                predicted_ranks_per_token(layer, e2r_E // per_node),
+                predicted_ranks_per_token(layer, e2r_E))
+
+    bound.update(smallest_rank=smallest_rank, smallest_node=smallest_node)
+    return min(candidates, key=key), bound
+
+
 # ------------------------------------------------------------------------------------------
 # Plans
 # ------------------------------------------------------------------------------------------
@@ -312,20 +392,7 @@ def _plan_layer_bounds(layer: LayerCollab, config: PlannerConfig,
     baselines = {"identity": identity_E[None], "random": randoms}
     out = []
     for ratio in ratios:
-        bound: dict = {}
-        e2t_E, smallest = unbounded_E, None  # top level: nodes, or ranks for a flat plan
-        if ratio is not None:
-            e2t_E, smallest = _place_bounded(layer, config, top_groups, ratio, unbounded_E, load_E)
-            bound = {"max_load_imbalance": float(ratio),
-                     "smallest_exact": num_experts <= config.exact_max_experts}
-        if num_nodes > 1:
-            e2r_E, smallest_rank = _ranks_within_nodes(layer, config, e2t_E, ratio, load_E)
-            if ratio is not None:
-                bound.update(smallest_rank=smallest_rank, smallest_node=smallest)
-        else:
-            e2r_E = e2t_E
-            if ratio is not None:
-                bound["smallest_rank"] = smallest
+        e2r_E, bound = _place(layer, config, ratio, unbounded_E, load_E)
         placements = dict(baselines, planned=e2r_E[None])
 
         def mean_of(fn):
@@ -343,7 +410,7 @@ def _plan_layer_bounds(layer: LayerCollab, config: PlannerConfig,
             mean_of(lambda e: predicted_ranks_per_token(layer, e)),
             exact=layer.sets_UK is not None,
             predicted_busiest_rank_load=mean_of(lambda e: busiest_over_mean(load_E, e, ep_size)),
-            load_bound=bound or None, **nodes,
+            load_bound=bound, **nodes,
         ))
     return out
 

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from megatron_c2r.placement.partition import balanced_partitions, solve_exact
+from megatron_c2r.placement.exhaustive import balanced_partitions, solve_exact
 from megatron_c2r.placement.planner import (
     PlannerConfig,
     identity_placement,
