@@ -151,9 +151,10 @@ def run_tries(out_root: str, tries: int, *, steps: int = 8, sets: Optional[List[
         if not r["killed"]:
             failures.append(f"try {i + 1}: the run ended before save {r['target']} "
                             f"(exit {r['returncode']}; log {try_log})")
-        log(f"try {i + 1:3d} chain {chains}: kill {r['delay_ms']:4.1f} ms into save "
-            f"{r['target']:2d} -> newest complete {r['newest_complete']}, left "
-            f"{', '.join(r['left']) or 'nothing'}")
+        what = (f"kill {r['delay_ms']:4.1f} ms into save {r['target']:2d}" if r["killed"] else
+                f"the run ended by itself (exit {r['returncode']}) before save {r['target']:2d}")
+        log(f"try {i + 1:3d} chain {chains}: {what} -> newest complete {r['newest_complete']}, "
+            f"left {', '.join(r['left']) or 'nothing'}")
         results.append(r)
         if r["newest_complete"] is not None:
             resume_from = r["newest_complete"]
