@@ -14,6 +14,7 @@ YAML schema (every section optional; unknown keys are errors)::
       mode: group                 # topk | c2r | group          (C2RRouterConfig)
       max_groups: 1               # ... every C2RRouterConfig field, same names
       dispatcher: dedup           # dedup (ours: one row per destination rank) | megatron
+      hierarchy: auto             # auto | flat | two_level (dedup across nodes; C2ROptions)
       metrics_csv: null           # also append moe/c2r/* metrics to this CSV (long format)
     launch:                       # what the SLURM scripts and `pretrain` need to start processes
       nodes: 1
@@ -372,8 +373,54 @@ def _check_contradictions(cfg: RunConfig, world: str = "launch") -> None:
                         f"c2r.mode={c2r.router.mode!r} (C2R replaces group-limited routing): "
                         f"set --{flag}: null"
                     )
-        c2r.router.resolve(num_experts=num_experts, topk=topk, ep_size=ep)
+        router = c2r.router.resolve(num_experts=num_experts, topk=topk, ep_size=ep)
+        _check_nodes(cfg, router, ep, world)
     _check_parallelism(cfg, ep, world)
+
+
+def _ep_nodes(cfg: RunConfig, ep: int, world: str) -> Tuple[Optional[int], str]:
+    """(EP ranks per node, what says so) for the EP group of consecutive global ranks (expert
+    TP 1, which the dedup dispatcher requires). ``None`` ranks per node: the CPU job's one
+    machine without ``c2r.gpus_per_node``."""
+    if cfg.c2r.gpus_per_node is not None:
+        return cfg.c2r.gpus_per_node, f"c2r.gpus_per_node={cfg.c2r.gpus_per_node}"
+    if world == "cpu":
+        return None, "the CPU job runs on one machine; c2r.gpus_per_node simulates nodes"
+    return cfg.launch.gpus_per_node, f"launch.gpus_per_node={cfg.launch.gpus_per_node}"
+
+
+def _check_nodes(cfg: RunConfig, router: C2RRouterConfig, ep: int, world: str) -> None:
+    """The dedup dispatcher's hierarchy and node routing against the nodes the EP group spans:
+    ``two_level`` needs more than one node, nodes must split the EP group evenly (else
+    auto/two_level fail at build), and node routing's ``num_nodes`` must be that count."""
+    c2r = cfg.c2r
+    per_node, source = _ep_nodes(cfg, ep, world)
+    nodes = 1 if per_node is None or per_node >= ep else ep // per_node
+    ep_name = f"megatron.--expert-model-parallel-size={ep}"
+    if c2r.dispatcher == "dedup" and c2r.hierarchy != "flat":
+        if per_node is not None and per_node < ep and ep % per_node:
+            raise ConfigError(
+                f"c2r.hierarchy={c2r.hierarchy!r}: {ep_name} does not split into nodes of "
+                f"{per_node} ranks ({source}): use an EP size that is a multiple of it, or "
+                "c2r.hierarchy: flat"
+            )
+        if c2r.hierarchy == "two_level" and nodes == 1:
+            raise ConfigError(
+                f"c2r.hierarchy='two_level' needs an EP group spanning more than one node, but "
+                f"{ep_name} fits in one ({source}): use c2r.hierarchy: auto or flat"
+            )
+    # Node routing over the EP ranks with an explicit c2r.num_nodes: on a cluster it must be the
+    # launch's node count; on CPU the layer checks it against one machine unless it is flat.
+    explicit = router.mode == "node" and c2r.gpus_per_node is None and router.num_groups == ep
+    layer_checks = c2r.dispatcher == "dedup" and c2r.hierarchy != "flat"
+    if explicit and (per_node is not None or layer_checks) and router.num_nodes != nodes:
+        fix = (
+            f"set c2r.num_nodes: {nodes}" if per_node is not None
+            else "give c2r.gpus_per_node instead (simulated nodes), or c2r.hierarchy: flat"
+        )  # fmt: skip
+        raise ConfigError(
+            f"c2r.num_nodes={router.num_nodes} but {ep_name} spans {nodes} node(s) ({source}): {fix}"
+        )
 
 
 def _check_parallelism(cfg: RunConfig, ep: int, world: str = "launch") -> None:

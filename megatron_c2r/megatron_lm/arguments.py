@@ -10,7 +10,8 @@ the same table ``render`` writes argv from, so the two cannot drift apart.
     --c2r-group-selection anchored|group_score     --c2r-expert-to-group 0,0,1,1,...
     --c2r-penalty-coeff F          --c2r-warmup-steps N   --c2r-refresh-interval R
     --c2r-no-track-collaboration   --c2r-no-check-finite-logits
-    --c2r-dispatcher dedup|megatron   --c2r-metrics-csv PATH
+    --c2r-dispatcher dedup|megatron   --c2r-hierarchy auto|flat|two_level
+    --c2r-metrics-csv PATH
     (one flag per C2RRouterConfig field; booleans that default to true get --c2r-no-<name>)
 """
 
@@ -20,10 +21,13 @@ import argparse
 import dataclasses
 
 from megatron_c2r.megatron_lm.flags import C2R_FLAGS, ROUTER_FIELDS, check_static_placement
-from megatron_c2r.moe.options import DISPATCHERS, C2ROptions
+from megatron_c2r.moe.options import DISPATCHERS, HIERARCHIES, C2ROptions
 from megatron_c2r.routing.config import GROUP_SELECTIONS, MODES, C2RRouterConfig
 
-_CHOICES = {"mode": MODES, "group_selection": GROUP_SELECTIONS, "dispatcher": DISPATCHERS}
+_CHOICES = {
+    "mode": MODES, "group_selection": GROUP_SELECTIONS, "dispatcher": DISPATCHERS,
+    "hierarchy": HIERARCHIES,
+}  # fmt: skip
 _HELP = {
     "mode": "routing rule: topk (Megatron's, plus tracking), c2r (top-T lists), group (default)",
     "top_t": "length T of the collaborator lists (mode c2r)",
@@ -39,6 +43,10 @@ _HELP = {
     "check_finite_logits": "do not check router logits for NaN/Inf (saves one small device-to-host "
     "sync per layer)",
     "dispatcher": "dedup (one row per destination rank) or megatron (--moe-token-dispatcher-type)",
+    "hierarchy": "dedup across nodes: auto (two-level iff the EP group spans nodes), flat, or "
+    "two_level (one row per destination node over the inter-node hop)",
+    "gpus_per_node": "EP ranks per node for node routing; also simulated nodes for the dedup "
+    "dispatcher (nodes = blocks of this many global ranks; unset: from the hostnames)",
     "metrics_csv": "also append moe/c2r/* metrics to this CSV file",
 }
 

@@ -2,8 +2,9 @@
 the cluster path needs. Pure Python: no torch or Megatron import, so ``megatron-c2r render`` and the
 SLURM scripts' batch host can use it.
 
-``C2R_FLAGS`` is derived from the option dataclasses (every ``C2RRouterConfig`` field, then
-``C2ROptions.dispatcher`` and ``metrics_csv``), so a new router option gets a flag. ``c2r_argv``
+``C2R_FLAGS`` is derived from the option dataclasses (every ``C2RRouterConfig`` field, then every
+``C2ROptions`` field but ``enabled``/``router``: dispatcher, hierarchy, metrics_csv), so a new
+option gets a flag. ``c2r_argv``
 writes it (``render``) and ``megatron_lm.arguments.add_c2r_args`` parses it (Megatron's
 ``extra_args_provider``): one table, both directions.
 """
@@ -59,7 +60,7 @@ def _c2r_flags() -> Dict[str, Tuple[str, str]]:
     return table
 
 
-# YAML key -> (flag, kind): every C2RRouterConfig field, then dispatcher, metrics_csv. Booleans
+# YAML key -> (flag, kind): every C2RRouterConfig field, then C2ROptions' own. Booleans
 # that default to True get a --c2r-no-<name> flag. ``--c2r-disable`` (enabled: false) is added
 # separately.
 C2R_FLAGS: Dict[str, Tuple[str, str]] = _c2r_flags()
@@ -71,7 +72,11 @@ def c2r_argv(options: C2ROptions) -> List[str]:
     if not options.enabled:
         argv.append("--c2r-disable")
     values = dataclasses.asdict(options.router)
-    values.update(dispatcher=options.dispatcher, metrics_csv=options.metrics_csv)
+    values.update(
+        (f.name, getattr(options, f.name))
+        for f in dataclasses.fields(options)
+        if f.name not in ("enabled", "router")
+    )
     for key, (flag, kind) in C2R_FLAGS.items():
         value = values[key]
         if kind in ("bool_on", "bool_off"):

@@ -20,6 +20,14 @@ from megatron_c2r.routing.config import C2RRouterConfig
 #   "megatron" Megatron's own, chosen by --moe-token-dispatcher-type (the A/B baseline)
 DISPATCHERS = ("dedup", "megatron")
 
+# How the dedup dispatcher treats nodes (the one list; the layer, the two-level dispatcher's
+# builder, the YAML section and --c2r-hierarchy check against it):
+#   "auto"      two-level when the EP group spans more than one node, else flat (one all-gather
+#               of a node key over the EP group per model at build time, none with gpus_per_node)
+#   "flat"      one row per (token, destination rank) over one all-to-all, whatever the nodes
+#   "two_level" one row per (token, destination node) across nodes, relayed inside the node
+HIERARCHIES = ("auto", "flat", "two_level")
+
 
 @dataclass(frozen=True, kw_only=True)
 class C2ROptions:
@@ -29,7 +37,15 @@ class C2ROptions:
     router: the C2RRouterConfig every MoE layer shares (field names are the YAML keys).
     dispatcher: one of ``DISPATCHERS``: 'dedup' -> our MoE layer ships one row per (token,
         destination rank); 'megatron' -> Megatron's dispatcher from --moe-token-dispatcher-type.
+    hierarchy: one of ``HIERARCHIES`` (dedup only; 'auto' is also the value with 'megatron',
+        where it is not read).
     metrics_csv: append per-log-interval metrics here (written by the last rank).
+
+    ``gpus_per_node`` (property) is the router's ``c2r.gpus_per_node``: one YAML key and one flag
+    for both readers. The router derives its node count from it (node mode); the dedup
+    dispatcher, when it is set, takes nodes as blocks of that many consecutive global ranks
+    instead of asking the processes where they run (simulated nodes on CPU, and no all-gather
+    on a cluster whose ranks are placed node by node).
 
     A placement plan is not an option here: it is applied to a checkpoint offline
     (``megatron-c2r convert --plan``) and loaded with ``--load``, because Megatron loads weights
@@ -39,6 +55,7 @@ class C2ROptions:
     enabled: bool = True
     router: C2RRouterConfig = field(default_factory=C2RRouterConfig)
     dispatcher: str = "dedup"
+    hierarchy: str = "auto"
     metrics_csv: Optional[str] = None
 
     def __post_init__(self):
@@ -46,3 +63,17 @@ class C2ROptions:
             raise ValueError(
                 f"c2r.dispatcher={self.dispatcher!r} must be one of {', '.join(DISPATCHERS)}"
             )
+        if self.hierarchy not in HIERARCHIES:
+            raise ValueError(
+                f"c2r.hierarchy={self.hierarchy!r} must be one of {', '.join(HIERARCHIES)}"
+            )
+        if self.hierarchy != "auto" and self.dispatcher != "dedup":
+            raise ValueError(
+                f"c2r.hierarchy={self.hierarchy!r} applies to c2r.dispatcher='dedup' only "
+                f"(dispatcher is {self.dispatcher!r}): remove c2r.hierarchy or use dedup"
+            )
+
+    @property
+    def gpus_per_node(self) -> Optional[int]:
+        """``c2r.gpus_per_node`` (stored once, in the router config; see the class docstring)."""
+        return self.router.gpus_per_node

@@ -4,7 +4,7 @@ We never build layers ourselves: we take the spec Megatron would build and swap 
 each MoE layer spec, through the spec's own seams,
 
     MoESubmodules.router  -> functools.partial(C2RRouter, c2r_config=...)    (dataclasses.replace)
-    the layer class       -> C2RMoELayer(dispatcher="dedup")                 (only for "dedup")
+    the layer class       -> C2RMoELayer(dispatcher="dedup", hierarchy=...)  (only for "dedup")
 
 so everything else Megatron decided (transformer-engine or local modules, grouped GEMM, shared
 experts, ``moe_layer_freq`` dense/MoE interleave, MLA, pipeline slicing) is kept. Both MoE spec
@@ -28,7 +28,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from megatron_c2r import compat
 from megatron_c2r.moe.options import C2ROptions
-from megatron_c2r.moe.layer import c2r_moe_spec
+from megatron_c2r.moe.layer import TopologyMemo, c2r_moe_spec
 from megatron_c2r.moe.router import C2RRouter
 
 
@@ -45,34 +45,46 @@ def c2r_router_builder(options: C2ROptions) -> Callable:
     return functools.partial(C2RRouter, c2r_config=options.router)
 
 
-def apply_c2r_to_moe_spec(moe_spec: Any, options: C2ROptions) -> Any:
-    """A copy of one MoE layer spec with our router and, for ``dispatcher='dedup'``, our layer.
-    ``options.enabled=False`` returns the spec unchanged (the baseline)."""
+def apply_c2r_to_moe_spec(
+    moe_spec: Any, options: C2ROptions, topology_memo: Optional[TopologyMemo] = None
+) -> Any:
+    """A copy of one MoE layer spec with our router and, for ``dispatcher='dedup'``, our layer
+    (``options.hierarchy``, ``options.gpus_per_node``; layers built from specs sharing
+    ``topology_memo`` learn the node layout once). ``options.enabled=False`` returns the spec
+    unchanged (the baseline)."""
     if not options.enabled:
         return moe_spec
     spec = compat.replace_moe_submodules(moe_spec, router=c2r_router_builder(options))
     if options.dispatcher == "dedup":
-        spec = c2r_moe_spec(spec, dispatcher="dedup")
+        spec = c2r_moe_spec(
+            spec, dispatcher="dedup", hierarchy=options.hierarchy,
+            gpus_per_node=options.gpus_per_node, topology_memo=topology_memo,
+        )  # fmt: skip
     return spec
 
 
-def apply_c2r_to_layer_spec(layer_spec: Any, options: C2ROptions) -> Any:
+def apply_c2r_to_layer_spec(
+    layer_spec: Any, options: C2ROptions, topology_memo: Optional[TopologyMemo] = None
+) -> Any:
     """A copy of a transformer layer spec whose ``mlp`` is C2R'd if it is an MoE layer; dense
     layer specs come back unchanged (so ``moe_layer_freq`` patterns survive)."""
     submodules = compat.layer_submodules(layer_spec)
     if submodules is None or not is_moe_spec(getattr(submodules, "mlp", None)):
         return layer_spec
     return compat.replace_layer_submodules(
-        layer_spec, mlp=apply_c2r_to_moe_spec(submodules.mlp, options)
+        layer_spec, mlp=apply_c2r_to_moe_spec(submodules.mlp, options, topology_memo)
     )
 
 
 def apply_c2r_to_block_spec(block_spec: Any, options: C2ROptions) -> Any:
-    """A block spec (``TransformerBlockSubmodules``) or a single layer spec, C2R'd."""
+    """A block spec (``TransformerBlockSubmodules``) or a single layer spec, C2R'd. The block's
+    MoE layers share one :class:`TopologyMemo` (one node-layout all-gather per block, not per
+    layer, under ``hierarchy: auto``)."""
+    memo = TopologyMemo()
     if isinstance(block_spec, TransformerBlockSubmodules):
-        layers = [apply_c2r_to_layer_spec(s, options) for s in block_spec.layer_specs]
+        layers = [apply_c2r_to_layer_spec(s, options, memo) for s in block_spec.layer_specs]
         return TransformerBlockSubmodules(layer_specs=layers, layer_norm=block_spec.layer_norm)
-    return apply_c2r_to_layer_spec(block_spec, options)
+    return apply_c2r_to_layer_spec(block_spec, options, memo)
 
 
 def get_c2r_decoder_block_spec(

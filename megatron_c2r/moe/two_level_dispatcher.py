@@ -59,9 +59,7 @@ from megatron_c2r.comm.two_level import (
     two_level_stats,
 )
 from megatron_c2r.moe.dispatcher import DedupAlltoAllTokenDispatcher, validate_dedup_config
-
-# c2r.hierarchy values: "auto" = two-level when the EP group spans more than one node, else flat.
-HIERARCHIES = ("auto", "flat", "two_level")
+from megatron_c2r.moe.options import HIERARCHIES  # c2r.hierarchy values (the one list)
 
 
 class TwoLevelDedupTokenDispatcher(MoETokenDispatcher):
