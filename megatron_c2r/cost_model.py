@@ -348,6 +348,9 @@ def write_json(path: str, obj) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)
             f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; this is a normal output file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
