@@ -134,6 +134,8 @@ class C2RRouter(TopKRouter):
         self.defer_finite_check = False  # set True by C2RMoELayer (see the class docstring)
         self.logits_finite: Optional[torch.Tensor] = None  # 0-d bool, last forward (deferred)
         self._last: Dict[str, object] = {}  # statistics of the last forward (0-d tensors, floats)
+        # Node blocks of the statistics (node mode, or c2r.num_nodes in any mode); None: no nodes.
+        self._num_nodes: Optional[int] = cfg.num_nodes
         # Caches derived from the buffers above; declared here, reset only by _invalidate_caches.
         self._tables: Optional[RoutingTables] = None
         self._active = starts_active  # host mirror of constraint_active: routing never syncs
@@ -407,7 +409,8 @@ class C2RRouter(TopKRouter):
 
     @torch.no_grad()
     def _record_stats(self, probs_TE, routing_map_TE, padding_T) -> None:
-        """Cheap per-step statistics, kept as tensors (no host sync) until ``c2r_metrics``."""
+        """Cheap per-step statistics, kept as tensors (no host sync) until ``c2r_metrics``.
+        [E]-sized reductions of the map plus one [T, E] bool gather per statistic."""
         tables = self._routing_tables()
         groups_T = groups_per_token(
             routing_map_TE, tables.expert_to_group_E, self.rule.num_groups, groups_GN=tables.groups_GN
@@ -419,6 +422,20 @@ class C2RRouter(TopKRouter):
             ).float(),
             **self.rule.extra_stats_T(routing_map_TE, tables),
         }
+        # Balance: the busiest group's (token, expert) pairs over the mean (the experts' work;
+        # an EP step waits for its busiest rank), and the same over node blocks.
+        counted_TE = routing_map_TE
+        if padding_T is not None:
+            counted_TE = routing_map_TE & ~padding_T.unsqueeze(-1)
+        pairs_G = group_loads(counted_TE, tables.groups_GN)[0]
+        self._last["group_load_max_over_mean"] = _max_over_mean(pairs_G)
+        if self._num_nodes is not None:  # nodes = contiguous blocks of G / D groups
+            nodes_DX = tables.groups_GN.reshape(self._num_nodes, -1)
+            per_token_T["nodes_per_token"] = groups_per_token(
+                routing_map_TE, tables.expert_to_group_E, self._num_nodes, groups_GN=nodes_DX
+            ).float()
+            pairs_D = pairs_G.view(self._num_nodes, -1).sum(dim=1)
+            self._last["node_load_max_over_mean"] = _max_over_mean(pairs_D)
         if padding_T is None:
             for name, value_T in per_token_T.items():
                 self._last[name] = value_T.mean()
@@ -434,9 +451,16 @@ class C2RRouter(TopKRouter):
         groups_per_token: distinct groups (= EP ranks by default) per token; violation_rate:
         share of tokens outside the rule (``rule.violated_T``: 0 in hard modes; the 1-group
         reference in topk mode and during a c2r warm-up); penalty: the collaboration penalty
-        (without its coefficient); constraint_active: 0/1; rule extras (node mode:
-        nodes_per_token)."""
+        (without its coefficient); constraint_active: 0/1; group_load_max_over_mean: the
+        busiest group's (token, expert) pairs over the mean; with a node layout (node mode, or
+        ``c2r.num_nodes`` in any mode) nodes_per_token and node_load_max_over_mean, the same
+        over node blocks."""
         return {k: float(v) for k, v in self._last.items()}
+
+
+def _max_over_mean(load_G: torch.Tensor) -> torch.Tensor:
+    """0-d fp32: the largest entry of ``load_G`` over its mean (1 = balanced; no host sync)."""
+    return load_G.max() / load_G.mean().clamp(min=1e-12)
 
 
 def _refresh_after_load(module: "C2RRouter", incompatible_keys) -> None:

@@ -51,7 +51,10 @@ class C2RRouterConfig:
         also what the two-level dispatcher simulates nodes with). Nodes hold contiguous blocks
         of groups (EP ranks, hence of expert ids): node of group g = g // (G / num_nodes). On a
         cluster: num_nodes = EP size / GPUs per node, or give gpus_per_node from the launch
-        config and it is derived (an EP group inside one node is 1 node).
+        config and it is derived (an EP group inside one node is 1 node). In the other modes
+        ``num_nodes`` only adds node statistics (``nodes_per_token``,
+        ``node_load_max_over_mean``; e.g. to measure top-k or Megatron's node-limited routing
+        on the same node blocks); ``gpus_per_node`` there is the dispatcher's alone.
     max_nodes: nodes a token may use (node mode; default 1).
     max_ranks_per_node: optional R, ranks (groups) a token may use inside each chosen node
         (node mode; None = no rank limit): the anchored group rule nested in each node.
@@ -178,6 +181,8 @@ class C2RRouterConfig:
             )
         if self.mode == "node":
             return self._resolve_nodes(num_experts, topk, num_groups)
+        if self.num_nodes is not None:  # other modes: the node layout of the statistics only
+            nodes_in_groups(num_groups, self.num_nodes, None)
         return dataclasses.replace(self, num_groups=num_groups)
 
     def _resolve_nodes(self, num_experts: int, topk: int, num_groups: int) -> "C2RRouterConfig":

@@ -341,9 +341,6 @@ class NodeRule(RoutingRule):
             violated_T = violated_T | (ranks_TD > self.max_ranks_per_node).any(dim=1)
         return violated_T
 
-    def extra_stats_T(self, routing_map_TE, tables):
-        return {"nodes_per_token": self._nodes_T(routing_map_TE, tables).float()}
-
 
 class NodeScoreRule(NodeRule):
     """``mode='node'``, ``group_selection='group_score'``: the best M nodes by node score:

@@ -88,7 +88,7 @@ def test_node_selection_gives_probs_zero_off_the_map_and_k_experts(score_functio
     assert torch.all(probs[~routing_map] == 0) and torch.all(probs[routing_map] > 0)
 
 
-def test_node_rule_statistics_and_penalty_match_a_brute_force_count():
+def test_node_rule_violations_and_penalty_match_a_brute_force_count():
     gen = torch.Generator().manual_seed(7)
     E, G, D = 32, 8, 4
     e2g = _balanced_partition(E, G, gen)
@@ -106,8 +106,6 @@ def test_node_rule_statistics_and_penalty_match_a_brute_force_count():
         expected.append(len(set(nodes.tolist())) > 2 or max(ranks_per_node) > 1)
     got = rule.violated_T(None, routing_map, None, tables, True)
     assert torch.equal(got, torch.tensor(expected))
-    nodes_T = rule.extra_stats_T(routing_map, tables)["nodes_per_token"]
-    assert torch.equal(nodes_T, torch.tensor([float(len(set(nodes_of[routing_map[t]].tolist()))) for t in range(300)]))
     # The penalty's allowed set is the anchor's node.
     logits = torch.randn(300, E, generator=gen)
     got = rule.penalty(logits, tables, score_function="softmax", padding_mask_T=None)
@@ -132,6 +130,7 @@ def test_node_rule_statistics_and_penalty_match_a_brute_force_count():
         (dict(mode="group", max_nodes=2), r"c2r.max_nodes=2 applies to c2r.mode='node' only"),
         (dict(mode="topk", group_bias_rate=1e-3), r"c2r.group_bias_rate=0.001 biases the group choice"),
         (dict(mode="node", num_nodes=0), r"c2r.num_nodes=0 must be >= 1"),
+        (dict(mode="topk", num_nodes=3), r"c2r.num_nodes=3 must divide num_groups=8"),  # statistics
     ],
 )
 def test_bad_node_options_get_one_line_errors_naming_the_field(cfg, match):
@@ -224,3 +223,39 @@ def test_new_router_options_travel_through_the_c2r_flags_unchanged():
     assert "--c2r-max-ranks-per-node" in argv and "--c2r-num-nodes" not in argv  # None: not written
     parsed = c2r_options_from_args(add_c2r_args(argparse.ArgumentParser()).parse_args(argv))
     assert parsed == options
+
+
+@pytest.mark.usefixtures("megatron_world1")
+@pytest.mark.parametrize("c2r_kwargs,megatron_kwargs", [
+    (dict(mode="topk", num_nodes=4), {}),  # node statistics of plain top-k
+    (dict(mode="topk", num_nodes=4), dict(moe_router_num_groups=4, moe_router_group_topk=1)),  # Megatron's
+    (dict(mode="node", num_nodes=4, max_nodes=2), {}),
+    (dict(mode="group", max_groups=2), {}),  # no node layout: no node statistics
+], ids=["topk", "megatron_node_limited", "node_M2", "group_no_nodes"])
+def test_router_balance_and_node_statistics_match_a_brute_force_count(c2r_kwargs, megatron_kwargs):
+    # Megatron's group-limited routing knows contiguous blocks only; the others get a partition.
+    e2g = tuple(int(g) for g in _balanced_partition(E, 8, torch.Generator().manual_seed(3)))
+    e2g = tuple(int(g) for g in contiguous_groups(E, 8)) if megatron_kwargs else e2g
+    cfg = C2RRouterConfig(num_groups=8, expert_to_group=e2g, **c2r_kwargs)
+    router = C2RRouter(moe_config(num_moe_experts=E, moe_router_topk=K, hidden_size=H, **megatron_kwargs),
+                       c2r_config=cfg)
+    router.set_layer_number(1)
+    gen = torch.Generator().manual_seed(4)
+    x, pad = torch.randn(40, 2, H, generator=gen), torch.rand(40, 2, generator=gen) < 0.25
+    _, routing_map = router(x, padding_mask=pad)
+    metrics = router.c2r_metrics()
+    groups, valid = torch.tensor(e2g), ~pad.reshape(-1)
+    used = routing_map[valid]
+    pairs_G = torch.tensor([float(used[:, groups == g].sum()) for g in range(8)])
+    assert metrics["group_load_max_over_mean"] == pytest.approx(float(pairs_G.max() / pairs_G.mean()))
+    if cfg.num_nodes is None:
+        assert "nodes_per_token" not in metrics and "node_load_max_over_mean" not in metrics
+        return
+    nodes = groups // 2  # 8 groups on 4 nodes: contiguous pairs of groups
+    per_token = [len(set(nodes[row].tolist())) for row in used]
+    assert metrics["nodes_per_token"] == pytest.approx(sum(per_token) / len(per_token))
+    pairs_D = pairs_G.view(4, 2).sum(dim=1)
+    assert metrics["node_load_max_over_mean"] == pytest.approx(float(pairs_D.max() / pairs_D.mean()))
+    if c2r_kwargs["mode"] == "node" or megatron_kwargs:
+        limit = c2r_kwargs.get("max_nodes", megatron_kwargs.get("moe_router_group_topk"))
+        assert max(per_token) <= limit
