@@ -113,17 +113,25 @@ class MoEShape:
 
 @dataclass(frozen=True)
 class RoutingRule:
-    """How tokens pick experts in the model: plain top-k (``num_groups`` None), or at most
-    ``max_groups`` of ``num_groups`` contiguous expert groups, then top-k inside them, the
-    groups chosen anchored (the top-1 expert's group first, then the best others by group
-    score: our rule) or by group score alone (Megatron's group-limited rule). With groups = the
-    nodes the EP group spans this is node-limited routing."""
+    """How tokens pick experts in the model (the router's own rules, ``cost_routing``):
+
+    * plain top-k: ``num_groups`` None;
+    * group rule: at most ``max_groups`` of ``num_groups`` contiguous expert groups, top-k
+      inside, groups chosen ``anchored`` (the top-1 expert's group first, then the best others
+      by group score: our rule) or by group score alone (Megatron's group-limited rule);
+    * node rule (``num_nodes`` set): the ``num_groups`` groups are the EP ranks, split into
+      ``num_nodes`` contiguous nodes; at most ``max_groups`` nodes per token (anchored or by
+      score), optionally at most ``max_ranks_per_node`` ranks inside each (the router's
+      node-limited rule, ``routing.functional.node_topk``).
+    """
 
     label: str
     num_groups: Optional[int] = None
     max_groups: int = 1
     anchored: bool = True
     limit_name: str = "max_groups"  # the flag or YAML path that set max_groups (for messages)
+    num_nodes: Optional[int] = None
+    max_ranks_per_node: Optional[int] = None
 
     def check(self, num_experts: int, topk: int) -> None:
         """ValueError naming ``limit_name`` unless the rule can route ``topk`` of
@@ -134,23 +142,29 @@ class RoutingRule:
             num_experts, self.num_groups, experts_name="megatron.--num-experts",
             ep_name=f"the {self.num_groups} groups of {self.label}",
         )  # fmt: skip
-        if not 1 <= self.max_groups <= self.num_groups:
+        blocks, per_block = self.num_groups, per_group
+        if self.num_nodes is not None:
+            ranks = parallel.experts_per_rank(self.num_groups, self.num_nodes,
+                                              experts_name="EP", ep_name="nodes")  # fmt: skip
+            blocks = self.num_nodes
+            per_block = per_group * min(ranks, self.max_ranks_per_node or ranks)
+        if not 1 <= self.max_groups <= blocks:
             raise ValueError(
-                f"{self.limit_name}={self.max_groups} must be in [1, {self.num_groups}] "
-                f"({self.label})"
+                f"{self.limit_name}={self.max_groups} must be in [1, {blocks}] ({self.label})"
             )
-        if self.max_groups * per_group < topk:
+        if self.max_groups * per_block < topk:
             raise ValueError(
-                f"{self.limit_name}={self.max_groups}: {self.max_groups} group(s) of {per_group} "
+                f"{self.limit_name}={self.max_groups}: {self.max_groups} block(s) of {per_block} "
                 f"experts cannot hold top-{topk} ({self.label}): raise it"
             )
 
 
-def node_anchored(nodes: int, max_nodes: int) -> RoutingRule:
+def node_anchored(nodes: int, max_nodes: int, ep_size: Optional[int] = None) -> RoutingRule:
     """Our node-anchored rule: the top-1 expert's node plus the best M-1 other nodes by group
-    score, top-k inside (the group-anchored rule with groups = nodes)."""
-    return RoutingRule(f"node-anchored M={max_nodes}", nodes, max_nodes, anchored=True,
-                       limit_name="--max-nodes")  # fmt: skip
+    score, top-k inside (``node_topk``; equal to the group-anchored rule with groups = nodes).
+    ``ep_size``: the EP ranks the nodes are made of (default: one group per node)."""
+    return RoutingRule(f"node-anchored M={max_nodes}", ep_size or nodes, max_nodes,
+                       anchored=True, limit_name="--max-nodes", num_nodes=nodes)  # fmt: skip
 
 
 def config_rule(cfg, ep_size: int, nodes: int) -> RoutingRule:
@@ -165,16 +179,14 @@ def config_rule(cfg, ep_size: int, nodes: int) -> RoutingRule:
                            router.max_groups, anchored=router.group_selection == "anchored",
                            limit_name="c2r.max_groups")  # fmt: skip
     if c2r.enabled and router.mode == "node":
-        if getattr(router, "max_ranks_per_node", None) is not None:
-            raise ValueError(
-                f"c2r.max_ranks_per_node={router.max_ranks_per_node}: the cost model has no "
-                "rank limit inside a node: remove it with --set c2r.max_ranks_per_node=null or "
-                "pass --routing with a routing trace of that run"
-            )
-        max_nodes = getattr(router, "max_nodes", None) or 1
-        return RoutingRule(f"C2R node {max_nodes} of {nodes}", nodes, max_nodes,
+        # The nodes are the EP group's (a --nodes override moves them; the router derives its
+        # own from the same layout). The node bias (group_bias_rate) is a balance term the
+        # model leaves out: uniform scores are balanced already.
+        max_nodes, ranks = router.max_nodes or 1, router.max_ranks_per_node
+        label = f"C2R node {max_nodes} of {nodes}" + (f", {ranks} ranks each" if ranks else "")
+        return RoutingRule(label, ep_size, max_nodes,
                            anchored=router.group_selection == "anchored",
-                           limit_name="c2r.max_nodes")  # fmt: skip
+                           limit_name="c2r.max_nodes", num_nodes=nodes, max_ranks_per_node=ranks)  # fmt: skip
     if c2r.enabled and router.mode == "c2r":
         raise ValueError(
             "c2r.mode='c2r' routes from learned top-T lists the model cannot synthesize: pass "

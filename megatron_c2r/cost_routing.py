@@ -17,9 +17,9 @@ Two kinds of input (``cost_inputs.RoutingSource``):
   a token's own experts first, then the experts that co-activate most with them; with M = 1
   that keeps each token on the node that held most of its experts.
 
-Rules run through the router's own selection functions (``routing.functional.group_topk``; the
-group-anchored rule with groups = nodes is the node-anchored rule: equal to the router's
-node-limited rule without a per-node rank limit). Cold path, CPU, deterministic for a seed.
+Rules run through the router's own selection functions (``routing.functional.group_topk`` for
+group rules, ``node_topk`` for node rules: our node-anchored routing and ``c2r.mode: node``).
+Cold path, CPU, deterministic for a seed.
 Shape suffixes: ``cost_model``'s (P GPUs, T tokens per GPU, E experts, K top-k, U distinct sets).
 """
 
@@ -34,18 +34,22 @@ import torch
 from megatron_c2r.cost_inputs import MoEShape, RoutingRule, RoutingSource
 from megatron_c2r.cost_model import RoutingCounts, RowCounter
 from megatron_c2r.placement.sources import LayerCollab, load_collaboration
-from megatron_c2r.routing.functional import contiguous_groups, group_topk
+from megatron_c2r.routing.functional import contiguous_groups, group_topk, node_topk
 
 SOURCE_ROUTING = "source routing"  # the label of a file's own top-k sets
 
 
 def select_experts(rule: RoutingRule, scores_TE: torch.Tensor, topk: int) -> torch.Tensor:
-    """int64 [T, K] expert ids per token under ``rule`` (selection scores: higher is better)."""
+    """int64 [T, K] expert ids per token under ``rule`` (selection scores: higher is better),
+    by the router's own selection functions."""
     if rule.num_groups is None:
         return scores_TE.topk(topk, dim=-1).indices
     num_experts = scores_TE.shape[1]
-    expert_to_group_E = contiguous_groups(num_experts, rule.num_groups)
     groups_GN = torch.arange(num_experts).view(rule.num_groups, -1)
+    if rule.num_nodes is not None:
+        return node_topk(scores_TE, topk, groups_GN, rule.num_nodes, rule.max_groups,
+                         anchored=rule.anchored, max_ranks_per_node=rule.max_ranks_per_node)[1]  # fmt: skip
+    expert_to_group_E = contiguous_groups(num_experts, rule.num_groups)
     return group_topk(scores_TE, topk, expert_to_group_E, rule.num_groups, rule.max_groups,
                       anchored=rule.anchored, groups_GN=groups_GN)[1]  # fmt: skip
 

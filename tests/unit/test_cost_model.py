@@ -163,6 +163,20 @@ def test_selection_rules_are_the_routers_group_rules():
     assert torch.equal(nodes_TK[:, 0], anchor)  # the top-1 expert's node
     two = select_experts(RoutingRule("g", 4, 2, anchored=False), scores, 4) // 4
     assert all(len(set(row.tolist())) <= 2 for row in two)
+    # The node rule (the router's node_topk) is the group-anchored rule with groups = nodes,
+    # whether the nodes are given as EP ranks (2 per node here) or as one group per node.
+    for max_nodes in (1, 2):
+        as_groups = RoutingRule("g", 4, max_nodes, anchored=True)
+        for ep in (None, 8):
+            rule = node_anchored(4, max_nodes, ep_size=ep)
+            assert torch.equal(select_experts(rule, scores, 4).sort(1).values,
+                               select_experts(as_groups, scores, 4).sort(1).values)  # fmt: skip
+    # A rank limit inside each node (c2r.max_ranks_per_node): 1 rank of 2 = one EP rank.
+    limited = dataclasses.replace(node_anchored(4, 1, ep_size=8), max_ranks_per_node=1)
+    ranks_TK = select_experts(limited, scores, 2) // 2
+    assert (ranks_TK == ranks_TK[:, :1]).all()
+    with pytest.raises(ValueError, match="cannot hold top-4"):
+        limited.check(16, 4)
 
 
 def test_bad_parameters_and_shapes_are_one_line_errors_naming_the_field():
