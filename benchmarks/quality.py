@@ -61,13 +61,23 @@ from typing import Dict, List, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHAPES = {
-    # name: (experts, topk, virtual EP groups, expert ffn hidden, T values)
+    # name: (experts, topk, virtual EP groups, expert ffn hidden, T values[, virtual nodes])
     "16e4": dict(experts=16, topk=4, groups=4, moe_ffn=128, top_t=(7, 3)),
     "64e8": dict(experts=64, topk=8, groups=8, moe_ffn=32, top_t=(31, 15)),
+    # Node shapes: every node holds 2k experts (16), as a 256-expert top-8 model on 8-GPU nodes
+    # holds 32+; same total expert parameters as the shapes above (E x moe_ffn = 2048).
+    "64e8n4": dict(experts=64, topk=8, groups=8, nodes=4, moe_ffn=32, top_t=(15,)),
+    "128e8n8": dict(experts=128, topk=8, groups=16, nodes=8, moe_ffn=16, top_t=(15,)),
 }
+# DeepSeek-V2's device- and communication-level balance coefficients (REFERENCE.md section 10),
+# and Megatron's default expert-bias rate for the group (node) bias.
+BALANCE_LOSSES = ["c2r.device_balance_coeff=0.05", "c2r.comm_balance_coeff=0.02"]
+GROUP_BIAS = ["c2r.group_bias_rate=0.001"]
 
 
 def routings(shape: Dict) -> Dict[str, List[str]]:
+    if "nodes" in shape:
+        return node_routings(shape)
     g = shape["groups"]
     out = {
         "topk": ["c2r.mode=topk"],
@@ -85,8 +95,28 @@ def routings(shape: Dict) -> Dict[str, List[str]]:
     return {name: sets + [f"c2r.num_groups={g}"] for name, sets in out.items()}
 
 
+def node_routings(shape: Dict) -> Dict[str, List[str]]:
+    """Routings of a node shape: G virtual ranks on D virtual nodes (contiguous blocks of G/D
+    ranks); every routing also records node statistics (``c2r.num_nodes``)."""
+    g, d = shape["groups"], shape["nodes"]
+    out = {"topk": ["c2r.mode=topk"]}
+    for m in (1, 2):  # key rows first (a study cut short keeps them): M=1, then M=2
+        # Megatron's node-limited routing: group-limited with groups = nodes.
+        out[f"megatron_nl_{m}"] = ["c2r.mode=topk", f"megatron.moe-router-num-groups={d}",
+                                   f"megatron.moe-router-group-topk={m}"]
+        node = ["c2r.mode=node", f"c2r.max_nodes={m}", "c2r.group_selection=anchored"]
+        out[f"node_M{m}"] = node
+        out[f"node_M{m}_bias"] = node + GROUP_BIAS
+        out[f"node_M{m}_balance"] = node + BALANCE_LOSSES
+    for t in shape["top_t"]:
+        out[f"c2r_T{t}"] = ["c2r.mode=c2r", f"c2r.top_t={t}"]
+    return {name: sets + [f"c2r.num_groups={g}", f"c2r.num_nodes={d}"] for name, sets in out.items()}
+
+
 def explorations(shape: Dict) -> Dict[str, List[str]]:
     """``--explore``: variants of the flagship aimed at the <= +0.5%-at->=4x goal."""
+    if "nodes" in shape:
+        return {}
     g = shape["groups"]
     bias = ["megatron.moe-router-score-function=sigmoid", "megatron.moe-router-enable-expert-bias=true",
             "megatron.moe-router-load-balancing-type=none"]
@@ -133,16 +163,32 @@ def run_one(out_dir: str, shape: Dict, sets: List[str], seed: int, steps: int, w
             raise RuntimeError(f"run failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
     with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
         summary = json.load(f)
-    groups = []  # distinct virtual ranks per token, averaged over post-warm-up intervals
+    # Router statistics (mean over MoE layers) averaged over the logged post-warm-up iterations:
+    # distinct virtual ranks (nodes) per token, busiest rank's (node's) load over the mean.
+    stats: Dict[str, List[float]] = {name: [] for name in ROUTER_STATS}
     with open(os.path.join(out_dir, "metrics.csv"), newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
-            if row["metric"] == "moe/c2r/groups_per_token" and int(row["iteration"]) > warmup + 1:
-                groups.append(float(row["value"]))
+            name = row["metric"].removeprefix("moe/c2r/")
+            if name in stats and int(row["iteration"]) > warmup + 1:
+                stats[name].append(float(row["value"]))
     with open(os.path.join(out_dir, "history.csv"), newline="", encoding="utf-8") as f:
         losses = [float(row["loss"]) for row in csv.DictReader(f)]
     window = max(1, steps // 3)  # the last third of the run
-    return {"val_loss": summary["val_loss"], "fresh_loss": statistics.mean(losses[-window:]),
-            "rows_per_token": statistics.mean(groups) if groups else math.nan}
+    out = {"val_loss": summary["val_loss"], "fresh_loss": statistics.mean(losses[-window:])}
+    for name, key in ROUTER_STATS.items():
+        out[key] = statistics.mean(stats[name]) if stats[name] else math.nan
+    if "nodes" in shape:  # a token's own node is one of D: (D-1)/D of its node rows cross
+        out["inter_node_rows_per_token"] = out["nodes_per_token"] * (shape["nodes"] - 1) / shape["nodes"]
+    return out
+
+
+# metrics.csv name (moe/c2r/...) -> run key
+ROUTER_STATS = {
+    "groups_per_token": "rows_per_token",
+    "nodes_per_token": "nodes_per_token",
+    "group_load_max_over_mean": "rank_load_max_over_mean",
+    "node_load_max_over_mean": "node_load_max_over_mean",
+}
 
 
 def main(argv=None) -> int:
@@ -176,6 +222,8 @@ def main(argv=None) -> int:
                 if args.report_only and not os.path.exists(os.path.join(run_dir, "summary.json")):
                     continue
                 jobs.append((shape_name, name, seed, run_dir, shape, sets))
+    # Seed-major: a study cut short still has every routing of its first seeds (complete pairs).
+    jobs.sort(key=lambda j: (args.seeds.index(j[2]), args.shapes.index(j[0])))
     results: Dict = {}
     with ThreadPoolExecutor(args.workers) as pool, tqdm(total=len(jobs), desc="quality runs") as bar:
         futures = {pool.submit(run_one, j[3], j[4], j[5], j[2], args.steps, args.warmup): j for j in jobs}
@@ -209,8 +257,39 @@ def paired(runs: List[Dict], reference: List[Dict], key: str = "fresh_loss") -> 
             "seeds": len(deltas), "lower": sum(d < 0 for d in deltas)}
 
 
-# Head-to-head at equal rows/token: ours against Megatron's group-limited routing, same seeds.
-HEAD_TO_HEAD = [(f"anchored_M{m}{tail}", f"megatron_gl_{m}") for m in (1, 2) for tail in ("", "_warmup120")]
+# Head-to-head at equal rows/token: ours against Megatron's group-limited (node-limited)
+# routing, and the balanced node variants against the unbalanced ones; same seeds.
+HEAD_TO_HEAD = (
+    [(f"anchored_M{m}{tail}", f"megatron_gl_{m}") for m in (1, 2) for tail in ("", "_warmup120")]
+    + [(f"node_M{m}{tail}", f"megatron_nl_{m}") for m in (1, 2) for tail in ("", "_bias", "_balance")]
+    + [(f"node_M{m}{tail}", f"node_M{m}") for m in (1, 2) for tail in ("_bias", "_balance")]
+)
+
+
+def _mean_of(runs: List[Dict], key: str) -> float:
+    """Mean of ``key`` over runs that have it (runs cached before a statistic existed: nan)."""
+    values = [r[key] for r in runs if key in r and not math.isnan(r[key])]
+    return statistics.mean(values) if values else math.nan
+
+
+def node_columns(shape: Dict, runs: List[Dict], topk_runs: List[Dict]) -> Dict:
+    """Inter-node hop and balance of a node shape's routing: distinct nodes per token, the rows
+    the two-level dispatcher ships across nodes per token (nodes x (D-1)/D), how many times
+    fewer than Megatron's alltoall (k x (D-1)/D: one row per remote expert) and than top-k
+    routing through the same dispatcher, and the busiest rank's / node's load over the mean."""
+    d, k = shape["nodes"], shape["topk"]
+    inter = _mean_of(runs, "inter_node_rows_per_token")
+    topk_inter = _mean_of(topk_runs, "inter_node_rows_per_token")
+    return {
+        "nodes": d,
+        "nodes_per_token": _mean_of(runs, "nodes_per_token"),
+        "inter_node_rows_per_token": inter,
+        "inter_node_rows_alltoall": k * (d - 1) / d,
+        "fewer_inter_node_rows_than_alltoall": k * (d - 1) / d / inter if inter else None,
+        "fewer_inter_node_rows_than_topk": topk_inter / inter if inter else None,
+        "rank_load_max_over_mean": _mean_of(runs, "rank_load_max_over_mean"),
+        "node_load_max_over_mean": _mean_of(runs, "node_load_max_over_mean"),
+    }
 
 
 def summarize(results: Dict, args) -> Dict:
@@ -235,6 +314,8 @@ def summarize(results: Dict, args) -> Dict:
                 "val_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
                 "rows_per_token": rpt,
                 "fewer_rows_than_alltoall": k / rpt if rpt else None,
+                **(node_columns(SHAPES[shape_name], runs, by_routing.get("topk", []))
+                   if "nodes" in SHAPES[shape_name] else {}),
                 "runs": runs,
             }
         head_to_head = {}
@@ -244,7 +325,8 @@ def summarize(results: Dict, args) -> Dict:
                 if fresh["seeds"]:
                     head_to_head[f"{ours} vs {theirs}"] = {
                         "fresh": fresh, "val": paired(by_routing[ours], by_routing[theirs], key="val_loss")}
-        report["shapes"][shape_name] = {"topk": k, "groups": SHAPES[shape_name]["groups"], "routings": rows,
+        report["shapes"][shape_name] = {"topk": k, "groups": SHAPES[shape_name]["groups"],
+                                        "nodes": SHAPES[shape_name].get("nodes"), "routings": rows,
                                         "head_to_head": head_to_head}
     return report
 
@@ -254,24 +336,44 @@ def _change(mean: float, sem: Optional[float]) -> str:
     return f"{mean:+.2f}% ± {sem:.2f}" if sem is not None else f"{mean:+.2f}% (1 seed)"
 
 
+def _times(ratio: Optional[float]) -> str:
+    return "—" if ratio is None or math.isnan(ratio) else f"{ratio:.2f}×"
+
+
 def markdown_table(report: Dict) -> str:
     lines = []
     for shape_name, shape in report["shapes"].items():
         counts = {len(r["runs"]) for r in shape["routings"].values()}
         seeds = f"{max(counts)} seed(s)" if len(counts) == 1 else f"{min(counts)}-{max(counts)} seeds"
+        nodes = shape.get("nodes")
+        where = f", {nodes} virtual nodes" if nodes else ""
         lines.append(f"\n**{shape_name}** ({seeds}, {report['steps']} steps, "
-                     f"warm-up {report['warmup']}, virtual EP = {shape['groups']})\n")
-        lines.append("| routing | seeds | rows/token | fewer rows than alltoall | fresh-batch loss vs top-k | "
-                     "val loss vs top-k | val loss (mean ± std) |")
-        lines.append("|---|---|---|---|---|---|---|")
+                     f"warm-up {report['warmup']}, virtual EP = {shape['groups']}{where})\n")
+        if nodes:
+            lines.append("| routing | seeds | ranks/token | nodes/token | inter-node rows/token | fewer than "
+                         "alltoall | fewer than top-k | fresh-batch loss vs top-k | val loss vs top-k | "
+                         "busiest rank / mean | busiest node / mean | val loss (mean ± std) |")
+            lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        else:
+            lines.append("| routing | seeds | rows/token | fewer rows than alltoall | fresh-batch loss vs "
+                         "top-k | val loss vs top-k | val loss (mean ± std) |")
+            lines.append("|---|---|---|---|---|---|---|")
         for name, r in sorted(shape["routings"].items(), key=lambda kv: kv[1]["rows_per_token"], reverse=True):
             fresh, val = "—", "—"
             if name != "topk" and r["paired_vs_topk_pct_mean"] is not None:
                 fresh = _change(r["paired_vs_topk_pct_mean"], r["paired_vs_topk_pct_sem"])
                 val = _change(r["val_paired_vs_topk_pct_mean"], r["val_paired_vs_topk_pct_sem"])
-            lines.append(f"| {name} | {len(r['runs'])} | {r['rows_per_token']:.2f} | "
-                         f"{r['fewer_rows_than_alltoall']:.2f}× | {fresh} | {val} | "
-                         f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} |")
+            tail = f"{fresh} | {val} | {r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} |"
+            if nodes:
+                lines.append(
+                    f"| {name} | {len(r['runs'])} | {r['rows_per_token']:.2f} | {r['nodes_per_token']:.2f} | "
+                    f"{r['inter_node_rows_per_token']:.2f} | {_times(r['fewer_inter_node_rows_than_alltoall'])} | "
+                    f"{_times(r['fewer_inter_node_rows_than_topk'])} | {fresh} | {val} | "
+                    f"{r['rank_load_max_over_mean']:.2f} | {r['node_load_max_over_mean']:.2f} | "
+                    f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} |")  # fmt: skip
+            else:
+                lines.append(f"| {name} | {len(r['runs'])} | {r['rows_per_token']:.2f} | "
+                             f"{r['fewer_rows_than_alltoall']:.2f}× | {tail}")
         if shape.get("head_to_head"):
             lines.append("\n| at equal rows/token | fresh-batch loss change | lower in | val loss change | lower in |")
             lines.append("|---|---|---|---|---|")
@@ -291,33 +393,39 @@ def plot(report: Dict, path: str) -> None:
     shapes = report["shapes"]
     fig, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 5), squeeze=False)
     for ax, (shape_name, shape) in zip(axes[0], shapes.items()):
-        k = shape["topk"]
+        k, nodes = shape["topk"], shape.get("nodes")
+        # x: rows per token on the hop that matters (node shapes: the inter-node hop), and what
+        # Megatron's alltoall ships there (one row per expert; per remote expert across nodes).
+        key, full = ("inter_node_rows_per_token", k * (nodes - 1) / nodes) if nodes else ("rows_per_token", k)
         # The goal: within +0.5% of top-k at >= 4x fewer rows than alltoall.
-        ax.fill_between([0.6, k / 4], -10, 0.5, color="tab:green", alpha=0.08, label="goal (≤ +0.5%, ≥ 4×)")
+        ax.fill_between([0.0, full / 4], -10, 0.5, color="tab:green", alpha=0.08, label="goal (≤ +0.5%, ≥ 4×)")
         ax.axhline(0.0, color="grey", lw=0.8)
         shown = [(n, r) for n, r in shape["routings"].items()
                  if n != "topk" and r["paired_vs_topk_pct_mean"] is not None]
         columns: Dict[float, List[str]] = {}  # spread points that share a rows/token value
         for name, r in shown:
-            columns.setdefault(round(r["rows_per_token"] * 10) / 10, []).append(name)
+            columns.setdefault(round(r[key] * 10) / 10, []).append(name)
         for i, (name, r) in enumerate(shown):
-            column = columns[round(r["rows_per_token"] * 10) / 10]
-            x = r["rows_per_token"] + 0.035 * k / 4 * (column.index(name) - (len(column) - 1) / 2)
-            marker = "*" if name.startswith("anchored") else ("s" if name.startswith("megatron") else "o")
+            column = columns[round(r[key] * 10) / 10]
+            x = r[key] + 0.035 * full / 4 * (column.index(name) - (len(column) - 1) / 2)
+            ours = name.startswith(("anchored", "node_"))
+            marker = "*" if ours else ("s" if name.startswith("megatron") else "o")
             ax.errorbar(x, r["paired_vs_topk_pct_mean"], yerr=r["paired_vs_topk_pct_sem"],
                         fmt=marker, ms=10 if marker == "*" else 6, capsize=3, label=name,
                         color=plt.cm.tab20(i % 20),
                         mfc="none" if name in EXPLORATION_NAMES else None)
-        topk_rows = shape["routings"].get("topk", {}).get("rows_per_token")
+        topk_rows = shape["routings"].get("topk", {}).get(key)
         if topk_rows:
-            ax.plot([topk_rows], [0.0], "kD", label="topk (planned placement)")
-        ax.set_xlim(0.6, k + 0.1)
+            ax.plot([topk_rows], [0.0], "kD", label="topk (planned placement, one row per destination)")
+        ax.set_xlim(0.0 if nodes else 0.6, full + 0.1)
         values = [r["paired_vs_topk_pct_mean"] for r in shape["routings"].values()
                   if r["paired_vs_topk_pct_mean"] is not None]
         ax.set_ylim(min(values + [0.0]) - 1.5, max(values + [0.0]) + 1.5)
-        ax.set_xlabel(f"rows shipped per token (alltoall ships {k})")
+        hop = "inter-node rows per token" if nodes else "rows shipped per token"
+        ax.set_xlabel(f"{hop} (alltoall ships {full:g})")
         ax.set_ylabel("fresh-batch loss vs top-k, paired by seed (%, ± s.e.m.)")
-        ax.set_title(f"{shape_name}: loss vs bytes (virtual EP={shape['groups']})")
+        where = f", {nodes} nodes" if nodes else ""
+        ax.set_title(f"{shape_name}: loss vs bytes (virtual EP={shape['groups']}{where})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()

@@ -6,7 +6,11 @@
 Runs in one process on CPU (a one-rank gloo group, as Megatron's aux-loss path needs one).
 Repetitions are interleaved (stock, c2r, group, ..., stock, c2r, ...) so machine noise hits every
 variant alike; the script prints the median of per-repetition ratios to the stock router.
-Absolute times are noise on shared machines; the ratios are the result.
+Absolute times are noise on shared machines; the ratios are the result. Variants: Megatron's
+plain and node-limited (group-limited, groups = nodes) TopKRouter; ours in every mode, the group
+rule without its tracker (the cost of counting plain top-k's preference under the constraint),
+the node rules (anchored M=1/M=2, Megatron's node score) and the node rule with the group bias or
+DeepSeek-V2's device/communication balance losses.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--groups", type=int, default=8, help="EP size the groups stand for")
+    ap.add_argument("--nodes", type=int, default=4, help="nodes the groups sit on (node variants)")
     ap.add_argument("--top-t", type=int, default=16)
     ap.add_argument("--aux-loss-coeff", type=float, default=1e-2)
     ap.add_argument("--reps", type=int, default=15)
@@ -58,13 +63,30 @@ def main(argv=None) -> int:
         from megatron.core.transformer.moe.router import TopKRouter
 
         stock = TopKRouter(config, pg_collection=get_default_pg_collection())
-    variants = {"TopKRouter (stock)": stock}
+        # Megatron's node-limited routing (group-limited, groups = nodes): the stock baseline of
+        # the node rules; same weights as the plain stock router.
+        node_config = moe_config(
+            num_moe_experts=args.experts, moe_router_topk=args.topk, hidden_size=args.hidden,
+            moe_aux_loss_coeff=args.aux_loss_coeff, moe_router_num_groups=args.nodes,
+            moe_router_group_topk=1,
+        )
+        stock_node = TopKRouter(node_config, pg_collection=get_default_pg_collection())
+        stock_node.load_state_dict(stock.state_dict())
+    variants = {"TopKRouter (stock)": stock, f"TopKRouter node-limited 1 of {args.nodes}": stock_node}
+    groups, nodes = dict(num_groups=args.groups), dict(mode="node", num_groups=args.groups, num_nodes=args.nodes)
     modes = {
         "C2RRouter topk": C2RRouterConfig(mode="topk"),
         f"C2RRouter c2r T={args.top_t}": C2RRouterConfig(mode="c2r", top_t=args.top_t),
-        "C2RRouter group M=1 anchored": C2RRouterConfig(mode="group", num_groups=args.groups),
-        "C2RRouter group M=2 anchored": C2RRouterConfig(mode="group", num_groups=args.groups, max_groups=2),
-        "C2RRouter group M=1 + penalty": C2RRouterConfig(mode="group", num_groups=args.groups, penalty_coeff=1e-3),
+        "C2RRouter group M=1 anchored": C2RRouterConfig(mode="group", **groups),
+        "C2RRouter group M=1, no tracker": C2RRouterConfig(mode="group", track_collaboration=False, **groups),
+        "C2RRouter group M=2 anchored": C2RRouterConfig(mode="group", max_groups=2, **groups),
+        "C2RRouter group M=1 + penalty": C2RRouterConfig(mode="group", penalty_coeff=1e-3, **groups),
+        "C2RRouter node M=1 anchored": C2RRouterConfig(max_nodes=1, **nodes),
+        "C2RRouter node M=2 anchored": C2RRouterConfig(max_nodes=2, **nodes),
+        "C2RRouter node M=1 score (Megatron's)": C2RRouterConfig(max_nodes=1, group_selection="group_score", **nodes),
+        "C2RRouter node M=1 + group bias": C2RRouterConfig(max_nodes=1, group_bias_rate=1e-3, **nodes),
+        "C2RRouter node M=1 + balance losses": C2RRouterConfig(
+            max_nodes=1, device_balance_coeff=0.05, comm_balance_coeff=0.02, **nodes),
     }
     gen = torch.Generator().manual_seed(1)
     lists = torch.stack([
@@ -87,7 +109,7 @@ def main(argv=None) -> int:
     def run_once(router):
         xi = x.clone().requires_grad_(True)
         t0 = time.perf_counter()
-        ctx = megatron_cpu() if router is stock else _Null()
+        ctx = megatron_cpu() if router in (stock, stock_node) else _Null()
         with ctx:
             probs, _ = router(xi)
             (probs * grad_w).sum().backward()
@@ -103,10 +125,10 @@ def main(argv=None) -> int:
     print(f"\nrouter forward+backward, E={args.experts} k={args.topk} tokens={args.tokens} "
           f"hidden={args.hidden} aux_loss={args.aux_loss_coeff}, {args.reps} interleaved reps, "
           f"{args.threads} thread(s)")
-    print(f"{'variant':34s} {'median ratio vs stock':>22s}")
+    print(f"{'variant':40s} {'median ratio vs stock':>22s}")
     for name, ts in times.items():
         ratio = statistics.median(t / b for t, b in zip(ts, base))
-        print(f"{name:34s} {ratio:22.3f}")
+        print(f"{name:40s} {ratio:22.3f}")
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from benchmarks.quality import markdown_table, summarize, warmup_of
+from benchmarks.quality import SHAPES, markdown_table, routings, summarize, warmup_of
 
 
 def test_two_short_runs_report_rows_per_token_and_a_paired_delta(tmp_path):
@@ -62,3 +62,58 @@ def test_paired_deltas_use_only_seeds_both_routings_ran():
 def test_a_routing_can_override_the_sweep_warmup():
     assert warmup_of(["c2r.mode=group", "c2r.warmup_steps=120"], 60) == 120
     assert warmup_of(["c2r.mode=group"], 60) == 60
+
+
+def test_a_node_shape_run_reports_the_inter_node_hop_and_the_balance_column(tmp_path):
+    from benchmarks.quality import main
+
+    out = tmp_path / "quality"
+    argv = ["--shapes", "64e8n4", "--seeds", "0", "--steps", "6", "--warmup", "2", "--workers", "1",
+            "--only", "node_M1_bias", "--out", str(out)]
+    assert main(argv) == 0
+    row = json.loads((out / "quality.json").read_text())["shapes"]["64e8n4"]["routings"]["node_M1_bias"]
+    assert row["nodes_per_token"] == 1.0 and row["inter_node_rows_per_token"] == 0.75  # 1 node x 3/4
+    assert row["fewer_inter_node_rows_than_alltoall"] == 8.0  # alltoall: 8 experts x 3/4 remote
+    assert 1.0 <= row["rows_per_token"] <= 2.0  # at most the node's 2 ranks
+    assert row["rank_load_max_over_mean"] >= row["node_load_max_over_mean"] >= 1.0
+    assert "| node_M1_bias | 1 | " in (out / "quality.md").read_text()
+
+
+def test_node_routings_measure_every_variant_on_the_same_node_blocks():
+    for shape_name in ("64e8n4", "128e8n8"):
+        shape = SHAPES[shape_name]
+        assert shape["experts"] // shape["nodes"] >= 2 * shape["topk"]  # every node holds 2k experts
+        variants = routings(shape)
+        for name, sets in variants.items():
+            assert f"c2r.num_nodes={shape['nodes']}" in sets and f"c2r.num_groups={shape['groups']}" in sets
+        assert f"megatron.moe-router-num-groups={shape['nodes']}" in variants["megatron_nl_1"]
+        assert "c2r.group_bias_rate=0.001" in variants["node_M1_bias"]
+        assert {"c2r.device_balance_coeff=0.05", "c2r.comm_balance_coeff=0.02"} <= set(variants["node_M2_balance"])
+
+
+def test_node_columns_pair_inter_node_rows_and_balance_by_routing():
+    class Args:
+        steps, warmup, seeds = 600, 60, [0, 1]
+
+    def run(seed, loss, nodes, rank_load, node_load):
+        return {"seed": seed, "val_loss": loss, "fresh_loss": loss, "rows_per_token": 2 * nodes,
+                "nodes_per_token": nodes, "inter_node_rows_per_token": nodes * 3 / 4,
+                "rank_load_max_over_mean": rank_load, "node_load_max_over_mean": node_load}
+
+    results = {"64e8n4": {
+        "topk": [run(0, 2.0, 3.6, 1.2, 1.1), run(1, 2.1, 3.6, 1.2, 1.1)],
+        "node_M1": [run(0, 2.02, 1.0, 1.6, 1.5), run(1, 2.1, 1.0, 1.8, 1.7)],
+        "node_M1_bias": [run(0, 2.0, 1.0, 1.2, 1.1), run(1, 2.1 * 1.01, 1.0, 1.2, 1.1)],
+        "megatron_nl_1": [run(0, 2.04, 1.0, 1.3, 1.2), run(1, 2.1 * 1.02, 1.0, 1.3, 1.2)],
+    }}
+    shape = summarize(results, Args())["shapes"]["64e8n4"]
+    m1 = shape["routings"]["node_M1"]
+    assert math.isclose(m1["fewer_inter_node_rows_than_topk"], 3.6)
+    assert math.isclose(m1["fewer_inter_node_rows_than_alltoall"], 8.0)
+    assert math.isclose(m1["rank_load_max_over_mean"], 1.7) and math.isclose(m1["node_load_max_over_mean"], 1.6)
+    head = shape["head_to_head"]
+    assert head["node_M1 vs megatron_nl_1"]["fresh"]["lower"] == 2
+    assert head["node_M1_bias vs node_M1"]["fresh"]["seeds"] == 2
+    table = markdown_table(summarize(results, Args()))
+    assert "| node_M1 | 2 | 2.00 | 1.00 | 0.75 | 8.00× | 3.60× |" in table
+    assert "| 1.70 | 1.60 |" in table
