@@ -24,7 +24,9 @@ micro-batch of one 4096-token sequence), iid router scores (``uniform``), one ge
 (seeded): every time is linear in the tokens except the latency terms, so ratios barely depend
 on it; the busiest GPU's load is noisier with fewer tokens (conservative). Routings: the usual
 one, and ours node-anchored M=1 and M=2 (nodes = the nodes the EP group spans). The default run
-takes 20-60 s on 2 shared cores (16 nodes = 128 GPUs x 3 routings per shape dominate).
+took 33-51 s on 2 cores, 167 s while other jobs loaded them to ~13 (16 nodes = 128 GPUs x 3
+routings per shape dominate); ``--tokens-per-gpu 2048`` halves that with the same ratios to two
+decimals.
 
 Goal checked (issue 17): at 8 nodes, DeepSeek-V3-like, our two-level dispatcher with
 node-anchored M=1 routing at <= 0.3x Megatron alltoall's modeled communication time and <= 0.5x
