@@ -40,6 +40,10 @@ class C2ROptions:
     hierarchy: one of ``HIERARCHIES`` (dedup only; 'auto' is also the value with 'megatron',
         where it is not read).
     metrics_csv: append per-log-interval metrics here (written by the last rank).
+    dispatch_dim / dispatch_ffn_hidden_size: BigMac low-dimensional dispatch
+        (``megatron_c2r.moe.bigmac``): project each token H -> d after the router, ship and run
+        the experts at d (FFN width ``dispatch_ffn_hidden_size``, None = the model's
+        ``moe_ffn_hidden_size``), project d -> H after combine. None = off.
 
     ``gpus_per_node`` (property) is the router's ``c2r.gpus_per_node``: one YAML key and one flag
     for both readers. The router derives its node count from it (node mode); the dedup
@@ -57,8 +61,18 @@ class C2ROptions:
     dispatcher: str = "dedup"
     hierarchy: str = "auto"
     metrics_csv: Optional[str] = None
+    dispatch_dim: Optional[int] = None
+    dispatch_ffn_hidden_size: Optional[int] = None
 
     def __post_init__(self):
+        for name in ("dispatch_dim", "dispatch_ffn_hidden_size"):  # sizes vs H: at build time
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"c2r.{name}={getattr(self, name)} must be >= 1 (or unset)")
+        if self.dispatch_ffn_hidden_size is not None and self.dispatch_dim is None:
+            raise ValueError(
+                f"c2r.dispatch_ffn_hidden_size={self.dispatch_ffn_hidden_size} sizes the experts "
+                "of c2r.dispatch_dim (unset): set c2r.dispatch_dim or remove it"
+            )
         if self.dispatcher not in DISPATCHERS:
             raise ValueError(
                 f"c2r.dispatcher={self.dispatcher!r} must be one of {', '.join(DISPATCHERS)}"

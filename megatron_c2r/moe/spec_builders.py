@@ -27,6 +27,7 @@ from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_c2r import compat
+from megatron_c2r.moe.bigmac import low_dim_moe_spec
 from megatron_c2r.moe.options import C2ROptions
 from megatron_c2r.moe.layer import TopologyMemo, c2r_moe_spec
 from megatron_c2r.moe.router import C2RRouter
@@ -60,6 +61,9 @@ def apply_c2r_to_moe_spec(
             spec, dispatcher="dedup", hierarchy=options.hierarchy,
             gpus_per_node=options.gpus_per_node, topology_memo=topology_memo,
         )  # fmt: skip
+    if options.dispatch_dim is not None:  # BigMac: the same layer at width d (moe/bigmac.py)
+        spec = low_dim_moe_spec(spec, dispatch_dim=options.dispatch_dim,
+                                dispatch_ffn_hidden_size=options.dispatch_ffn_hidden_size)
     return spec
 
 

@@ -338,3 +338,57 @@ def test_torch_dist_checkpoint_round_trip_and_offline_convert_keep_bigmac_output
     assert r["loaded_err"] == 0.0
     assert r["converted_err"] <= 1e-6 * max(1.0, r["scale"])
     assert r["down_equal"] and r["expert_moved"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The c2r: keys and --c2r-* flags (C2ROptions.dispatch_dim / dispatch_ffn_hidden_size)
+# ----------------------------------------------------------------------------------------------
+def test_c2r_dispatch_dim_goes_from_yaml_through_the_flags_to_bigmac_layers(tmp_path):
+    import argparse
+
+    from megatron_c2r.compat import build_from_spec
+    from megatron_c2r.megatron_lm.arguments import add_c2r_args, c2r_options_from_args
+    from megatron_c2r.moe.bigmac import LowDimMoELayer
+    from megatron_c2r.moe.options import C2ROptions
+    from megatron_c2r.moe.spec_builders import get_c2r_decoder_block_spec
+    from megatron_c2r.run_config import load_config
+
+    path = tmp_path / "a.yaml"
+    path.write_text(
+        "megatron: {--num-layers: 1, --hidden-size: 16, --num-attention-heads: 4, "
+        "--seq-length: 8, --max-position-embeddings: 8, --micro-batch-size: 1, "
+        "--global-batch-size: 2, --train-iters: 1, --num-experts: 8, --moe-router-topk: 2, "
+        "--expert-model-parallel-size: 2}\n"
+        "launch: {nodes: 1, gpus_per_node: 2}\n"
+        "c2r: {dispatch_dim: 4, dispatch_ffn_hidden_size: 6}\n"
+    )
+    cfg = load_config(str(path))
+    assert (cfg.c2r.dispatch_dim, cfg.c2r.dispatch_ffn_hidden_size) == (4, 6)
+    argv = cfg.c2r_argv()
+    assert argv[argv.index("--c2r-dispatch-dim") + 1] == "4"
+    args = add_c2r_args(argparse.ArgumentParser(allow_abbrev=False)).parse_args(argv)
+    options = c2r_options_from_args(args)
+    assert options == cfg.c2r
+    assert "--c2r-dispatch-dim" not in _argv_of(C2ROptions())  # unset: no flag written
+
+    init_parallel(ep=1)
+    config = moe_config(num_layers=1, hidden_size=H, num_moe_experts=E, moe_router_topk=K)
+    block = get_c2r_decoder_block_spec(config, options, use_transformer_engine=False)
+    layer = build_from_spec(block.layer_specs[0].submodules.mlp, config=config, layer_number=1)
+    assert type(layer) is LowDimMoELayer and layer.dispatch_dim == 4
+    assert layer.experts.local_experts[0].linear_fc1.weight.shape == (6, 4)
+
+
+def _argv_of(options):
+    from megatron_c2r.megatron_lm.flags import c2r_argv
+
+    return c2r_argv(options)
+
+
+def test_dispatch_options_are_checked_in_one_line():
+    from megatron_c2r.moe.options import C2ROptions
+
+    with pytest.raises(ValueError, match=r"^c2r.dispatch_dim=0 must be >= 1 \(or unset\)$"):
+        C2ROptions(dispatch_dim=0)
+    with pytest.raises(ValueError, match="set c2r.dispatch_dim or remove it"):
+        C2ROptions(dispatch_ffn_hidden_size=64)
