@@ -304,3 +304,18 @@ def test_steps_shorter_than_the_warmup_scale_it_and_say_so_and_longer_runs_are_u
                                       "below megatron.--train-iters=20")  # fmt: skip
     assert "--set c2r.warmup_steps=N (N < 20)" in str(info.value)
     assert load_train_job(tiny, ["c2r.enabled=false"], train_iters=20)[1] == []
+
+
+def test_docs_config_lists_every_c2r_key_and_render_format():
+    import dataclasses
+
+    from megatron_c2r.megatron_lm.flags import ROUTER_FIELDS
+    from megatron_c2r.moe.options import C2ROptions
+    from megatron_c2r.render import FORMATS
+
+    with open(os.path.join(ROOT, "docs", "config.md")) as f:
+        doc = f.read()
+    own = [f.name for f in dataclasses.fields(C2ROptions) if f.name != "router"]
+    missing = [k for k in (*ROUTER_FIELDS, *own) if f"\n  {k}:" not in doc]
+    assert not missing, f"docs/config.md's c2r: block lacks {missing}"
+    assert all(f"| `{fmt}`" in doc for fmt in FORMATS)
