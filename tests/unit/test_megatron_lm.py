@@ -62,10 +62,13 @@ def test_supported_kwargs_drops_keywords_a_constructor_does_not_take():
     }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def layers(megatron_world1):
+@pytest.fixture
+def stage(megatron_world1):
+    """One MoE layer (C2R router: group mode, 2 warm-up steps; Megatron's dispatcher) as the
+    model chunk Megatron's schedules run (tests/distributed/test_hooks_pipeline.Stage)."""
     from megatron_c2r.compat import build_from_spec
     from megatron_c2r.moe.spec_builders import get_c2r_decoder_block_spec
+    from tests.distributed.test_hooks_pipeline import Stage
 
     init_parallel()
     config = moe_config(num_layers=1)
@@ -74,13 +77,17 @@ def layers(megatron_world1):
     with megatron_cpu():
         layer = build_from_spec(spec.submodules.mlp, config=config, layer_number=1)
     layer.set_layer_number(1)
-    return config, torch.nn.ModuleList([layer])
+    return Stage(layer, config).train()
 
 
-def test_hooks_step_routers_once_per_iteration_and_log_every_interval(layers, tmp_path):
+def _run_hooks(stage, tmp_path, finalize):
+    """Five iterations of two micro-batches through Megatron's no-pipelining schedule with the
+    hooks; ``finalize`` is what the config's finalize_model_grads_func holds (None: fallback)."""
+    from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
+
     from megatron_c2r.moe.router import step_routers
+    from tests.distributed.test_hooks_pipeline import cpu_schedules, forward_step_for, run_iterations
 
-    config, model = layers
     args = SimpleNamespace(curr_iteration=0, log_interval=2)
     steps, reports = [], []
 
@@ -92,23 +99,27 @@ def test_hooks_step_routers_once_per_iteration_and_log_every_interval(layers, tm
         get_args=lambda: args, step_routers=record_step, csv_path=str(tmp_path / "m.csv")
     )
     real_report = hooks.report
-    hooks.report = lambda it: reports.append((it, real_report(it)))
+    hooks.report = lambda it, group=None: reports.append((it, real_report(it, group)))
+    stage.config.finalize_model_grads_func = finalize
+    with cpu_schedules():
+        run_iterations(forward_backward_no_pipelining, stage, forward_step_for(stage, hooks), args, 5)
+    return hooks, steps, reports
 
-    def forward_step(data_iterator, model):
-        with megatron_cpu():
-            out, _ = model[0](torch.randn(4, 2, config.hidden_size))
-        return out, None
 
-    step = hooks.wrap_forward_step(forward_step)
-    model.train()
-    for iteration in range(5):
-        args.curr_iteration = iteration
-        for _micro_batch in range(2):
-            step(None, model)
+@pytest.mark.parametrize("hooked", [True, False], ids=["after_finalize", "fallback"])
+def test_hooks_step_routers_once_per_iteration_and_log_every_interval(stage, tmp_path, hooked):
+    finalized = []
+    hooks, steps, reports = _run_hooks(
+        stage, tmp_path, (lambda *a, **k: finalized.append(a)) if hooked else None
+    )
+    assert hooks.after_iteration_hooked is hooked
+    assert len(finalized) == (5 if hooked else 0)  # Megatron's own finalize still runs
     assert steps == [0, 1, 2, 3]  # after iterations 0..3, seen at the start of 1..4
-    assert [it for it, _ in reports] == [2, 4]  # Megatron logs iteration n after step n-1
+    # Megatron logs iteration n after step n-1: reported after iterations 1 and 3 (hooked), or
+    # at the first forward of iterations 2 and 4 (fallback).
+    assert [it for it, _ in reports] == [2, 4]
     assert reports[0][1]["moe/c2r/constraint_active"] == 0.0  # iteration 1: still warming up
     assert reports[1][1]["moe/c2r/constraint_active"] == 1.0  # iteration 3: constrained
-    assert model[0].router._active
+    assert stage.layer.router._active
     with open(tmp_path / "m.csv") as handle:
         assert handle.readline().strip() == "iteration,metric,value"
