@@ -220,6 +220,12 @@ def shape_from_config(
     ffn = mega("moe-ffn-hidden-size") or mega("ffn-hidden-size") or 4 * hidden
     gpus = cfg.launch.gpus_per_node
     notes = []
+    low_dim = getattr(cfg.c2r, "dispatch_dim", None) if cfg.c2r.enabled else None
+    if low_dim:  # BigMac: tokens are projected H -> d before dispatch, experts run at d
+        hidden, ffn = low_dim, getattr(cfg.c2r, "dispatch_ffn_hidden_size", None) or ffn
+        notes.append(f"c2r.dispatch_dim={low_dim}: rows and experts modeled at d={low_dim} "
+                     f"(expert FFN {ffn}) for every method; the H <-> d projections are not "
+                     "counted")  # fmt: skip
     if nodes is not None:
         parallel.require_positive(nodes, "--nodes")
         ep = nodes * gpus

@@ -79,6 +79,15 @@ def test_estimate_reads_a_routing_trace_and_a_coactivation_matrix(tmp_path):
     assert code == 2 and "--layer 2: " in err and "has layers 0..1" in err
 
 
+def test_a_low_dim_dispatch_config_is_modeled_at_its_dispatch_width(tmp_path):
+    out = tmp_path / "est.json"
+    code, err, _, _ = run_cli("estimate", small_config(tmp_path), "--set", "c2r.dispatch_dim=16",
+                              "--set", "c2r.mode=topk", "--json", str(out))  # fmt: skip
+    assert code == 0, err
+    assert "c2r.dispatch_dim=16: rows and experts modeled at d=16" in err
+    assert json.loads(out.read_text())["shape"]["hidden"] == 16
+
+
 def test_estimate_table_has_the_rows_of_both_routings(tmp_path):
     out = subprocess.run([sys.executable, "-m", "megatron_c2r", "estimate", small_config(tmp_path),
                           "--routing", "clustered:4:2"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
