@@ -15,6 +15,7 @@ Shape-suffix legend, one meaning per letter in this package and in ``moe/router.
     D  nodes (node mode)           P  groups per node (G // D)   X  experts per node (P*N)
     Q  groups kept per chosen node (max_ranks_per_node)
     L  length of a top-T collaborator list (the paper's "T"; never T, which is tokens)
+    U  experts a token takes in each group (K // G, group_balanced mode)
     H  hidden size
 
 Import from the submodules (``routing.functional``, ``routing.rules``, ...). This package

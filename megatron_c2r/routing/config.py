@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 from megatron_c2r.parallel import experts_per_rank
 
-MODES = ("topk", "c2r", "group", "node")
+MODES = ("topk", "c2r", "group", "node", "group_balanced")
 GROUP_SELECTIONS = ("anchored", "group_score")
 # Options that only the node rule reads (set with another mode: a one-line error, not ignored).
 NODE_ONLY_FIELDS = ("max_nodes", "max_ranks_per_node")
@@ -36,7 +36,9 @@ class C2RRouterConfig:
         ``max_nodes`` nodes, optionally at most ``max_ranks_per_node`` ranks in each); 'c2r' is
         the paper's rule (top-1 free, the other k-1 from the top-1 expert's top-T
         collaborators); 'topk' is Megatron's TopKRouter, bit for bit, plus the collaboration
-        tracker and optional penalty.
+        tracker and optional penalty; 'group_balanced' is MoGE (Pangu Pro MoE): exactly k/G
+        experts from every one of the G groups (G must divide k; ``routing/moge.py``), so every
+        group gets the same load by construction and every token visits every group.
     top_t: length of the collaborator ("top-T") lists (c2r). top_t = E-1 is plain top-k.
     num_groups: G, number of groups (group and node modes, penalty, statistics). None -> the EP
         size, so one group is one EP rank's expert block (after any placement relabelling).
@@ -139,6 +141,11 @@ class C2RRouterConfig:
                 f"c2r.group_bias_rate={self.group_bias_rate} biases the group choice of modes "
                 f"'group' and 'node' (mode is {self.mode!r}): set it to 0 or change c2r.mode"
             )
+        if self.mode == "group_balanced" and self.penalty_coeff:
+            raise ValueError(
+                f"c2r.penalty_coeff={self.penalty_coeff} pulls tokens into their top-1 expert's "
+                "group but c2r.mode='group_balanced' uses every group: set c2r.penalty_coeff: 0"
+            )
         if self.mode == "c2r" and self.top_t is None:
             raise ValueError("c2r.top_t is required for mode='c2r' (e.g. top_t: 5 for E=8, k=2)")
         if self.expert_to_group is not None:
@@ -174,6 +181,8 @@ class C2RRouterConfig:
                     f"moe_router_topk={topk} exceeds c2r.max_groups={self.max_groups} x "
                     f"{num_experts // num_groups} experts per group: raise c2r.max_groups"
                 )
+        if self.mode == "group_balanced":
+            check_group_balanced(topk, num_groups)
         if self.expert_to_group is not None and len(self.expert_to_group) != num_experts:
             raise ValueError(
                 f"c2r.expert_to_group has {len(self.expert_to_group)} entries, expected "
@@ -207,6 +216,16 @@ class C2RRouterConfig:
             )
         return dataclasses.replace(
             self, num_groups=num_groups, num_nodes=num_nodes, max_nodes=max_nodes
+        )
+
+
+def check_group_balanced(topk: int, num_groups: int) -> None:
+    """MoGE's condition: every token takes k/G experts from each of G groups, so G | k."""
+    if num_groups < 1 or topk % num_groups:
+        raise ValueError(
+            f"c2r.mode='group_balanced' takes moe_router_topk / num_groups experts from every "
+            f"group, but moe_router_topk={topk} is not a multiple of c2r.num_groups={num_groups}: "
+            "set c2r.num_groups to a divisor of moe_router_topk (or change moe_router_topk)"
         )
 
 

@@ -19,6 +19,7 @@ from megatron_c2r.routing.functional import (
     validate_groups,
     validate_top_t_lists,
 )
+from megatron_c2r.routing.moge import group_balanced_topk
 from megatron_c2r.routing.penalty import collaboration_penalty, full_scores, mass_in_group, mass_in_top_t
 from megatron_c2r.routing.rules import RULES, build_rule
 
@@ -185,6 +186,7 @@ def test_every_configurable_mode_has_exactly_one_rule_whose_selection_is_the_pur
         "group/group_score": group_topk(scores, 4, e2g, 4, 2, anchored=False)[1],
         "node/anchored": node_topk(scores, 4, groups_GN, 2, 1, anchored=True, max_ranks_per_node=1)[1],
         "node/group_score": node_topk(scores, 4, groups_GN, 2, 1, anchored=False, max_ranks_per_node=1)[1],
+        "group_balanced": group_balanced_topk(scores, 4, groups_GN)[1],
     }
     built = {}
     node_options = dict(num_nodes=2, max_nodes=1, max_ranks_per_node=1)
