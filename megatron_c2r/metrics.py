@@ -7,9 +7,9 @@
     metrics.reset()
 
 Nothing is global: every number lives in one ``C2RMetrics`` instance. Host syncs: none while
-recording (hooks and ``record`` keep 0-dim tensors on the device; nothing runs while
-``recording`` is False), one per ``compute``/``report`` (the copy of one table holding every
-metric of every layer), plus one collective when a group is given. Names:
+recording (hooks and ``record`` keep tensors on the device; nothing runs while ``recording`` is
+False), one per ``compute``/``report`` (the copy of one buffer holding every metric of every
+layer), plus one collective when a group is given. Names:
 
     moe/c2r/<metric>            mean over this model's MoE layers
     moe/c2r/<metric>_layer_<i>  one MoE layer, i = global layer index (layer_number - 1), as
@@ -20,6 +20,12 @@ counts; layers are slots of one table indexed by the global layer index, so over
 data-parallel ranks and pipeline stages each layer is averaged over the DP ranks that hold it and
 the stages fill disjoint slots -- what Megatron's tracker does for its own losses (sum over PP,
 average over DP). ``penalty`` is the value Megatron's tracker logs as ``c2r_penalty``.
+
+Busiest-over-mean loads (``LOAD_NAMES``, in the same buffer and collective): per layer, what each
+rank's tokens load onto every EP rank and node (``metrics_stats.routing_loads``), summed over the
+records and the group's ranks -- every source, so a slot holds what that EP rank (node) received
+over the logged iteration, summed over the EP groups of the DP/PP ranks at that EP index -- then
+busiest / mean on the host. Without a group: this rank's tokens only.
 
 Metrics (per MoE layer; local tokens of this rank, averaged over records and ranks):
     ranks_per_token            distinct EP ranks holding a token's experts = rows per token that a
@@ -32,6 +38,17 @@ Metrics (per MoE layer; local tokens of this rank, averaged over records and ran
     overload_factor            busiest EP rank's (token, expert) assignments / the balanced share
     groups_per_token, violation_rate, penalty, constraint_active   from C2RRouter (its last forward)
     dispatched_rows_per_token, remote_byte_reduction          measured by the dedup dispatcher
+    nodes_per_token, group_load_max_over_mean, node_load_max_over_mean   from C2RRouter: this
+                               rank's tokens only (node ones with node routing)
+    inter_node_rows_per_token, inter_node_byte_reduction      measured by the two-level dispatcher
+  over every source rank of the group (one value per layer, not a mean over ranks):
+    busiest_rank_tokens_over_mean  busiest EP rank's expert input rows ((token, expert) pairs)
+                               over the mean (the experts' work; an EP step waits for it)
+    busiest_rank_rows_over_mean    the same for rows received, one per (token, rank) (our
+                               dispatcher's all-to-all; Megatron's alltoall receives the tokens)
+    busiest_node_tokens_over_mean, busiest_node_rows_over_mean   the same per node (rows: one per
+                               (token, node), the two-level dispatcher's node rows), when the
+                               layer knows its nodes (``C2RMoELayer.topology``, or node routing)
 
 Megatron-LM's loop clears its own MoE tracker every iteration; these metrics do not go through
 that tracker, so nothing is lost, and the entry point reports them on its own schedule.
@@ -42,13 +59,15 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
+from megatron_c2r.metrics_stats import LOAD_NAMES, busiest_over_mean, routing_loads, routing_stats
 from megatron_c2r.moe.layer import moe_layers
-from megatron_c2r.routing.functional import groups_per_token
+
+__all__ = ["C2RMetrics", "LOAD_NAMES", "METRIC_NAMES", "console_line", "routing_stats", "write_csv"]
 
 PREFIX = "moe/c2r"
 # Fixed order: also the order ranks agree on when reducing.
@@ -67,79 +86,14 @@ METRIC_NAMES = (
     "constraint_active",
     "dispatched_rows_per_token",
     "remote_byte_reduction",
+    "nodes_per_token",
+    "group_load_max_over_mean",
+    "node_load_max_over_mean",
+    "inter_node_rows_per_token",
+    "inter_node_byte_reduction",
 )
 
 Value = Union[float, torch.Tensor]
-
-
-# --------------------------------------------------------------------------------------------
-# Pure statistics of one routing map
-# --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def routing_stats(
-    routing_map_TE: torch.Tensor,
-    *,
-    ep_size: int,
-    ep_rank: int = 0,
-    expert_to_group_E: Optional[torch.Tensor] = None,
-    num_groups: Optional[int] = None,
-    padding_T: Optional[torch.Tensor] = None,
-) -> Dict[str, torch.Tensor]:
-    """Routing statistics of one forward, as 0-dim float32 tensors on the map's device.
-
-    No host sync: padding tokens are masked out of the map instead of indexed away (every
-    statistic counts routed entries only, so a padded token with no experts adds nothing).
-
-    Args:
-        routing_map_TE: bool [T, E], token t uses expert e.
-        ep_size, ep_rank: EP ranks P (expert e lives on rank e // (E/P)) and this rank.
-        expert_to_group_E: int64 [E] group per expert (None -> the EP blocks); needs
-            ``num_groups``.
-        padding_T: bool [T] (any shape with T elements), True for padding tokens (excluded).
-    """
-    T, E = routing_map_TE.shape
-    L, device = E // ep_size, routing_map_TE.device
-    rmap_TE = routing_map_TE.bool()
-    if padding_T is not None:
-        rmap_TE = rmap_TE & ~padding_T.reshape(T, 1).bool()
-    experts_E = torch.arange(E, device=device)
-    # Distinct EP ranks per token: the groups-per-token rule with the EP blocks as groups.
-    ranks_T = groups_per_token(
-        rmap_TE, experts_E // L, ep_size, groups_GN=experts_E.view(ep_size, L)
-    ).float()
-    local_T = rmap_TE[:, ep_rank * L : (ep_rank + 1) * L].any(dim=1)  # a row to this rank
-    experts_T = rmap_TE.sum(dim=1).float()
-    routed_T = experts_T > 0
-    n_routed = routed_T.sum().clamp(min=1).float()
-    rows = ranks_T.sum().clamp(min=1)
-    ranks_per_token = ranks_T.sum() / n_routed
-    alltoall = experts_T.sum() / n_routed
-
-    tokens_E = rmap_TE.sum(dim=0).float()
-    mean_E = tokens_E.mean().clamp(min=1e-12)
-    tokens_P = tokens_E.view(ep_size, -1).sum(dim=1)
-
-    if expert_to_group_E is None:
-        expert_to_group_E, num_groups = experts_E // L, ep_size
-    elif num_groups is None:
-        raise ValueError(
-            "routing_stats got expert_to_group_E without num_groups; pass num_groups (reading "
-            "it from the map's max would sync with the device)"
-        )
-    per_group_TG = torch.zeros(T, num_groups, device=device)
-    per_group_TG.index_add_(1, expert_to_group_E.to(device), rmap_TE.float())
-    intra = (per_group_TG * (per_group_TG - 1) / 2).sum()
-    pairs = (experts_T * (experts_T - 1) / 2).sum()
-    return {
-        "ranks_per_token": ranks_per_token,
-        "rows_per_token_alltoall": alltoall,
-        "row_reduction": alltoall / ranks_per_token.clamp(min=1e-12),
-        "remote_fraction": (ranks_T.sum() - local_T.sum()) / rows,
-        "intra_group_share": torch.where(pairs > 0, intra / pairs.clamp(min=1), torch.ones_like(pairs)),
-        "tokens_per_expert_max_over_mean": tokens_E.max() / mean_E,
-        "tokens_per_expert_cv": tokens_E.std(unbiased=False) / mean_E,
-        "overload_factor": tokens_P.max() / tokens_P.mean().clamp(min=1e-12),
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,14 +104,47 @@ def _layer_index(layer) -> Optional[int]:
     return None if number is None else int(number) - 1
 
 
-def _num_layers(model) -> Optional[int]:
-    """Decoder layers (+ MTP layers) from a model chunk's ``config``: the same on every rank of
-    every pipeline stage, so it sizes the reduced table without a collective."""
+def _model_config(model):
     chunks = model if isinstance(model, (list, tuple)) else [model]
     for chunk in chunks:
         config = getattr(chunk, "config", None)
         if isinstance(getattr(config, "num_layers", None), int):
-            return config.num_layers + (getattr(config, "mtp_num_layers", None) or 0)
+            return config
+    return None
+
+
+def _num_layers(model) -> Optional[int]:
+    """Decoder layers (+ MTP layers) from a model chunk's ``config``: the same on every rank of
+    every pipeline stage, so it sizes the reduced table without a collective."""
+    config = _model_config(model)
+    if config is None:
+        return None
+    return config.num_layers + (getattr(config, "mtp_num_layers", None) or 0)
+
+
+def _layer_ep_size(layer) -> int:
+    return layer.config.num_moe_experts // layer.num_local_experts
+
+
+def _ep_size(model) -> Optional[int]:
+    """EP size P of the load table: from the model's MoE layers, else (a stage without MoE
+    layers) its config's ``expert_model_parallel_size``, the same on every rank in Megatron."""
+    layers = moe_layers(model)
+    if layers:
+        return max(_layer_ep_size(layer) for layer in layers)
+    config = _model_config(model)
+    return getattr(config, "expert_model_parallel_size", None) if config is not None else None
+
+
+def _ranks_per_node(layer, ep_size: int) -> Optional[int]:
+    """EP ranks per node for a layer's node loads: the dedup dispatcher's topology, else node
+    routing over the EP ranks (``c2r.num_nodes``), else unknown."""
+    topology = getattr(layer, "topology", None)
+    if topology is not None:
+        return topology.ranks_per_node
+    cfg = getattr(layer.router, "c2r_config", None)
+    if cfg is not None and cfg.mode == "node" and cfg.num_groups == ep_size and cfg.num_nodes:
+        return ep_size // cfg.num_nodes
     return None
 
 
@@ -170,18 +157,24 @@ class C2RMetrics:
             included). ``None``: taken from the first model chunk ``attach`` sees with a
             ``config``; if still unknown, ``compute(group)`` spends one extra collective (a MAX
             of the local sizes) to agree on it.
+        ep_size: EP ranks P of the load table (same rule: from ``attach``, else agreed).
 
     State: ``_sums[name][layer]`` (float, or a 0-dim tensor on the device accumulated in its
-    producer's dtype, at least fp32) and ``_counts[name][layer]`` (int); ``recording`` gates
+    producer's dtype, at least fp32), ``_counts[name][layer]`` (int) and ``_loads[layer]``
+    (``[4, P + 2]`` fp64 on the device, summed :func:`routing_loads`); ``recording`` gates
     the forward hooks (the entry point records only iterations it logs).
     """
 
-    def __init__(self, prefix: str = PREFIX, num_layers: Optional[int] = None):
+    def __init__(
+        self, prefix: str = PREFIX, num_layers: Optional[int] = None, ep_size: Optional[int] = None
+    ):
         self.prefix = prefix
         self.num_layers = num_layers
+        self.ep_size = ep_size
         self.recording = True
         self._sums: Dict[str, Dict[int, Value]] = {}
         self._counts: Dict[str, Dict[int, int]] = {}
+        self._loads: Dict[int, torch.Tensor] = {}
         self._handles: List = []
 
     # ---- record ------------------------------------------------------------------------------
@@ -191,6 +184,8 @@ class C2RMetrics:
         routing metrics."""
         if self.num_layers is None:
             self.num_layers = _num_layers(model)
+        if self.ep_size is None:
+            self.ep_size = _ep_size(model)
         for layer in moe_layers(model):
             hook = self._router_hook(layer)
             self._handles.append(layer.router.register_forward_hook(hook, with_kwargs=True))
@@ -203,9 +198,9 @@ class C2RMetrics:
         self._handles.clear()
 
     def _router_hook(self, layer) -> Callable:
-        num_experts = layer.config.num_moe_experts
-        ep_size = num_experts // layer.num_local_experts
+        ep_size = _layer_ep_size(layer)
         ep_rank = layer.local_expert_indices[0] // layer.num_local_experts
+        ranks_per_node = _ranks_per_node(layer, ep_size)
 
         def hook(router, args, kwargs, output):
             index = _layer_index(layer)
@@ -223,6 +218,12 @@ class C2RMetrics:
                 padding_T=padding,
             )
             self.add(index, stats)
+            self.add_loads(
+                index,
+                routing_loads(
+                    output[1], ep_size=ep_size, ranks_per_node=ranks_per_node, padding_T=padding
+                ),
+            )
 
         return hook
 
@@ -235,6 +236,12 @@ class C2RMetrics:
             sums, counts = self._sums.setdefault(name, {}), self._counts.setdefault(name, {})
             sums[layer_index] = sums[layer_index] + value if layer_index in sums else value
             counts[layer_index] = counts.get(layer_index, 0) + 1
+
+    def add_loads(self, layer_index: int, load_4X: torch.Tensor) -> None:
+        """Accumulate one :func:`~megatron_c2r.metrics_stats.routing_loads` table for a layer
+        (on its device, no sync)."""
+        loads = self._loads.get(layer_index)
+        self._loads[layer_index] = load_4X if loads is None else loads + load_4X
 
     def record(self, model) -> None:
         """Pull what routers and dispatchers computed themselves, without a host sync: the C2R
@@ -250,64 +257,103 @@ class C2RMetrics:
                 self.add(index, {k: _as_fp64(v) for k, v in last.items()})
             stats = getattr(layer, "comm_stats", None)
             if stats is not None and stats.calls:
-                self.add(
-                    index,
-                    {
-                        "dispatched_rows_per_token": stats.rows_dispatched / max(stats.routed_tokens, 1),
-                        "remote_byte_reduction": stats.remote_byte_reduction,
-                    },
-                )
+                routed = max(stats.routed_tokens, 1)
+                values = {
+                    "dispatched_rows_per_token": stats.rows_dispatched / routed,
+                    "remote_byte_reduction": stats.remote_byte_reduction,
+                }
+                if hasattr(stats, "inter_node_rows_per_token"):  # the two-level dispatcher
+                    values["inter_node_rows_per_token"] = stats.inter_node_rows_per_token
+                    values["inter_node_byte_reduction"] = stats.inter_node_byte_reduction
+                self.add(index, values)
                 stats.reset()
 
     # ---- report ------------------------------------------------------------------------------
     def compute(self, group=None) -> Dict[str, float]:
-        """Per-layer means and their mean over layers, named ``<prefix>/<metric>[_layer_<i>]``.
+        """Per-layer values and their mean over layers, named ``<prefix>/<metric>[_layer_<i>]``.
 
-        ``group``: a torch.distributed group to average over (sum of sums / sum of counts per
-        layer slot; a collective: every rank of ``group`` must call it, with the same
-        ``num_layers``). Only METRIC_NAMES are reduced; other names stay local. One host sync;
-        one collective (two if ``num_layers`` is unknown)."""
+        ``group``: a torch.distributed group to reduce over (sum of sums / sum of counts per
+        layer slot; loads summed per slot; a collective: every rank of ``group`` must call it,
+        with the same ``num_layers`` and ``ep_size``). Only METRIC_NAMES and LOAD_NAMES are
+        reduced; other names stay local. One host sync; one collective (two if a size is
+        unknown)."""
         reduce = group is not None and dist.is_initialized()
         names = [n for n in METRIC_NAMES if n in self._sums] + sorted(
             n for n in self._sums if n not in METRIC_NAMES
         )
         rows = list(METRIC_NAMES) if reduce else names
         rows += [n for n in names if n not in rows]  # local extras after the reduced block
-        width = self._table_width(group if reduce else None)
+        width, P = self._sizes(group if reduce else None)
         device = self._table_device(group if reduce else None)
+        loads = self._load_table(width, P, device)  # [4, width, P + 2]
         table = self._table(rows, width, device)  # [rows, width, 2] fp64: sums, counts
-        if reduce:
-            reduced = table[: len(METRIC_NAMES)]  # a view: reduced in place
-            dist.all_reduce(reduced, group=group)
-        host = table.cpu().tolist()  # the one device->host sync of a report
-        per_layer = {
-            name: {i: s / c for i, (s, c) in enumerate(host[row]) if c > 0}
-            for row, name in enumerate(rows)
-        }
+        flat = torch.cat([loads.flatten(), table.flatten()])
+        if reduce:  # loads, then the METRIC_NAMES rows: one contiguous prefix, reduced in place
+            dist.all_reduce(flat[: loads.numel() + len(METRIC_NAMES) * width * 2], group=group)
+        host = flat.cpu().tolist()  # the one device->host sync of a report
+        X, offset = P + 2, loads.numel()
+        per_layer: Dict[str, Dict[int, float]] = {}
+        for row, name in enumerate(rows):
+            cells = host[offset + row * width * 2 : offset + (row + 1) * width * 2]
+            sums, counts = cells[0::2], cells[1::2]
+            per_layer[name] = {i: sums[i] / counts[i] for i in range(width) if counts[i] > 0}
+        for k, name in enumerate(LOAD_NAMES):
+            per_layer[name] = {}
+            for i in range(width):
+                value = busiest_over_mean(host[(k * width + i) * X : (k * width + i + 1) * X])
+                if value is not None:
+                    per_layer[name][i] = value
         out: Dict[str, float] = {}
-        for name in rows:
-            layers = per_layer[name]
+        for name, layers in per_layer.items():
             if layers:
                 out[f"{self.prefix}/{name}"] = sum(layers.values()) / len(layers)
-        for name in rows:
-            for index, value in per_layer[name].items():
+        for name, layers in per_layer.items():
+            for index, value in layers.items():
                 out[f"{self.prefix}/{name}_layer_{index}"] = value
         return out
 
-    def _table_width(self, group) -> int:
-        local = 1 + max((max(v) for v in self._sums.values() if v), default=-1)
-        if self.num_layers is not None:
-            if local > self.num_layers:
-                raise ValueError(
-                    f"a metric was recorded for layer index {local - 1} but num_layers="
-                    f"{self.num_layers}; pass C2RMetrics(num_layers=...) covering every layer"
-                )
-            return self.num_layers
-        if group is None:
-            return local
-        size = torch.tensor([local], dtype=torch.int64, device=self._table_device(group))
-        dist.all_reduce(size, op=dist.ReduceOp.MAX, group=group)
-        return int(size.item())
+    def _sizes(self, group) -> Tuple[int, int]:
+        """(layers, EP ranks) of the buffer: known sizes, else agreed by one MAX collective."""
+        recorded = [i for v in self._sums.values() for i in v] + list(self._loads)
+        local = 1 + max(recorded, default=-1)
+        if self.num_layers is not None and local > self.num_layers:
+            raise ValueError(
+                f"a metric was recorded for layer index {local - 1} but num_layers="
+                f"{self.num_layers}; pass C2RMetrics(num_layers=...) covering every layer"
+            )
+        local_p = max((t.shape[1] - 2 for t in self._loads.values()), default=0)
+        if self.ep_size is not None and local_p > self.ep_size:
+            raise ValueError(
+                f"a layer recorded loads over {local_p} EP ranks but ep_size={self.ep_size}; "
+                f"pass C2RMetrics(ep_size=...) with the model's EP size"
+            )
+        width = self.num_layers if self.num_layers is not None else local
+        P = self.ep_size if self.ep_size is not None else local_p
+        if group is None or (self.num_layers is not None and self.ep_size is not None):
+            return width, P
+        sizes = torch.tensor([width, P], dtype=torch.int64, device=self._table_device(group))
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
+        width, P = sizes.tolist()
+        return width, P
+
+    def _load_table(self, width: int, P: int, device: torch.device) -> torch.Tensor:
+        """``[4, width, P + 2]`` fp64 on ``device``: each recorded layer's summed loads in its
+        slot (one index_copy; layers over fewer EP ranks keep their columns), zeros elsewhere."""
+        table = torch.zeros(len(LOAD_NAMES), width, P + 2, dtype=torch.float64, device=device)
+        if not self._loads:
+            return table
+        index = sorted(self._loads)
+        rows = []
+        for i in index:
+            loads = self._loads[i].to(device)
+            p = loads.shape[1] - 2
+            if p < P:  # slots after this layer's EP ranks stay empty
+                pad = torch.zeros(loads.shape[0], P - p, dtype=loads.dtype, device=device)
+                loads = torch.cat([loads[:, :p], pad, loads[:, p:]], dim=1)
+            rows.append(loads)
+        slots = torch.tensor(index, dtype=torch.int64).to(device)
+        table.index_copy_(1, slots, torch.stack(rows, dim=1))
+        return table
 
     def _table_device(self, group) -> torch.device:
         if group is not None:
@@ -316,6 +362,8 @@ class C2RMetrics:
             for value in sums.values():
                 if isinstance(value, torch.Tensor):
                     return value.device
+        for loads in self._loads.values():
+            return loads.device
         return torch.device("cpu")
 
     def _table(self, rows: List[str], width: int, device: torch.device) -> torch.Tensor:
@@ -370,6 +418,7 @@ class C2RMetrics:
         """Forget everything recorded (hooks stay attached)."""
         self._sums.clear()
         self._counts.clear()
+        self._loads.clear()
 
 
 def _as_fp64(value: Value) -> Value:

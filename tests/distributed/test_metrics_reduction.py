@@ -1,5 +1,7 @@
 """C2R metrics reduced once per logged iteration (issue 16 part 3), on 4 real gloo processes
-laid out by Megatron's parallel state as 2 pipeline stages x 2 data-parallel ranks.
+laid out by Megatron's parallel state as 2 pipeline stages x 2 data-parallel ranks. The
+busiest-over-mean loads (issue 15 part 5) ride the same collective and equal a brute-force count
+over every rank's routing maps.
 
 The oracle is Megatron's own tracker: the penalty goes into ``save_to_aux_losses_tracker`` per
 layer and micro-batch, exactly as the router logs ``c2r_penalty``, and
@@ -17,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-NUM_LAYERS, MICRO_BATCHES = 4, 3
+NUM_LAYERS, MICRO_BATCHES, EP = 4, 3, 4
 
 
 def _reduce_two_stages_two_dp_ranks():
@@ -25,7 +27,9 @@ def _reduce_two_stages_two_dp_ranks():
     from megatron.core.transformer.moe import moe_utils
 
     from megatron_c2r.metrics import C2RMetrics
+    from megatron_c2r.metrics_stats import routing_loads
     from tests.sync_audit import SyncAudit
+    from tests.unit.test_metrics import random_map
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -34,10 +38,14 @@ def _reduce_two_stages_two_dp_ranks():
         rank, stage = dist.get_rank(), ps.get_pipeline_model_parallel_rank()
         dp_group, dp_size = ps.get_data_parallel_group(), ps.get_data_parallel_world_size()
         layers = [2 * stage, 2 * stage + 1]  # this stage's global layer indices
-        metrics = C2RMetrics(num_layers=NUM_LAYERS)
+        metrics = C2RMetrics(num_layers=NUM_LAYERS, ep_size=EP)
         moe_utils.clear_aux_losses_tracker()
+        maps = {layer: [] for layer in layers}
         for mb in range(MICRO_BATCHES):
             for layer in layers:
+                rmap = random_map(9 + rank, 16, 4, seed=100 * rank + 10 * layer + mb, skew=layer / 2)
+                maps[layer].append(rmap)
+                metrics.add_loads(layer, routing_loads(rmap, ep_size=EP, ranks_per_node=2))
                 penalty = torch.tensor(0.1 * (rank + 1) + 0.01 * layer + 0.001 * mb)
                 metrics.add(layer, {"penalty": penalty, "dispatched_rows_per_token": 1.0 + rank})
                 moe_utils.save_to_aux_losses_tracker(
@@ -58,6 +66,7 @@ def _reduce_two_stages_two_dp_ranks():
             all_reduces=all_reduce.call_count,
             syncs=[op for _, op in audit.events],
             stage=stage,
+            maps=maps,
         )
     finally:
         ps.destroy_model_parallel()
@@ -84,3 +93,20 @@ def test_one_collective_reduces_every_layer_like_megatrons_tracker_across_dp_and
         want = sum(1.0 + i for i in ranks) / len(ranks)
         for layer in (2 * stage, 2 * stage + 1):
             assert values[f"moe/c2r/dispatched_rows_per_token_layer_{layer}"] == pytest.approx(want)
+
+
+@pytest.mark.world_size(4)
+def test_busiest_rank_and_node_loads_equal_a_brute_force_count_over_every_source(dist_pool):
+    from megatron_c2r.metrics import LOAD_NAMES
+    from tests.unit.test_metrics import brute_loads
+
+    results = dist_pool(4).run(_reduce_two_stages_two_dp_ranks)
+    values = results[0]["values"]
+    for layer in range(NUM_LAYERS):
+        maps = [m for r in results for m in r["maps"].get(layer, [])]
+        assert len(maps) == 2 * MICRO_BATCHES  # the two DP ranks of the layer's stage
+        want = brute_loads(maps, ep_size=EP, ranks_per_node=2)
+        for name in LOAD_NAMES:
+            got = values[f"moe/c2r/{name}_layer_{layer}"]
+            assert got == pytest.approx(want[name], rel=1e-12), (layer, name)
+    assert values["moe/c2r/busiest_rank_tokens_over_mean_layer_3"] > 1.2  # skewed routing shows

@@ -6,7 +6,8 @@ import csv
 import pytest
 import torch
 
-from megatron_c2r.metrics import C2RMetrics, console_line, routing_stats
+from megatron_c2r.metrics import LOAD_NAMES, C2RMetrics, console_line, routing_stats
+from megatron_c2r.metrics_stats import busiest_over_mean, routing_loads
 from megatron_c2r.moe.options import C2ROptions
 from megatron_c2r.routing.config import C2RRouterConfig
 from tests.megatron_cpu import init_parallel, megatron_cpu, moe_config
@@ -148,3 +149,80 @@ def test_reset_forgets_records_and_eval_forwards_are_not_recorded(moe_layers):
 def test_console_line_shows_layer_means_only():
     line = console_line(3, {"moe/c2r/a": 1.0, "moe/c2r/a_layer_0": 1.0, "moe/c2r/b": 0.25})
     assert line == " iteration        3 | moe/c2r a 1 | b 0.25"
+
+
+# ---- busiest-over-mean loads ---------------------------------------------------------------
+def brute_loads(maps, ep_size, ranks_per_node):
+    """Per destination EP rank and node: (token, expert) pairs and distinct tokens received
+    from every map in ``maps`` (one per source rank and record), by loops."""
+    E = maps[0].shape[1]
+    L, D = E // ep_size, ep_size // ranks_per_node
+    tokens_P, rows_P, tokens_D, rows_D = [0] * ep_size, [0] * ep_size, [0] * D, [0] * D
+    for rmap in maps:
+        for row in rmap.tolist():
+            experts = [e for e, used in enumerate(row) if used]
+            for p in {e // L for e in experts}:
+                rows_P[p] += 1
+            for d in {e // L // ranks_per_node for e in experts}:
+                rows_D[d] += 1
+            for e in experts:
+                tokens_P[e // L] += 1
+                tokens_D[e // L // ranks_per_node] += 1
+    loads = (tokens_P, rows_P, tokens_D, rows_D)
+    return {name: max(v) / (sum(v) / len(v)) for name, v in zip(LOAD_NAMES, loads)}
+
+
+def random_map(T, E, k, seed, skew=0.0):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(T, E, generator=g) + skew * torch.linspace(0, 1, E)  # skew: late experts
+    return torch.zeros(T, E, dtype=torch.bool).scatter(1, scores.topk(k, dim=1).indices, True)
+
+
+def test_routing_loads_of_a_hand_made_map_and_padding():
+    # 8 experts on 4 ranks (2 each), 2 ranks per node; rank 0 and node 0 busiest.
+    rmap = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0],
+                         [1, 0, 1, 0, 0, 0, 0, 0],
+                         [0, 0, 0, 0, 1, 0, 0, 1],
+                         [1, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)  # fmt: skip
+    loads = routing_loads(rmap, ep_size=4, ranks_per_node=2)
+    assert loads.dtype == torch.float64 and loads.shape == (4, 6)
+    assert loads[0].tolist() == [5, 3, 3, 3, 4, 1]  # (token, expert) pairs per rank; P=4; 1 record
+    assert loads[1].tolist() == [3, 2, 2, 2, 4, 1]  # distinct tokens per rank
+    assert loads[2].tolist() == [8, 6, 0, 0, 2, 1]  # per node, D=2
+    assert loads[3].tolist() == [3, 2, 0, 0, 2, 1]
+    assert busiest_over_mean(loads[0].tolist()) == pytest.approx(5 / (14 / 4))
+    assert busiest_over_mean(loads[3].tolist()) == pytest.approx(3 / 2.5)
+    padded = routing_loads(rmap, ep_size=4, ranks_per_node=2, padding_T=torch.tensor([0, 0, 0, 1]).bool())
+    assert torch.equal(padded, routing_loads(rmap[:3], ep_size=4, ranks_per_node=2))
+    unknown = routing_loads(rmap, ep_size=4)  # nodes unknown: node rows hold no slots
+    assert unknown[2:].tolist() == [[0, 0, 0, 0, 0, 1]] * 2
+    assert busiest_over_mean(unknown[2].tolist()) is None
+    assert busiest_over_mean([0.0] * 6) is None
+
+
+@pytest.mark.parametrize("skew", [0.0, 0.5])
+def test_busiest_over_mean_of_summed_records_equals_brute_force(skew):
+    maps = [random_map(37, 16, 4, seed, skew) for seed in range(3)]
+    metrics = C2RMetrics(num_layers=2)
+    for rmap in maps:
+        metrics.add_loads(1, routing_loads(rmap, ep_size=8, ranks_per_node=2))
+    values = metrics.compute()
+    want = brute_loads(maps, ep_size=8, ranks_per_node=2)
+    for name in LOAD_NAMES:
+        assert values[f"moe/c2r/{name}_layer_1"] == pytest.approx(want[name], rel=1e-12), name
+        assert values[f"moe/c2r/{name}"] == values[f"moe/c2r/{name}_layer_1"]  # one layer
+    assert "moe/c2r/busiest_rank_tokens_over_mean_layer_0" not in values  # nothing recorded
+    if skew:
+        assert values["moe/c2r/busiest_rank_tokens_over_mean"] > 1.2
+
+
+def test_real_layers_record_loads_in_the_router_hook(moe_layers):
+    config, layers = moe_layers
+    metrics = C2RMetrics().attach(layers)
+    layers.train()
+    run_forward(config, layers)
+    values = metrics.compute()
+    metrics.detach()
+    assert metrics.ep_size == 1 and all(layer.topology.num_nodes == 1 for layer in layers)
+    for name in LOAD_NAMES:  # one rank on one node: busiest = mean
+        assert values[f"moe/c2r/{name}_layer_0"] == values[f"moe/c2r/{name}_layer_1"] == 1.0
