@@ -1,8 +1,10 @@
 """Quality at equal bytes: loss vs rows shipped per token, side by side.
 
     python benchmarks/quality.py --quick          # ~5 min: 1 seed, 80 steps, 16e top-4
-    python benchmarks/quality.py                  # the sweep: 2 shapes x 12 routings x 3 seeds
-                                                  # (72 runs, ~2 h on 2 cores)
+    python benchmarks/quality.py                  # the rank-level sweep (16e4, 64e8): 2 shapes x
+                                                  # 12 routings x 3 seeds (72 runs, ~2 h on 2 cores)
+    python benchmarks/quality.py --shapes 64e8n4 --steps 600   # node shapes (10 routings;
+                                                  # ~4 min per 600-step run on one free core)
     python benchmarks/quality.py --explore --shapes 16e4 --only anchored_M1_warmup120 ...
     python benchmarks/quality.py --report-only --explore   # re-summarise runs already done
 
@@ -34,6 +36,21 @@ Routings (``c2r.*`` / Megatron flags):
     anchored_M1/M2        group mode, top-1-anchored (the flagship)
     anchored_M1/M2_penalty  + collaboration penalty (mass outside the top-1 expert's group)
     group_score_M1/M2     group mode with Megatron's group-score selection on planned groups
+
+Node shapes (``64e8n4``: 64 experts top-8 on 4 virtual nodes x 2 ranks; ``128e8n8``: 128 experts
+top-8 on 8 nodes x 2 ranks; 16 experts = 2k per node) study the inter-node hop. Nodes are
+contiguous blocks of virtual ranks; every routing records node statistics on them
+(``c2r.num_nodes``). Routings:
+    topk, c2r_T15         as above
+    megatron_nl_1/2       Megatron's node-limited routing: group-limited with groups = nodes
+    node_M1/M2            c2r.mode=node, anchored: the top-1 expert's node (+ the best other)
+    node_M<m>_bias        + c2r.group_bias_rate=1e-3 (aux-loss-free node bias, Megatron's rate)
+    node_M<m>_balance     + DeepSeek-V2's device (0.05) and communication (0.02) balance losses
+Extra columns: nodes/token; inter-node rows/token = nodes/token x (N-1)/N (the rows the
+two-level dispatcher ships across nodes when a token starts on a uniformly random node), and how
+many times fewer that is than Megatron's alltoall (k x (N-1)/N) and than top-k routing through
+the same dispatcher; the busiest rank's and node's (token, expert) load over the mean, per step,
+from the routers' statistics (``group_load_max_over_mean``, ``node_load_max_over_mean``).
 
 ``--explore`` adds variants of the flagship aimed at the <= +0.5%-at->=4x goal: a longer warm-up
 (``_warmup120``), re-planning every 60 steps from plain top-k's preference (``_replan60``), a
@@ -194,7 +211,8 @@ ROUTER_STATS = {
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 seed, 16e4 only, 80 steps")
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["16e4", "64e8"], choices=list(SHAPES),
+                    help="default: the rank-level shapes; node shapes: 64e8n4 128e8n8")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=60, help="plain top-k steps before planning")
