@@ -15,12 +15,15 @@ optionally under a load bound, optionally hierarchical (nodes first, ranks insid
     hierarchy      ``num_nodes`` N > 1: node n = EP ranks [n G, (n+1) G), G = P/N. Experts are
                    first split into N node groups (fewest nodes per token, node loads bounded),
                    then each node's experts into its G ranks (fewest ranks per token within the
-                   node, rank loads bounded); swaps never cross nodes at the second level. One
-                   plan (P groups = ranks), applied by the same relabelling as a flat plan.
+                   node, rank loads bounded); swaps never cross nodes at the second level. Under
+                   a bound a node split can leave hot experts no rank spread, so a bottom-up
+                   plan (the bounded flat plan, ranks grouped into nodes) competes (``_place``).
+                   One plan (P groups = ranks), applied by the same relabelling as a flat plan.
 
-Search (``partition.py``): exhaustive when E <= ``exact_max_experts`` (the bound filters the
-enumeration); otherwise seeded pairwise swaps, and under a bound repair + bound-keeping swaps
-from the unbounded plan, the identity, a load-balanced start, the greedy seed and random starts.
+Search: exhaustive when E <= ``exact_max_experts`` (``exhaustive.py``; the bound filters the
+enumeration; hierarchical plans enumerate rank partitions x node groupings); otherwise seeded
+pairwise swaps (``partition.py``), and under a bound repair + bound-keeping swaps from the
+unbounded plan, the identity, a load-balanced start, the greedy seed and random starts.
 Never worse than the identity in the optimised objective when the identity meets the bound;
 ``max_load_imbalance=None`` reproduces the locality-only plans exactly. Deterministic for a seed.
 Shape suffixes: the legend in ``megatron_c2r/placement/__init__.py`` (E, P, K, U, C as there).

@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 
+from benchmarks.placement_balance import skewed_top_indices
 from megatron_c2r.cli import main
 from megatron_c2r.placement import partition
 from megatron_c2r.placement.exhaustive import balanced_partitions
@@ -27,18 +28,6 @@ from megatron_c2r.placement.planner import (
 from megatron_c2r.placement.sources import LayerCollab, synthetic_top_indices
 
 EPS = 1e-9
-
-
-def skewed_top_indices(num_experts, top_k, num_tokens, num_clusters, strength, skew, seed):
-    """int64 [T, K]: planted clusters whose topics are Zipf(skew)-popular, so experts' loads are
-    unequal and a locality-only placement piles the popular clusters onto few ranks."""
-    rng = np.random.default_rng(seed)
-    cluster_E = rng.permutation(np.arange(num_experts) % num_clusters)
-    popularity = 1.0 / np.arange(1, num_clusters + 1) ** skew
-    topic_T = rng.choice(num_clusters, num_tokens, p=popularity / popularity.sum())
-    logits_TE = rng.standard_normal((num_tokens, num_experts))
-    logits_TE += strength * (cluster_E[None, :] == topic_T[:, None])
-    return np.argpartition(-logits_TE, top_k - 1, axis=1)[:, :top_k]
 
 
 def _layers(top, num_experts):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.placement_balance import skewed_top_indices
 from megatron_c2r.cli import main
 from megatron_c2r.placement import partition
 from megatron_c2r.placement.plan_file import read_plan
@@ -22,7 +23,6 @@ from megatron_c2r.placement.planner import (
     predicted_ranks_per_token,
 )
 from megatron_c2r.placement.sources import LayerCollab, synthetic_top_indices
-from tests.unit.test_placement_balance import skewed_top_indices
 
 EPS = 1e-9
 
