@@ -205,7 +205,8 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-load-imbalance", type=_load_bound, default=None, metavar="X",
                         help="keep every EP rank's (and node's) expected tokens <= X x the mean "
                              "where achievable (else the smallest achievable), maximising "
-                             "locality under that; 'off' (default): locality only")
+                             "locality under that; 'off' (default): locality only "
+                             "(docs/placement.md)")
     nodes = parser.add_mutually_exclusive_group()
     nodes.add_argument("--nodes", type=int, default=None, metavar="N",
                        help="hierarchical plan: N nodes of P/N consecutive EP ranks; experts go "
