@@ -120,10 +120,11 @@ def check_local_experts(
         )
 
 
-class DedupAlltoAllTokenDispatcher(MoETokenDispatcher):
-    """Megatron six-stage token dispatcher that ships one row per (token, destination EP rank).
+class DedupDispatcherBase(MoETokenDispatcher):
+    """What the flat and the two-level dedup dispatchers share: construction checks, the input
+    checks of ``dispatch_preprocess``, the one-line non-finite-logits error and pre-combine.
 
-    Args:
+    Args (both subclasses):
         num_local_experts: L = E / P.
         local_expert_indices: the L consecutive global ids this rank owns (Megatron's
             contiguous blocks: rank r owns [r*L, (r+1)*L)).
@@ -132,20 +133,13 @@ class DedupAlltoAllTokenDispatcher(MoETokenDispatcher):
         pg_collection: Megatron process groups; ``None`` -> ``compat.get_default_pg_collection()``.
             Only ``pg_collection.ep`` carries traffic.
 
-    Attributes:
-        comm_stats: :class:`CommStats` accumulated over forward passes (rows, bytes, distinct ranks
-            per token, what Megatron's alltoall would ship). The metrics owner reads and resets it.
-        last_stats: the most recent forward pass's record.
-        finite_check_router: a router with ``defer_finite_check = True`` (set by
-            ``C2RMoELayer``): its ``logits_finite`` flag travels in the count exchange, so every
-            EP rank raises the router's one-line error together instead of each router syncing.
-
-    Host syncs (``docs/hot_path.md``): one per forward, the copy of the exchanged count table
-    (split sizes must be host ints, as in Megatron's alltoall); every other size is derived from
-    it. None in backward. Communication per forward: one count all-to-all on the EP group, two
-    for dispatch (hidden rows, metadata), one for combine. Activation recompute of the layer
-    records a second forward.
+    Attributes: ``comm_stats`` / ``last_stats`` (:attr:`stats_class` records),
+    ``finite_check_router`` (see the subclasses). Construction runs no collective. Not a
+    dispatcher by itself: subclasses implement the six stages and define ``num_slots``.
     """
+
+    stats_class: type = CommStats  # what comm_stats and last_stats record
+    dispatcher_name = "dedup"  # which dispatcher found non-finite logits, in the error
 
     def __init__(
         self,
@@ -169,10 +163,76 @@ class DedupAlltoAllTokenDispatcher(MoETokenDispatcher):
         self.num_local_experts = num_local_experts
         self.local_expert_indices = list(local_expert_indices)
         self.num_experts = config.num_moe_experts
-        self.num_slots = min(config.moe_router_topk, num_local_experts)  # S
-        self.comm_stats = CommStats()
-        self.last_stats = CommStats()
+        self.comm_stats = self.stats_class()
+        self.last_stats = self.stats_class()
         self.finite_check_router = None
+
+    def _flat_tokens(self, hidden_states, routing_map, probs) -> torch.Tensor:
+        """``hidden_states`` as ``[T, H]`` after one-line checks of the router's outputs
+        (``routing_map`` bool ``[T, E]``, ``probs`` ``[T, E]``); records the input shape, the
+        probs dtype and T for the later stages. No host sync (shapes and dtypes only)."""
+        self.hidden_shape = hidden_states.shape
+        x_TH = hidden_states.reshape(-1, self.hidden_shape[-1])
+        T = x_TH.shape[0]
+        if routing_map.dtype != torch.bool or tuple(routing_map.shape) != (T, self.num_experts):
+            raise ValueError(
+                f"routing_map must be bool [tokens={T}, num_moe_experts={self.num_experts}], got "
+                f"{routing_map.dtype} {list(routing_map.shape)}; pass the router's routing_map"
+            )
+        if tuple(probs.shape) != (T, self.num_experts):
+            raise ValueError(
+                f"probs must be [tokens={T}, num_moe_experts={self.num_experts}], got "
+                f"{list(probs.shape)}; pass the router's dense probs"
+            )
+        self.probs_dtype, self.num_tokens = probs.dtype, T
+        return x_TH
+
+    def _raise_if_not_finite(self, source_ranks: List[int]) -> None:
+        """The router's one-line error (or ours without a deferring router) when the count
+        exchange says the logits of ``source_ranks`` were not finite; the host list is the same
+        on every EP rank, so all raise together."""
+        if not source_ranks:
+            return
+        where = (
+            f"on EP rank(s) {source_ranks} (c2r.check_finite_logits, found in the "
+            f"{self.dispatcher_name} dispatcher's count exchange)"
+        )
+        router = self.finite_check_router
+        if router is not None:
+            raise router.nonfinite_logits_error(where)
+        raise ValueError(f"router logits hold NaN/Inf {where}: check the input activations")
+
+    def combine_preprocess(self, y_NH):
+        """Step 5 of both data paths: pre-combine. ``[N, H]`` prob-weighted expert outputs ->
+        ``[Q, H]``, one row per received row, so the return trip ships as few rows as dispatch.
+        No communication."""
+        return precombine_rows(y_NH, self.row_idx_N, self.num_recv_rows)
+
+
+class DedupAlltoAllTokenDispatcher(DedupDispatcherBase):
+    """Megatron six-stage token dispatcher that ships one row per (token, destination EP rank).
+
+    Args: as :class:`DedupDispatcherBase`.
+
+    Attributes:
+        comm_stats: :class:`CommStats` accumulated over forward passes (rows, bytes, distinct ranks
+            per token, what Megatron's alltoall would ship). The metrics owner reads and resets it.
+        last_stats: the most recent forward pass's record.
+        finite_check_router: a router with ``defer_finite_check = True`` (set by
+            ``C2RMoELayer``): its ``logits_finite`` flag travels in the count exchange, so every
+            EP rank raises the router's one-line error together instead of each router syncing.
+
+    Host syncs (``docs/hot_path.md``): one per forward, the copy of the exchanged count table
+    (split sizes must be host ints, as in Megatron's alltoall); every other size is derived from
+    it. None in backward. Communication per forward: one count all-to-all on the EP group, two
+    for dispatch (hidden rows, metadata), one for combine. Activation recompute of the layer
+    records a second forward.
+    """
+
+    @property
+    def num_slots(self) -> int:
+        """S, metadata slots of a row: a token uses at most min(k, L) experts of one rank."""
+        return min(self.config.moe_router_topk, self.num_local_experts)
 
     # ---------------------------------------------------------------------------------------
     # Dispatch
@@ -192,20 +252,8 @@ class DedupAlltoAllTokenDispatcher(MoETokenDispatcher):
             EP rank alike) if any rank's router logits were not finite or a routing map gives a
             token more experts on one rank than ``moe_router_topk`` allows.
         """
-        self.hidden_shape = hidden_states.shape
-        x_TH = hidden_states.reshape(-1, self.hidden_shape[-1])
+        x_TH = self._flat_tokens(hidden_states, routing_map, probs)
         T, P, L = x_TH.shape[0], self.ep_size, self.num_local_experts
-        if routing_map.dtype != torch.bool or tuple(routing_map.shape) != (T, self.num_experts):
-            raise ValueError(
-                f"routing_map must be bool [tokens={T}, num_moe_experts={self.num_experts}], got "
-                f"{routing_map.dtype} {list(routing_map.shape)}; pass the router's routing_map"
-            )
-        if tuple(probs.shape) != (T, self.num_experts):
-            raise ValueError(
-                f"probs must be [tokens={T}, num_moe_experts={self.num_experts}], got "
-                f"{list(probs.shape)}; pass the router's dense probs"
-            )
-        self.probs_dtype, self.num_tokens = probs.dtype, T
         # 1. Destination ranks per token and the count table, on the device.
         counts = count_send_rows(routing_map, P)
         # 3a. Exchange [rows, tokens per local expert..., max experts per row, logits finite]
@@ -251,16 +299,8 @@ class DedupAlltoAllTokenDispatcher(MoETokenDispatcher):
 
     def _raise_on_bad_sources(self, recv_host_PC: torch.Tensor) -> None:
         """One-line errors from the host copy of the received table (the same on every rank)."""
-        not_finite = (recv_host_PC[:, -1] == 0).nonzero().flatten().tolist()  # host tensor
-        if not_finite:
-            where = (
-                f"on EP rank(s) {not_finite} (c2r.check_finite_logits, found in the dedup "
-                "dispatcher's count exchange)"
-            )
-            router = self.finite_check_router
-            if router is not None:
-                raise router.nonfinite_logits_error(where)
-            raise ValueError(f"router logits hold NaN/Inf {where}: check the input activations")
+        # Host tensor: no sync.
+        self._raise_if_not_finite((recv_host_PC[:, -1] == 0).nonzero().flatten().tolist())
         worst = int(recv_host_PC[:, -2].max())
         if worst > self.num_slots:
             raise ValueError(
@@ -296,11 +336,6 @@ class DedupAlltoAllTokenDispatcher(MoETokenDispatcher):
     # ---------------------------------------------------------------------------------------
     # Combine
     # ---------------------------------------------------------------------------------------
-    def combine_preprocess(self, y_NH):
-        """Step 5: pre-combine. ``[N, H]`` prob-weighted expert outputs -> ``[Q, H]``, one row per
-        received row, so the return trip ships as few rows as dispatch. No communication."""
-        return precombine_rows(y_NH, self.row_idx_N, self.num_recv_rows)
-
     def token_combine(self, y_QH):
         """Step 6a: send each row back to its source rank (EP all-to-all, splits swapped).
         Returns ``[R, H]`` in the order this rank sent them."""

@@ -58,24 +58,20 @@ from megatron_c2r.comm.two_level import (
     plan_hops,
     two_level_stats,
 )
-from megatron_c2r.moe.dispatcher import DedupAlltoAllTokenDispatcher, validate_dedup_config
+from megatron_c2r.moe.dispatcher import DedupAlltoAllTokenDispatcher, DedupDispatcherBase
 from megatron_c2r.moe.options import HIERARCHIES  # c2r.hierarchy values (the one list)
 
 
-class TwoLevelDedupTokenDispatcher(MoETokenDispatcher):
+class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
     """Megatron six-stage token dispatcher shipping one row per (token, destination node) across
     nodes and one per (token, destination rank) inside a node.
 
     Args:
-        num_local_experts: L = E / P.
-        local_expert_indices: the L consecutive global ids this rank owns ([r*L, (r+1)*L)).
-        config: the layer's ``TransformerConfig`` (validated like the flat dedup dispatcher).
-        pg_collection: Megatron process groups (``None`` -> the default collection); only
-            ``pg_collection.ep`` carries traffic.
+        num_local_experts, local_expert_indices, config, pg_collection, config_validated: as
+            :class:`~megatron_c2r.moe.dispatcher.DedupDispatcherBase`.
         topology: the EP group's :class:`NodeTopology`; ``None`` -> :func:`discover_topology`
             (one all-gather over the EP group at construction, or none with ``gpus_per_node``).
         gpus_per_node: simulate nodes of this many consecutive global ranks (tests, CPU).
-        config_validated: skip :func:`validate_dedup_config` (``C2RMoELayer`` ran it already).
 
     Attributes:
         comm_stats: :class:`TwoLevelCommStats` accumulated over forward passes (the metrics
@@ -87,6 +83,9 @@ class TwoLevelDedupTokenDispatcher(MoETokenDispatcher):
     Per forward: one count all-to-all, one blocking host sync (the count table), then two
     all-to-alls per hop for dispatch (hidden rows, metadata) and one per hop for combine.
     """
+
+    stats_class = TwoLevelCommStats
+    dispatcher_name = "two-level"
 
     def __init__(
         self,
@@ -101,43 +100,25 @@ class TwoLevelDedupTokenDispatcher(MoETokenDispatcher):
     ) -> None:
         if pg_collection is None:
             pg_collection = compat.get_default_pg_collection()
-        ep_size = utils.get_pg_size(pg_collection.ep)
-        if not config_validated:
-            validate_dedup_config(config, ep_size, utils.get_pg_size(pg_collection.expt_tp))
-        super().__init__(config=config, pg_collection=pg_collection)
-        self.ep_rank = utils.get_pg_rank(self.ep_group)
-        first = self.ep_rank * num_local_experts
-        expected = list(range(first, first + num_local_experts))
-        if num_local_experts * ep_size != config.num_moe_experts or list(
-            local_expert_indices
-        ) != expected:
-            raise ValueError(
-                f"local_expert_indices={list(local_expert_indices)} must be the contiguous block "
-                f"{expected[0]}..{expected[-1]} of EP rank {self.ep_rank} "
-                f"(num_moe_experts={config.num_moe_experts}, EP={ep_size}); relabel experts "
-                f"instead of placing them non-contiguously"
-            )
+        super().__init__(
+            num_local_experts, local_expert_indices, config, pg_collection,
+            config_validated=config_validated,
+        )  # fmt: skip
         if topology is None:
             topology = discover_topology(
                 self.ep_group,
                 gpus_per_node=gpus_per_node,
                 parallel_sizes=parallel_sizes(config, pg_collection),
             )
-        if (topology.ep_size, topology.rank) != (ep_size, self.ep_rank):
+        if (topology.ep_size, topology.rank) != (self.ep_size, self.ep_rank):
             raise ValueError(
                 f"topology (ep_size={topology.ep_size}, rank={topology.rank}) does not describe "
-                f"this EP group (size {ep_size}, rank {self.ep_rank}); build it on this group"
+                f"this EP group (size {self.ep_size}, rank {self.ep_rank}); build it on this group"
             )
         self.topology = topology
-        self.num_local_experts = num_local_experts
-        self.local_expert_indices = list(local_expert_indices)
-        self.num_experts = config.num_moe_experts
         k, G = config.moe_router_topk, topology.ranks_per_node
         self.num_slots = (min(k, G * num_local_experts), min(k, num_local_experts))  # (V, S)
-        self.comm_stats = TwoLevelCommStats()
-        self.last_stats = TwoLevelCommStats()
         self.plan = None
-        self.finite_check_router = None
 
     def _hop(self, x: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int]):
         """One hop's all-to-all over the EP group (zero splits for peers off this hop).
@@ -159,21 +140,8 @@ class TwoLevelDedupTokenDispatcher(MoETokenDispatcher):
             destination rank. Side effects: one count all-to-all on the EP group, one host sync,
             records ``comm_stats``.
         """
-        self.hidden_shape = hidden_states.shape
-        x_TH = hidden_states.reshape(-1, self.hidden_shape[-1])
-        T = x_TH.shape[0]
-        if routing_map.dtype != torch.bool or tuple(routing_map.shape) != (T, self.num_experts):
-            raise ValueError(
-                f"routing_map must be bool [tokens={T}, num_moe_experts={self.num_experts}], got "
-                f"{routing_map.dtype} {list(routing_map.shape)}; pass the router's routing_map"
-            )
-        if tuple(probs.shape) != (T, self.num_experts):
-            raise ValueError(
-                f"probs must be [tokens={T}, num_moe_experts={self.num_experts}], got "
-                f"{list(probs.shape)}; pass the router's dense probs"
-            )
-        topo, P = self.topology, self.ep_size
-        self.probs_dtype, self.num_tokens = probs.dtype, T
+        x_TH = self._flat_tokens(hidden_states, routing_map, probs)
+        T, topo, P = x_TH.shape[0], self.topology, self.ep_size
         # 0. Count table (with the router's deferred finite-logits flag) -> exchange -> the one
         #    device->host copy of the forward pass. Every rank sees every source's flag and
         #    worst row, so bad input raises on all ranks together, before any row moves.
@@ -204,15 +172,7 @@ class TwoLevelDedupTokenDispatcher(MoETokenDispatcher):
 
     def _raise_on_bad_sources(self, plan) -> None:
         """One-line errors from the host plan (identical on every rank of the EP group)."""
-        if plan.sources_not_finite:
-            where = (
-                f"on EP rank(s) {plan.sources_not_finite} (c2r.check_finite_logits, found in the "
-                "two-level dispatcher's count exchange)"
-            )
-            router = self.finite_check_router
-            if router is not None:
-                raise router.nonfinite_logits_error(where)
-            raise ValueError(f"router logits hold NaN/Inf {where}: check the input activations")
+        self._raise_if_not_finite(plan.sources_not_finite)
         if plan.max_experts_per_row > self.num_slots[0]:
             raise ValueError(
                 f"routing_map routes a token to {plan.max_experts_per_row} experts but "
@@ -274,11 +234,6 @@ class TwoLevelDedupTokenDispatcher(MoETokenDispatcher):
     # ---------------------------------------------------------------------------------------
     # Combine
     # ---------------------------------------------------------------------------------------
-    def combine_preprocess(self, y_NH):
-        """Step 5a: pre-combine the prob-weighted expert outputs into one row per rank row
-        (``[X, H]`` -> ``[Q, H]``). No communication."""
-        return precombine_rows(y_NH, self.row_idx_N, self.num_recv_rows)
-
     def token_combine(self, y_QH):
         """Steps 5b-6a: hop 2 back, the relay sums each node row's rank rows, hop 1 back.
         Returns ``[B, H]`` in the order :meth:`dispatch_preprocess` produced."""
