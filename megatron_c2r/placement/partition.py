@@ -195,7 +195,8 @@ class _SwapState:
         onehot_EP[np.arange(len(e2r_E)), e2r_E] = 1.0
         self.s_EP = counts_EE @ onehot_EP
         self.arange_E = np.arange(len(e2r_E))
-        self.base_EE = np.where(self.e2r_E[:, None] == self.e2r_E[None, :], -np.inf, -2.0 * counts_EE)
+        same_EE = self.e2r_E[:, None] == self.e2r_E[None, :]
+        self.base_EE = np.where(same_EE, -np.inf, -2.0 * counts_EE)
 
     def gains_EE(self) -> np.ndarray:
         """Gain in within-group pairs of swapping a and b: D[a, g(b)] + D[b, g(a)] - 2 C[a, b],

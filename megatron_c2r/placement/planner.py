@@ -202,7 +202,8 @@ def _place_bounded(layer: LayerCollab, config: PlannerConfig, ep_size: int, rati
         cfg = dataclasses.replace(config, ep_size=ep_size, num_nodes=1)
         starts = [unbounded_E, identity_E, balanced_E, greedy_seed(layer.counts_EE, ep_size)]
         if config.restarts > 2:
-            starts += list(random_placements(num_experts, ep_size, config.restarts - 2, config.seed))
+            starts += list(random_placements(num_experts, ep_size, config.restarts - 2,
+                                             config.seed))
     cap_P = np.full(ep_size, max(ratio, smallest) * mean)
     if fits_caps(load_E, unbounded_E, cap_P):
         return unbounded_E, min(smallest, unbounded_ratio)  # the bound does not bind
@@ -351,8 +352,8 @@ def _place(layer: LayerCollab, config: PlannerConfig, ratio: Optional[float],
     per_node = ep_size // num_nodes
     e2n_E, smallest_node = _place_bounded(layer, config, num_nodes, ratio, unbounded_E, load_E)
     top_down_E, smallest_within = _ranks_within_nodes(layer, config, e2n_E, ratio, load_E)
-    smallest_rank = min(smallest_within,
-                        float(busiest_over_mean(load_E, balanced_by_load(load_E, ep_size), ep_size)))
+    balanced_E = balanced_by_load(load_E, ep_size)
+    smallest_rank = min(smallest_within, float(busiest_over_mean(load_E, balanced_E, ep_size)))
     candidates = [top_down_E]
     top_down_rank = float(busiest_over_mean(load_E, top_down_E, ep_size))
     if top_down_rank > max(ratio, smallest_rank) * (1 + 1e-9):

@@ -231,7 +231,8 @@ def _convert_with_a_hierarchical_plan(tmp):
         rc = main(["convert", "--load", root, "--plan", os.path.join(tmp, "plan.json"),
                    "--save", out])
         fresh = model(seed=2)
-        state = dist_checkpointing.load(fresh.sharded_state_dict(), os.path.join(out, "iter_0000003"))
+        state = dist_checkpointing.load(fresh.sharded_state_dict(),
+                                        os.path.join(out, "iter_0000003"))
         state.pop("iteration")
         fresh.load_state_dict(state)
         got = [layer.mlp(x)[0].detach() for layer in fresh.decoder.layers]
