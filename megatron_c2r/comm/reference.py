@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from megatron_c2r.comm import two_level
 from megatron_c2r.comm.all_to_all import reference_all_to_all
 from megatron_c2r.comm.rows import (
     build_send_rows,
@@ -21,9 +22,48 @@ from megatron_c2r.comm.rows import (
     expand_rows,
     precombine_rows,
 )
+from megatron_c2r.comm.topology import NodeTopology
 
-# One row: (source token, destination rank, [(local expert id, prob), ...] in ascending id order).
+# One row: (source token, destination block, [(expert id inside the block, prob), ...] in
+# ascending id order). A block is an EP rank's experts (flat rows) or a node's (node rows).
 Row = tuple[int, int, list[tuple[int, float]]]
+
+
+def _block_rows(
+    routing_map_TE: torch.Tensor, probs_TE: torch.Tensor, num_blocks: int, order: Sequence[int]
+) -> list[Row]:
+    """For each block of E / ``num_blocks`` consecutive experts in ``order``, for each token
+    (ascending) with at least one expert there, one row with those experts' ids inside the
+    block and their probs."""
+    T, E = routing_map_TE.shape
+    K = E // num_blocks
+    rows: list[Row] = []
+    for block in order:
+        for t in range(T):
+            experts = [
+                (j, float(probs_TE[t, block * K + j]))
+                for j in range(K)
+                if bool(routing_map_TE[t, block * K + j])
+            ]
+            if experts:
+                rows.append((t, block, experts))
+    return rows
+
+
+def _weighted_expert_outputs(
+    x_NH: torch.Tensor,
+    probs_N: torch.Tensor,
+    tokens_per_expert: Sequence[int],
+    experts: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+) -> torch.Tensor:
+    """``probs * expert(x)`` for expert inputs grouped by local expert (``tokens_per_expert``
+    rows each, ``experts`` this rank's callables in local order), the way Megatron's experts
+    weight their output: ``[N, H]``."""
+    chunks = torch.split(x_NH, tokens_per_expert)
+    probs = torch.split(probs_N, tokens_per_expert)
+    return torch.cat(
+        [p[:, None].to(c.dtype) * expert(c) for expert, c, p in zip(experts, chunks, probs)]
+    )
 
 
 def reference_send_rows(
@@ -31,19 +71,7 @@ def reference_send_rows(
 ) -> list[Row]:
     """Rows one rank sends: for each destination rank (ascending), for each token (ascending) that
     routes to at least one of its experts, one row with those experts' local ids and probs."""
-    T, E = routing_map_TE.shape
-    L = E // ep_size
-    rows: list[Row] = []
-    for rank in range(ep_size):
-        for t in range(T):
-            experts = [
-                (j, float(probs_TE[t, rank * L + j]))
-                for j in range(L)
-                if bool(routing_map_TE[t, rank * L + j])
-            ]
-            if experts:
-                rows.append((t, rank, experts))
-    return rows
+    return _block_rows(routing_map_TE, probs_TE, ep_size, range(ep_size))
 
 
 def reference_expand(
@@ -116,14 +144,8 @@ def simulate_dedup_moe(
         tokens_per_expert = [sum(tables[src][rank][1 + j] for src in range(P)) for j in range(L)]
         exp = expand_rows(recv_meta[rank], L, num_expert_rows=sum(tokens_per_expert))
         x_NH = recv_x[rank].index_select(0, exp.row_idx_N)
-        chunks = torch.split(x_NH, tokens_per_expert)
-        probs = torch.split(exp.probs_N, tokens_per_expert)
-        y_NH = torch.cat(
-            [
-                p[:, None].to(c.dtype) * experts[rank * L + j](c)
-                for j, (c, p) in enumerate(zip(chunks, probs))
-            ]
-        )
+        local = experts[rank * L : (rank + 1) * L]
+        y_NH = _weighted_expert_outputs(x_NH, exp.probs_N, tokens_per_expert, local)
         back_rows.append(precombine_rows(y_NH, exp.row_idx_N, recv_x[rank].shape[0]))
     # Combine: row chunk for source s sits at the same place in every receiver's output.
     recv_splits = [[splits[src][dst] for src in range(P)] for dst in range(P)]
@@ -134,33 +156,15 @@ def simulate_dedup_moe(
 
 
 # --- two-level (node, then rank) communicator: loop oracles for comm/two_level.py ---
-# Imported here, not at the top, to keep this section's edits out of the shared import block.
-from megatron_c2r.comm import two_level  # noqa: E402
-from megatron_c2r.comm.topology import NodeTopology  # noqa: E402
-
-# One node row: (source token, destination node, [(node-local expert id, prob), ...] ascending).
-NodeRow = tuple[int, int, list[tuple[int, float]]]
 
 
 def reference_node_rows(
     routing_map_TE: torch.Tensor, probs_TE: torch.Tensor, num_nodes: int, own_node: int
-) -> list[NodeRow]:
+) -> list[Row]:
     """Node rows one rank builds: its own node first, then the other nodes ascending; for each
     node, each token (ascending) with an expert there, carrying that node's experts."""
-    T, E = routing_map_TE.shape
-    K = E // num_nodes
     order = [own_node] + [n for n in range(num_nodes) if n != own_node]
-    rows: list[NodeRow] = []
-    for node in order:
-        for t in range(T):
-            experts = [
-                (j, float(probs_TE[t, node * K + j]))
-                for j in range(K)
-                if bool(routing_map_TE[t, node * K + j])
-            ]
-            if experts:
-                rows.append((t, node, experts))
-    return rows
+    return _block_rows(routing_map_TE, probs_TE, num_nodes, order)
 
 
 def reference_rank_rows(
@@ -269,13 +273,8 @@ def simulate_two_level_moe(
     for r, plan in enumerate(plans):
         tpe = plan.tokens_per_expert
         row_idx_N, probs_N = two_level.expand_rank_rows(recv2_m[r], L, P, sum(tpe))
-        chunks = torch.split(recv2_x[r].index_select(0, row_idx_N), tpe)
-        y_NH = torch.cat(
-            [
-                p[:, None].to(c.dtype) * experts[r * L + j](c)
-                for j, (c, p) in enumerate(zip(chunks, torch.split(probs_N, tpe)))
-            ]
-        )
+        x_NH = recv2_x[r].index_select(0, row_idx_N)
+        y_NH = _weighted_expert_outputs(x_NH, probs_N, tpe, experts[r * L : (r + 1) * L])
         back2.append(precombine_rows(y_NH, row_idx_N, recv2_x[r].shape[0]))
     # Combine: hop 2 back, relay sums per node row, hop 1 back, source sums per token.
     returned2 = reference_all_to_all(back2, [plan.hop2_recv for plan in plans])
