@@ -12,6 +12,14 @@ import threading
 from typing import Dict, List, Optional
 
 INT_COLUMNS = ("iteration", "constrained")  # history.csv columns written as integers
+# Balance columns of the history and summary: the busiest EP rank's / node's load over the mean
+# over every rank's tokens (megatron_c2r.metrics LOAD_NAMES), tokens = expert input rows.
+BALANCE = {
+    "busiest_rank_tokens_over_mean": "busiest rank (expert input rows)",
+    "busiest_rank_rows_over_mean": "busiest rank (received rows)",
+    "busiest_node_tokens_over_mean": "busiest node (expert input rows)",
+    "busiest_node_rows_over_mean": "busiest node (received rows)",
+}
 
 
 # -- progress --------------------------------------------------------------------------------
@@ -86,6 +94,8 @@ def finish(trainer, *, val_loss: float, segments: List[Dict], last_metrics: Dict
         "ranks_per_token": rpt,
         "rows_per_token_alltoall": a2a,
         "row_reduction": a2a / rpt if rpt and not math.isnan(rpt) else float("nan"),
+        **{name: last_metrics.get(f"moe/c2r/{name}", float("nan")) for name in BALANCE},
+        "nodes": _nodes(cfg),
         "tokens_per_s": tokens / elapsed_s if elapsed_s > 0 else float("nan"),
         "elapsed_s": elapsed_s,
         "resumed_at": [seg["start"] for seg in segments[1:]],
@@ -115,12 +125,29 @@ def finish(trainer, *, val_loss: float, segments: List[Dict], last_metrics: Dict
 def summary_line(s: Dict) -> str:
     resumed = s.get("resumed_at") or []
     where = f" (resumed at {', '.join(map(str, resumed))})" if resumed else ""
+    nan = float("nan")
+    balance = (
+        f" | busiest rank {s.get('busiest_rank_tokens_over_mean', nan):.2f}x mean load"
+        f" ({s.get('busiest_rank_rows_over_mean', nan):.2f}x rows)"
+    )
+    if (s.get("nodes") or 1) > 1:
+        balance += (
+            f", busiest node {s.get('busiest_node_tokens_over_mean', nan):.2f}x"
+            f" ({s.get('busiest_node_rows_over_mean', nan):.2f}x rows)"
+        )
     return (
         f"megatron-c2r tiny CPU pretraining ({s['mode']}): {s['iterations']} steps in "
         f"{s['elapsed_s']:.0f} s{where} | train loss {s['train_loss']:.3f} | val loss {s['val_loss']:.3f}"
         f" | ranks/token {s['ranks_per_token']:.2f} vs alltoall {s['rows_per_token_alltoall']:.0f}"
-        f" rows/token ({s['row_reduction']:.1f}x fewer rows) | {s['tokens_per_s'] / 1000:.1f}k tokens/s"
+        f" rows/token ({s['row_reduction']:.1f}x fewer rows){balance}"
+        f" | {s['tokens_per_s'] / 1000:.1f}k tokens/s"
     )
+
+
+def _nodes(cfg) -> int:
+    """Nodes the CPU job's EP ranks are simulated on (``c2r.gpus_per_node``; else one)."""
+    per_node = cfg.c2r.gpus_per_node if cfg.c2r.enabled else None
+    return max(1, cfg.ep_size // per_node) if per_node else 1
 
 
 def _write_history(history, path: str) -> None:
@@ -146,7 +173,7 @@ def plot_history(history, summary: Dict, path: str) -> Optional[str]:
     except ImportError:
         return None
     its = [r["iteration"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(8, 8.5), sharex=True)
     ax1.plot(its, [r["loss"] for r in history], lw=1, label="train loss")
     ax1.set_ylabel("loss")
     ax1.set_title(f"tiny C2R pretraining on CPU ({summary['mode']}): val loss {summary['val_loss']:.3f}")
@@ -156,10 +183,18 @@ def plot_history(history, summary: Dict, path: str) -> Optional[str]:
         ax2.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label="ours: rows/token (ranks/token)")
         ax2.plot([p[0] for p in pts], [p[2] for p in pts], "--", label="Megatron alltoall: rows/token (k)")
     ax2.set_ylabel("rows shipped per token")
-    ax2.set_xlabel("iteration")
     ax2.set_ylim(bottom=0)
+    shown = [n for n in BALANCE if "node" not in n or (summary.get("nodes") or 1) > 1]
+    for name in shown:
+        pts = [(r["iteration"], r[name]) for r in history
+               if not math.isnan(r.get(name, float("nan")))]  # fmt: skip
+        if pts:
+            ax3.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=BALANCE[name])
+    ax3.axhline(1.0, color="gray", lw=0.8)
+    ax3.set_ylabel("load / mean")
+    ax3.set_xlabel("iteration")
     warm = summary.get("warmup_steps") or 0
-    for ax in (ax1, ax2):
+    for ax in (ax1, ax2, ax3):
         if warm:
             ax.axvline(warm, color="gray", ls=":", label="warm-up ends: plan + constrain")
         ax.grid(alpha=0.3)

@@ -446,6 +446,8 @@ class Trainer:
                 self.last_metrics = values
                 row["ranks_per_token"] = values.get("moe/c2r/ranks_per_token", float("nan"))
                 row["rows_per_token_alltoall"] = values.get("moe/c2r/rows_per_token_alltoall", float("nan"))
+                for name in outputs.BALANCE:  # busiest rank/node load over the mean (plot)
+                    row[name] = values.get(f"moe/c2r/{name}", float("nan"))
             if self.rank == 0:
                 self.history.append(row)
                 if writer is not None:
