@@ -36,8 +36,6 @@ T tokens per GPU, E experts, L experts per GPU (E/P), C count-table columns, K t
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Sequence
 
@@ -48,6 +46,7 @@ from megatron_c2r.comm.rows import count_send_rows
 from megatron_c2r.comm.topology import NodeTopology
 from megatron_c2r.comm.two_level import build_count_table, plan_hops
 from megatron_c2r.cost_inputs import LinkParams, MoEShape
+from megatron_c2r.placement.input_files import write_text_atomic
 
 METHODS = ("alltoall", "deepep", "flat_dedup", "two_level")
 METHOD_LABELS = {
@@ -342,17 +341,4 @@ def format_table(rows: Sequence[dict]) -> str:
 
 def write_json(path: str, obj) -> None:
     """Write ``obj`` as JSON atomically (temp file in the same directory + rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".estimate-", suffix=".json.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; this is a normal output file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(obj, indent=1) + "\n", prefix=".estimate-")

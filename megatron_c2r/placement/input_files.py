@@ -1,6 +1,6 @@
 """Files users hand the placement tools: read with bounded size, nothing executed, and every
 problem reported in one line naming the file, the problem and the fix (before anything is
-written).
+written); and the tools' own JSON outputs, written atomically.
 
     read_json_file(path, what)        JSON (plans): size checked before reading
     bounded_lines(path, what)         JSON-lines (routing traces): total and per-line bounds
@@ -8,6 +8,8 @@ written).
     load_torch_file(path, what)       torch.save files: torch.load(weights_only=True), mmap'ed
                                       when the file allows it, so a large model state dict is
                                       not read into memory whole
+    write_text_atomic(path, text, prefix)  an output file (plan, estimate JSON): temp file in
+                                      the same directory + rename, a normal file's mode
 
 Torch's and NumPy's own messages for refused pickles suggest loading the file unsafely; they are
 never shown (each error here is ours, ``from None``).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import tempfile
 import zipfile
 from typing import Any, Iterator
 
@@ -63,6 +66,25 @@ def read_json_file(path: str, what: str, max_bytes: int = MAX_JSON_BYTES) -> Any
         where = f" ({exc.msg} at line {exc.lineno})" if decode else ""
         raise ValueError(f"{what} {path!r} is not JSON{where}: pass the file the tool wrote"
                          ) from None
+
+
+def write_text_atomic(path: str, text: str, prefix: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temp file ``<prefix>*.json.tmp`` in the same
+    directory + ``os.replace``: readers never see a half-written file, and a failure leaves any
+    previous file untouched (the temp file is removed)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".json.tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; an output is a normal file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def bounded_lines(paths: list[str], what: str, max_total: int = MAX_TRACE_BYTES,

@@ -34,12 +34,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Any, Optional, Sequence
 
 import torch
 
-from megatron_c2r.placement.input_files import read_json_file
+from megatron_c2r.placement.input_files import read_json_file, write_text_atomic
 from megatron_c2r.placement.permutation import LISTS, order_from_groups, permute
 
 
@@ -270,19 +269,8 @@ def write_plan(plan: Plan, path: str) -> None:
     # One layer per line: readable with grep/diff, and small for E=256.
     head = ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in obj.items() if k != "layers")
     body = ",\n".join("  " + json.dumps(layer) for layer in obj["layers"])
-    text = "{\n" + head + ',\n "layers": [\n' + body + "\n ]\n}"
-    fd, tmp = tempfile.mkstemp(prefix=".plan-", suffix=".json.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a plan is a normal file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    text = "{\n" + head + ',\n "layers": [\n' + body + "\n ]\n}\n"
+    write_text_atomic(path, text, prefix=".plan-")
 
 
 def read_plan(path: str) -> Plan:
