@@ -6,6 +6,16 @@ constrained routing.
     python benchmarks/comm_volume.py --trained-shapes all --docs docs   # the README table
     python benchmarks/comm_volume.py --quick             # smoke run: 16e4 and 64e8, EP as given
     python benchmarks/comm_volume.py --ep 4 --shapes 16e4 64e8 --out benchmarks/results/cv
+    python benchmarks/comm_volume.py --nodes 2 2 4 8 --gpus-per-node 2 4 2 8 --trained-shapes all
+                                                         # node mode: see node_volume.py
+
+Node mode (``--nodes``/``--gpus-per-node``): inter-node and intra-node rows per token for
+Megatron's alltoall, flex+DeepEP-style, our flat dedup and our two-level dispatcher on simulated
+nodes (real gloo dispatchers up to ``--max-gloo-ranks``, the analytic counter they are checked
+against above), node-limited routings, hierarchical placement, busiest GPU / rank / node over the
+mean. Everything about it is in ``benchmarks/node_volume.py`` (measurement, column definitions)
+and ``benchmarks/node_report.py`` (tables, plot, exit status); the rest of this docstring is the
+flat EP mode. Shared pieces (shapes, trained models, placements, spawning): ``volume_lib.py``.
 
 Time on 2 CPU cores (measured on a shared machine): the default run 3 min the first time (trains
 two tiny models, then caches them); ``--trained-shapes all`` 2 min with cached models, 36 min the
@@ -23,7 +33,11 @@ sum to 1) and that the counters equal ``comm.count_rows`` of the routing map. Hi
 (rows, not time, are measured).
 
 Columns: alltoall (k) | dedup only (Megatron's contiguous expert blocks) | dedup + planned
-placement | the physical minimum ceil(k / (E/P)).
+placement | dedup + balanced placement (planned with every rank's expected load <= 1.10x the
+mean, the planner's ``max_load_imbalance``, when it has one) | the physical minimum
+ceil(k / (E/P)); then the busiest rank's load (expert input rows) and received rows (one per
+(token, rank)) over the mean, per placement (issue 15: before = Megatron's blocks, after =
+planned / balanced).
 
 Routings:
     uniform random      each token picks k of E uniformly; must match
@@ -42,7 +56,8 @@ Routings:
                         group_topk 1 / 2
 
 Trained models are cached under ``<out>/models/`` (a rerun with the same settings reuses them).
-Writes ``<out>/comm_volume.md``, ``<out>/comm_volume.json`` and ``<out>/comm_volume.png``.
+Writes ``<out>/comm_volume.md``, ``<out>/comm_volume.json`` (and ``--json PATH``) and
+``<out>/comm_volume.png``; ``--docs DIR`` writes the ``flat`` section of ``DIR/comm_volume.md``.
 
 Legend for shape suffixes: L MoE layers (first axis of stacked routings), T tokens, E experts,
 K top-k, P EP ranks.
@@ -51,13 +66,9 @@ K top-k, P EP ranks.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import socket
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -65,19 +76,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-SHAPES = {
-    # key: label, experts, top-k, expert FFN size of the tiny trained model, top-T values
-    # (E/2-1 and E/4-1; the paper's T for its two shapes: 8e T=5, 60e T=30).
-    "8e2": dict(label="Mixtral-like 8e top-2", experts=8, topk=2, moe_ffn=128, top_t=(5, 3, 1)),
-    "16e4": dict(label="16e top-4", experts=16, topk=4, moe_ffn=128, top_t=(7, 3)),
-    "60e4": dict(label="Qwen1.5-like 60e top-4", experts=60, topk=4, moe_ffn=32, top_t=(30, 14)),
-    "64e8": dict(label="OLMoE-like 64e top-8", experts=64, topk=8, moe_ffn=32, top_t=(31, 15)),
-    "256e8": dict(label="DeepSeek-V3-like 256e top-8", experts=256, topk=8, moe_ffn=16,
-                  top_t=(127, 63)),
-}
-MAX_GROUPS = (1, 2)
-PLACEMENTS = ("megatron", "planned")  # contiguous expert blocks (dedup only) / planned
-
+from benchmarks.flat_report import (  # noqa: E402 - after the sys.path line (script use)
+    LOAD_BOUND,
+    MAX_GROUPS,
+    detail_table,
+    formula_checks,
+    plot,
+    summary_rows,
+    summary_table,
+)
+from benchmarks.volume_lib import (  # noqa: E402
+    SHAPES,
+    plan_placements,
+    planner_supports,
+    relabel,
+    run_world,
+    trained_logits,
+    write_doc_section,
+    write_json,
+)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -103,8 +120,31 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "comm_volume"))
     p.add_argument("--docs", default=None,
-                   help="also copy the table and the plot into this folder (e.g. docs)")
+                   help="also write the tables into <docs>/comm_volume.md (this mode's section) "
+                        "and the plot into the folder (e.g. docs)")
+    p.add_argument("--json", default=None, help="also write the JSON records to this path")
+    nodes = p.add_argument_group("node mode (two-level dispatcher; benchmarks/node_volume.py)")
+    nodes.add_argument("--nodes", type=int, nargs="+", default=None,
+                       help="nodes N of each measured topology (paired with --gpus-per-node); "
+                            "selects the node mode, --ep is then ignored")
+    nodes.add_argument("--gpus-per-node", type=int, nargs="+", default=None,
+                       help="EP ranks per node G, one per --nodes value (or one for all)")
+    nodes.add_argument("--max-gloo-ranks", type=int, default=8,
+                       help="topologies with N*G <= this run the real dispatchers in N*G gloo "
+                            "processes; larger ones use the analytic counter the small runs "
+                            "prove equal to the dispatchers' counters")
     args = p.parse_args(argv)
+    if (args.nodes is None) != (args.gpus_per_node is None):
+        p.error("--nodes and --gpus-per-node go together (the node mode needs both)")
+    if args.nodes is not None:
+        if len(args.gpus_per_node) == 1:
+            args.gpus_per_node = args.gpus_per_node * len(args.nodes)
+        if len(args.nodes) == 1:
+            args.nodes = args.nodes * len(args.gpus_per_node)
+        if len(args.nodes) != len(args.gpus_per_node) or min(args.nodes + args.gpus_per_node) < 1:
+            p.error(f"--nodes {args.nodes} and --gpus-per-node {args.gpus_per_node} must be "
+                    "positive and pair up (same count, or one value for all)")
+        args.topologies = list(zip(args.nodes, args.gpus_per_node))
     if args.quick and args.shapes == list(SHAPES):
         args.shapes = ["16e4", "64e8"]
     if args.trained_shapes is None:
@@ -117,163 +157,6 @@ def parse_args(argv=None):
     if args.capture_batches < 2 or args.capture_batches % 2:
         p.error(f"--capture-batches {args.capture_batches} must be even and >= 2 (two halves)")
     return args
-
-
-def minimum_rows(experts: int, topk: int, ep: int) -> int:
-    """Fewest ranks a token with k experts can touch: ceil(k / (E/P))."""
-    return math.ceil(topk / (experts // ep))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# ------------------------------------------------------------------------------------------------
-# 1. Trained tiny models: router logits on held-out tokens
-# ------------------------------------------------------------------------------------------------
-def _train_settings(key: str, args) -> dict:
-    shape = SHAPES[key]
-    return dict(shape=key, experts=shape["experts"], topk=shape["topk"], moe_ffn=shape["moe_ffn"],
-                steps=args.train_steps, capture_batches=args.capture_batches, seed=args.seed,
-                aux_loss_coeff=args.aux_loss_coeff, config="configs/tiny_cpu.yaml")
-
-
-def train_and_capture(settings: dict, model_dir: str) -> str:
-    """Train a plain top-k tiny model (one gloo process, EP=1) and save its routers' logits on
-    ``capture_batches`` held-out batches: ``logits.pt`` = {"logits_LTE": fp32 [layers, T, E]},
-    tokens in batch order (the first half of T are the first half of the sequences). Runs in a
-    fresh process (it initialises a one-rank torch.distributed world). Returns the file path.
-
-    Held-out tokens: the last samples of the shuffled training split, which training never reads
-    (it reads samples [0, steps * 8)). Not the validation split: that is the last 5% of the corpus
-    documents in path order, whose routing is far less typical (busiest expert 3.5x the mean load
-    vs 2x on unseen training-split samples, 16e top-4 after 150 steps).
-    """
-    import warnings
-
-    import torch.distributed as dist
-
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        from megatron_c2r.cpu.job_config import load_cpu_config
-        from megatron_c2r.cpu.trainer import Trainer
-        from megatron_c2r.moe.router import c2r_routers
-
-        sets = [
-            "megatron.expert-model-parallel-size=1",
-            f"megatron.num-experts={settings['experts']}",
-            f"megatron.moe-router-topk={settings['topk']}",
-            f"megatron.moe-ffn-hidden-size={settings['moe_ffn']}",
-            f"megatron.seed={1234 + settings['seed']}",
-            f"megatron.moe-aux-loss-coeff={settings['aux_loss_coeff']}",
-            "c2r.mode=topk", "c2r.warmup_steps=0",
-            "cpu.replan=false", "cpu.plot=false", "cpu.progress=false", "cpu.threads=1",
-        ]
-        cfg = load_cpu_config(os.path.join(ROOT, settings["config"]), sets,
-                              train_iters=settings["steps"], out_dir=model_dir)
-        trainer = Trainer(cfg, 0)
-        trainer.train()
-        # Router logits on held-out batches: a forward hook recomputes the router's own
-        #    linear on the hidden states it was given (logits -> scores -> probs, routing_map).
-        routers = list(c2r_routers(trainer.model))
-        captured: list[list[torch.Tensor]] = [[] for _ in routers]
-
-        def hook(i):
-            def fn(module, args, _out):
-                captured[i].append(module.gating(args[0]).reshape(-1, settings["experts"]).float())
-            return fn
-
-        handles = [r.register_forward_hook(hook(i)) for i, r in enumerate(routers)]
-        trainer.model.eval()
-        mb, dataset = cfg.micro_batch_size, trainer.train_ds
-        first = len(dataset) - settings["capture_batches"] * mb
-        if first < cfg.train_iters * mb:
-            raise ValueError(f"the training split has {len(dataset)} samples: too few to hold out "
-                             f"{settings['capture_batches']} batches after {cfg.train_iters} steps")
-        keys = ("tokens", "labels", "loss_mask", "position_ids")
-        with torch.no_grad():
-            for b in range(settings["capture_batches"]):
-                samples = [dataset[first + b * mb + i] for i in range(mb)]
-                trainer._loss({k: torch.stack([x[k] for x in samples]) for k in keys})
-        for h in handles:
-            h.remove()
-        logits_LTE = torch.stack([torch.cat(chunks) for chunks in captured])
-        with open(os.path.join(model_dir, "summary.json"), encoding="utf-8") as f:
-            val_loss = json.load(f).get("val_loss")
-        path = os.path.join(model_dir, "logits.pt")
-        torch.save({"logits_LTE": logits_LTE}, path)
-        with open(os.path.join(model_dir, "settings.json"), "w", encoding="utf-8") as f:
-            json.dump({**settings, "val_loss": val_loss}, f, indent=1)
-        return path
-    finally:
-        dist.destroy_process_group()
-
-
-def trained_logits(args) -> dict[str, dict]:
-    """{shape: {"logits_LTE", "val_loss"}} for the trained shapes; trains what is not cached."""
-    from tqdm import tqdm
-
-    todo, out = {}, {}
-    for key in args.trained_shapes:
-        settings = _train_settings(key, args)
-        model_dir = os.path.join(args.out, "models", f"{key}_steps{args.train_steps}_aux"
-                                 f"{args.aux_loss_coeff:g}_cap{args.capture_batches}_seed{args.seed}")
-        cached = os.path.join(model_dir, "settings.json")
-        if os.path.exists(cached) and os.path.exists(os.path.join(model_dir, "logits.pt")):
-            with open(cached, encoding="utf-8") as f:
-                if {k: v for k, v in json.load(f).items() if k != "val_loss"} == settings:
-                    out[key] = model_dir
-                    continue
-        todo[key] = (settings, model_dir)
-    if todo:
-        ctx = torch.multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx,
-                                 max_tasks_per_child=1) as pool:
-            futures = {key: pool.submit(train_and_capture, *todo[key]) for key in todo}
-            bar = tqdm(total=len(futures), desc=f"training tiny models ({args.train_steps} steps)",
-                       unit="model")
-            for key, fut in futures.items():
-                fut.result()
-                out[key] = todo[key][1]
-                bar.update(1)
-            bar.close()
-    result = {}
-    for key, model_dir in out.items():
-        with open(os.path.join(model_dir, "settings.json"), encoding="utf-8") as f:
-            val_loss = json.load(f).get("val_loss")
-        logits = torch.load(os.path.join(model_dir, "logits.pt"), weights_only=True)["logits_LTE"]
-        result[key] = dict(logits_LTE=logits, val_loss=val_loss, model_dir=model_dir)
-    return result
-
-
-# ------------------------------------------------------------------------------------------------
-# 2. Routings (pure, main process): top-k ids per token, relabelled to the measured placement
-# ------------------------------------------------------------------------------------------------
-def plan_placements(profile_top_LTK: torch.Tensor, experts: int, ep: int, seed: int) -> list:
-    """One ``LayerPlan`` per layer from the profiling half's top-k sets (exact objective)."""
-    from megatron_c2r.placement.planner import PlannerConfig, plan_layer
-    from megatron_c2r.placement.sources import LayerCollab
-
-    cfg = PlannerConfig(ep_size=ep, seed=seed)
-    return [plan_layer(LayerCollab.from_top_indices(top_TK.numpy(), experts), cfg)
-            for top_TK in profile_top_LTK]
-
-
-def relabel(indices_LTK: torch.Tensor, plans: list | None) -> torch.Tensor:
-    """Old expert ids -> new ids under each layer's plan (new expert i is old ``order[i]``), so
-    EP rank r owns new ids [r*E/P, (r+1)*E/P) as the dispatcher requires."""
-    if plans is None:
-        return indices_LTK
-    out = torch.empty_like(indices_LTK)
-    for layer, plan in enumerate(plans):
-        new_of_old_E = torch.argsort(torch.tensor(plan.order))
-        out[layer] = new_of_old_E[indices_LTK[layer]]
-    return out
 
 
 def build_cases(key: str, ep: int, uniform_tokens: int, trained: dict | None, seed: int):
@@ -300,7 +183,12 @@ def build_cases(key: str, ep: int, uniform_tokens: int, trained: dict | None, se
         load_LP = torch.stack([torch.bincount(idx_TK.flatten() // local, minlength=ep)
                                for idx_TK in indices_LTK]).double()
         imbalance = float((load_LP.max(dim=1).values / load_LP.mean(dim=1)).mean())
+        # Rows each rank receives from the dedup dispatcher: one per (token, rank).
+        recv_LP = torch.stack([torch.zeros(T, ep, dtype=torch.bool).scatter_(
+            1, idx_TK.long() // local, True).sum(dim=0) for idx_TK in indices_LTK]).double()
+        received = float((recv_LP.max(dim=1).values / recv_LP.mean(dim=1)).mean())
         cases.append(dict(routing=routing, placement=placement, rank_load_imbalance=imbalance,
+                          rank_received_imbalance=received,
                           indices=indices_LTK.to(torch.int32).contiguous()))
 
     # Uniform random: measured tokens and an independent profiling sample for the planner.
@@ -333,24 +221,33 @@ def build_cases(key: str, ep: int, uniform_tokens: int, trained: dict | None, se
 
     topk_LTK = measure_LTE.topk(k, dim=-1).indices
     add("trained_topk", "megatron", topk_LTK)
-    add("trained_topk", "planned", relabel(topk_LTK, plans))
-    for t in shape["top_t"]:
-        c2r_LTK = torch.stack([c2r_topk(s_TE, k, top_t_lists(c_EE, t))[1]
-                               for s_TE, c_EE in zip(measure_LTE, counts_LEE)])
+    c2r_by_t = {t: torch.stack([c2r_topk(s_TE, k, top_t_lists(c_EE, t))[1]
+                                for s_TE, c_EE in zip(measure_LTE, counts_LEE)])
+                for t in shape["top_t"]}
+    for t, c2r_LTK in c2r_by_t.items():
         add(f"c2r_T{t}", "megatron", c2r_LTK)
-        add(f"c2r_T{t}", "planned", relabel(c2r_LTK, plans))
+    # Planned placements: locality only, and (issue 15) with every rank's expected load bounded.
+    planned = {"planned": plans}
+    if planner_supports("max_load_imbalance"):
+        planned["balanced"] = plan_placements(profile_top_LTK, E, ep, seed,
+                                              max_load_imbalance=LOAD_BOUND)
+    for placement, layer_plans in planned.items():
+        add("trained_topk", placement, relabel(topk_LTK, layer_plans))
+        for t, c2r_LTK in c2r_by_t.items():
+            add(f"c2r_T{t}", placement, relabel(c2r_LTK, layer_plans))
     for m in MAX_GROUPS:
         if k > m * local or m > ep:
             reason = f"k={k} > M*E/P = {m}*{local}: {m} rank(s) cannot hold k experts"
             for name in (f"anchored_M{m}", f"group_score_M{m}", f"megatron_gl_M{m}"):
                 na.append(dict(routing=name, reason=reason))
             continue
-        for sel in ("anchored", "group_score"):
-            group_LTK = torch.stack([
-                group_topk(s_TE, k, torch.tensor(plan.expert_to_rank), ep, m,
-                           anchored=sel == "anchored")[1]
-                for s_TE, plan in zip(measure_LTE, plans)])
-            add(f"{sel}_M{m}", "planned", relabel(group_LTK, plans))
+        for placement, layer_plans in planned.items():
+            for sel in ("anchored", "group_score"):
+                group_LTK = torch.stack([
+                    group_topk(s_TE, k, torch.tensor(plan.expert_to_rank), ep, m,
+                               anchored=sel == "anchored")[1]
+                    for s_TE, plan in zip(measure_LTE, layer_plans)])
+                add(f"{sel}_M{m}", placement, relabel(group_LTK, layer_plans))
         gl_LTK = torch.stack([group_limited_topk(s_TE, k, s_TE.shape[0], E, ep, m)[1]
                               for s_TE in measure_LTE])
         add(f"megatron_gl_M{m}", "megatron", gl_LTK)
@@ -448,6 +345,7 @@ def measure_jobs(jobs_path: str, hidden: int = 8, progress: bool = False) -> lis
                 remote_byte_reduction=bytes_megatron / max(bytes_ours, 1.0),
                 rows_per_token_by_layer=(per_layer_L2[:, 0] / per_layer_L2[:, 1]).tolist(),
                 rank_load_imbalance=case["rank_load_imbalance"],
+                rank_received_imbalance=case["rank_received_imbalance"],
                 checks_failed=int(failed),
             ))
             bar.update(1)
@@ -455,210 +353,16 @@ def measure_jobs(jobs_path: str, hidden: int = 8, progress: bool = False) -> lis
     return results
 
 
-def _ep_worker(rank: int, world: int, port: int, jobs_path: str, hidden: int, queue) -> None:
-    import warnings
-
-    import torch.distributed as dist
-
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        results = measure_jobs(jobs_path, hidden, progress=True)
-        if rank == 0:
-            queue.put(results)
-    finally:
-        dist.destroy_process_group()
-
-
-def run_ep(ep: int, jobs_path: str, hidden: int) -> list[dict]:
-    """Spawn ``ep`` gloo processes once, measure every case of ``jobs_path``, join them."""
-    ctx = torch.multiprocessing.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_ep_worker, args=(r, ep, port, jobs_path, hidden, queue))
-             for r in range(ep)]
-    for proc in procs:
-        proc.start()
-    results = None
-    while results is None:
-        try:
-            results = queue.get(timeout=5)
-        except Exception:  # noqa: BLE001 - queue.Empty: check the workers are alive
-            if any(p.exitcode not in (None, 0) for p in procs):
-                for p in procs:
-                    p.kill()
-                raise SystemExit(f"a rank of the EP={ep} run failed (traceback above)")
-    for proc in procs:
-        proc.join()
-    return results
-
-
-# ------------------------------------------------------------------------------------------------
-# 4. Report: formula checks, tables, JSON, plot
-# ------------------------------------------------------------------------------------------------
-ROUTING_LABELS = {"uniform": "uniform random", "trained_topk": "trained top-k",
-                  "trained": "trained top-k, C2R, group, group-limited"}
-
-
-def routing_label(name: str, ep: int) -> str:
-    if name in ROUTING_LABELS:
-        return ROUTING_LABELS[name]
-    if name.startswith("c2r_T"):
-        return f"C2R T={name[5:]}"
-    m = name.rsplit("_M", 1)[1]
-    if name.startswith("anchored"):
-        return f"group M={m}, anchored"
-    if name.startswith("group_score"):
-        return f"group M={m}, group-score"
-    return f"Megatron group-limited {m} of {ep}"
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
-
-
-def _load(result: dict | None) -> str:
-    return "—" if result is None else f"{result['rank_load_imbalance']:.2f}"
-
-
-def formula_checks(results: list[dict]) -> list[dict]:
-    from megatron_c2r.comm.accounting import expected_ranks_per_token_uniform
-
-    checks = []
-    for r in results:
-        if r["routing"] == "uniform" and r["placement"] == "megatron":
-            s = SHAPES[r["shape"]]
-            want = expected_ranks_per_token_uniform(s["experts"], s["topk"], r["ep"])
-            err = r["rows_per_token"] / want - 1
-            checks.append(dict(shape=r["shape"], ep=r["ep"], measured=r["rows_per_token"],
-                               formula=want, rel_error=err, ok=abs(err) <= 0.02))
-    return checks
-
-
-def index_results(results: list[dict]) -> dict:
-    return {(r["shape"], r["ep"], r["routing"], r["placement"]): r for r in results}
-
-
-def detail_table(args, results, na_by_key) -> list[str]:
-    """Every routing: alltoall | dedup only | dedup + planned | minimum."""
-    idx = index_results(results)
-    lines = [("| shape | EP | routing | alltoall (k) | dedup only | dedup + planned placement "
-              "| minimum | alltoall / best | busiest rank load / mean (Megatron, planned) |"),
-             "|---|---|---|---|---|---|---|---|---|"]
-    for key in args.shapes:
-        s = SHAPES[key]
-        for ep in args.ep:
-            if s["experts"] % ep:
-                lines.append(f"| {s['label']} | {ep} | all | n/a: {s['experts']} experts are "
-                             f"not divisible by EP={ep} |  |  |  |  |  |")
-                continue
-            routings = []
-            for r in results:
-                if r["shape"] == key and r["ep"] == ep and r["routing"] not in routings:
-                    routings.append(r["routing"])
-            for name in routings:
-                a, b = idx.get((key, ep, name, "megatron")), idx.get((key, ep, name, "planned"))
-                alltoall = (a or b)["rows_per_token_alltoall"]
-                best = min(x["rows_per_token"] for x in (a, b) if x)
-                lines.append(
-                    f"| {s['label']} | {ep} | {routing_label(name, ep)} | {alltoall:.2f} | "
-                    f"{_fmt(a and a['rows_per_token']) if a else '—'} | "
-                    f"{_fmt(b and b['rows_per_token']) if b else '—'} | "
-                    f"{minimum_rows(s['experts'], s['topk'], ep)} | {alltoall / best:.2f}x | "
-                    f"{_load(a)}, {_load(b)} |")
-            for item in na_by_key.get((key, ep), []):
-                lines.append(f"| {s['label']} | {ep} | {routing_label(item['routing'], ep)} | "
-                             f"n/a: {item['reason']} |  |  |  |  |  |")
-    return lines
-
-
-def summary_rows(args, results, trained) -> list[dict]:
-    """One row per (shape, EP) in the issue's columns (trained routing, C2R at the smallest T,
-    group mode anchored)."""
-    idx = index_results(results)
-    rows = []
-    for key in args.shapes:
-        s = SHAPES[key]
-        for ep in args.ep:
-            row = dict(shape=key, label=s["label"], ep=ep, k=s["topk"],
-                       minimum=minimum_rows(s["experts"], s["topk"], ep))
-            if s["experts"] % ep:
-                row["na"] = f"{s['experts']} experts not divisible by EP={ep}"
-                rows.append(row)
-                continue
-
-            def get(name, placement, key=key, ep=ep):
-                return (idx.get((key, ep, name, placement)) or {}).get("rows_per_token")
-
-            t_min = min(s["top_t"])
-            row.update(
-                uniform=get("uniform", "megatron"),
-                dedup=get("trained_topk", "megatron"),
-                planned=get("trained_topk", "planned"),
-                c2r=get(f"c2r_T{t_min}", "planned"), c2r_t=t_min,
-                anchored_m2=get("anchored_M2", "planned"),
-                anchored_m1=get("anchored_M1", "planned"),
-                megatron_gl_m1=get("megatron_gl_M1", "megatron"),
-                val_loss=(trained.get(key) or {}).get("val_loss"),
-            )
-            rows.append(row)
-    return rows
-
-
-def summary_table(rows: list[dict]) -> list[str]:
-    lines = [("| shape | EP | alltoall (k) | uniform: dedup | trained: dedup only | + planned "
-              "placement | + C2R (smallest T, planned) | group M=2 anchored | group M=1 anchored "
-              "| minimum |"), "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "na" in r:
-            lines.append(f"| {r['label']} | {r['ep']} | {r['k']} | n/a: {r['na']} |  |  |  |  "
-                         f"|  | {r['minimum']} |")
-            continue
-        c2r = "n/a" if r["c2r"] is None else f"{r['c2r']:.2f} (T={r['c2r_t']})"
-        lines.append(f"| {r['label']} | {r['ep']} | {r['k']} | {_fmt(r['uniform'])} | "
-                     f"{_fmt(r['dedup'])} | {_fmt(r['planned'])} | {c2r} | "
-                     f"{_fmt(r['anchored_m2'])} | {_fmt(r['anchored_m1'])} | {r['minimum']} |")
-    return lines
-
-
-def plot(rows: list[dict], eps: list[int], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = [("alltoall (k)", "k", "0.55"), ("dedup, uniform routing", "uniform", "#c6dbef"),
-              ("dedup, trained top-k", "dedup", "#6baed6"),
-              ("+ planned placement", "planned", "#2171b5"),
-              ("+ C2R (smallest T)", "c2r", "#fd8d3c"),
-              ("group M=2 anchored", "anchored_m2", "#74c476"),
-              ("group M=1 anchored", "anchored_m1", "#238b45")]
-    fig, axes = plt.subplots(1, len(eps), figsize=(6.5 * len(eps), 4.2), squeeze=False)
-    for ax, ep in zip(axes[0], eps):
-        mine = [r for r in rows if r["ep"] == ep and "na" not in r]
-        width = 0.8 / len(series)
-        for j, (label, field, color) in enumerate(series):
-            xs = [i + (j - len(series) / 2 + 0.5) * width for i in range(len(mine))]
-            ys = [r.get(field) or 0.0 for r in mine]
-            ax.bar(xs, ys, width, label=label, color=color)
-        for i, r in enumerate(mine):
-            ax.hlines(r["minimum"], i - 0.42, i + 0.42, colors="k", linestyles="dotted",
-                      label="physical minimum" if i == 0 else None)
-        ax.set_xticks(range(len(mine)))
-        ax.set_xticklabels([f"{SHAPES[r['shape']]['experts']}e top-{r['k']}" for r in mine])
-        ax.set_ylabel("rows shipped per token (dispatch)")
-        ax.set_title(f"EP={ep} (measured on gloo, dedup dispatcher counters)")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    # One thread: the counting and planning ops are small, and on a shared 2-core machine
+    # intra-op threads make them ~100x slower (8192 tokens x 256e: 2.6 s vs 0.03 s).
+    torch.set_num_threads(1)
+    if args.nodes is not None:
+        from benchmarks.node_report import main_nodes  # the node mode lives in its own modules
+
+        return main_nodes(args, argv)
     t0 = time.perf_counter()
     trained = trained_logits(args) if args.trained_shapes else {}
 
@@ -682,7 +386,7 @@ def main(argv=None) -> int:
             continue
         jobs_path = os.path.join(args.out, f"cases_ep{ep}.pt")
         torch.save(jobs_by_ep[ep], jobs_path)
-        results += run_ep(ep, jobs_path, args.hidden)
+        results += run_world(ep, measure_jobs, jobs_path, args.hidden, True)
         os.remove(jobs_path)
 
     checks = formula_checks(results)
@@ -705,14 +409,15 @@ def main(argv=None) -> int:
     print("\n" + text)
     with open(os.path.join(args.out, "comm_volume.md"), "w", encoding="utf-8") as f:
         f.write(text)
-    with open(os.path.join(args.out, "comm_volume.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(command=cmd.strip(), settings=settings, summary=rows, results=results,
-                       formula_checks=checks,
-                       not_applicable=[dict(shape=k[0], ep=k[1], **v)
-                                       for k, items in na_by_key.items() for v in items],
-                       trained={k: dict(val_loss=v["val_loss"], model_dir=v["model_dir"])
-                                for k, v in trained.items()},
-                       wall_s=time.perf_counter() - t0), f, indent=1)
+    payload = dict(command=cmd.strip(), settings=settings, summary=rows, results=results,
+                   formula_checks=checks,
+                   not_applicable=[dict(shape=k[0], ep=k[1], **v)
+                                   for k, items in na_by_key.items() for v in items],
+                   trained={k: dict(val_loss=v["val_loss"], model_dir=v["model_dir"])
+                            for k, v in trained.items()},
+                   wall_s=time.perf_counter() - t0)
+    for path in [os.path.join(args.out, "comm_volume.json")] + ([args.json] if args.json else []):
+        write_json(path, payload)
     png = os.path.join(args.out, "comm_volume.png")
     plot(rows, args.ep, png)
     if args.docs:
@@ -720,7 +425,7 @@ def main(argv=None) -> int:
 
         os.makedirs(args.docs, exist_ok=True)
         shutil.copy(png, os.path.join(args.docs, "comm_volume.png"))
-        shutil.copy(os.path.join(args.out, "comm_volume.md"), os.path.join(args.docs, "comm_volume.md"))
+        write_doc_section(os.path.join(args.docs, "comm_volume.md"), "flat", text)
     print(f"wrote {args.out}/comm_volume.{{md,json,png}} in {time.perf_counter() - t0:.0f} s")
     if failed:
         print(f"FAILED dispatcher checks (output != input or counters != count_rows): {failed}")

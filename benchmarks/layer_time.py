@@ -1,20 +1,35 @@
-"""MoE layer forward+backward time: our dedup dispatcher vs Megatron's alltoall, same routing.
+"""MoE layer forward+backward time: our dedup dispatchers (flat and two-level) vs Megatron's
+alltoall, same routing.
 
     python benchmarks/layer_time.py                          # EP=2 and EP=4 gloo processes, CPU
+    python benchmarks/layer_time.py --ep 4 --gpus-per-node 2 # + two-level at 2 nodes x 2 ranks
     python benchmarks/layer_time.py --ep 4 --reps 21 --hidden 2048 --ffn 512
     python benchmarks/layer_time.py --device cuda            # one GPU, EP=1: the local path
     python benchmarks/layer_time.py --json benchmarks/results/layer_time.json
 
 What is timed: one MoE layer (Megatron's MoELayer stages: dispatch preprocess -> all-to-all ->
 SequentialMLP experts -> combine) forward + backward on every rank, from identical weights and
-one routing map per rank shared by both dispatchers; the router is bypassed so both see exactly
+one routing map per rank shared by every dispatcher; the router is bypassed so all see exactly
 the same routing (``topk``: uniform random top-k; ``group``: group-limited with M=1, i.e. one
-rank's expert block per token, then top-k inside it). Repetitions alternate the order of the two
-layers (ABBA...), each timed between barriers as the slowest rank's time; we report the median
-of the per-repetition ratios ours/Megatron, and the rows each ships per token.
+rank's expert block per token, then top-k inside it). Repetitions rotate the order of the layers
+(ABC, BCA, CAB, ...), each timed between barriers as the slowest rank's time; we report the
+median of the per-repetition ratios, and the rows each ships per token.
+
+Two-level (``--gpus-per-node G``, default 2): at every EP size with more than one node of G
+ranks (EP=4: 2 nodes x 2) the layer also runs with ``TwoLevelDedupTokenDispatcher`` (nodes
+simulated: node = rank // G), and the table adds its time, its ratios to Megatron and to the
+flat dedup, and the inter-node rows per token of all three (from their counters / the routing).
+
+What CPU can and cannot show. All "nodes" are processes on one machine: an inter-node row costs
+the same loopback copy as an intra-node one, there is no NIC to relieve, and the ranks share the
+cores. So the two-level dispatcher's point (fewer rows on the slow inter-node links: DGX H100 ~8x
+slower than NVLink) is invisible here; what the CPU measures is its overhead at equal link
+speeds: one more pair of all-to-alls per direction, the relay's row building and one more
+pre-combine. That is an upper bound of what the extra hop costs where links are equal; the rows
+columns are what it saves where they are not. GPU timings need a multi-node run.
 
 On CPU the stock alltoall dispatcher needs the test-only patches in ``tests/megatron_cpu.py``
-(CUDA streams); our dispatcher needs none. With ``--device cuda`` there is one GPU, so EP=1 and
+(CUDA streams); our dispatchers need none. With ``--device cuda`` there is one GPU, so EP=1 and
 no all-to-all: it measures the local permutation path only. Results under benchmarks/results/
 are not committed.
 """
@@ -52,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1, help="torch threads per CPU process")
+    p.add_argument("--gpus-per-node", type=int, default=2,
+                   help="simulated node size G: EP sizes with EP > G and EP %% G == 0 also time "
+                        "the two-level dispatcher (0: never)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.hidden < 1024:
@@ -83,8 +101,16 @@ def make_routing(mode, T, E, k, P, seed, device):
     return routing_map_TE.to(device), probs_TE.to(device)
 
 
+def two_level_nodes(args, ep: int) -> int:
+    """Nodes the two-level dispatcher is timed at for this EP size (0: not timed)."""
+    G = args.gpus_per_node
+    return ep // G if G > 0 and ep > G and ep % G == 0 else 0
+
+
 def build_layers(args, ep):
-    """(ours, Megatron's) MoE layers with identical weights on this rank."""
+    """{name: MoE layer} with identical weights on this rank: ``dedup`` (ours, flat),
+    ``megatron`` (stock alltoall) and, when :func:`two_level_nodes` says so, ``two_level`` (ours
+    with the two-level dispatcher installed; nodes of ``--gpus-per-node`` consecutive ranks)."""
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
@@ -109,7 +135,18 @@ def build_layers(args, ep):
     ours = C2RMoELayer(config, spec.submodules, dispatcher="dedup")
     theirs = MoELayer(config, spec.submodules)
     theirs.load_state_dict(ours.state_dict())
-    return ours.to(args.device), theirs.to(args.device)
+    layers = {"dedup": ours, "megatron": theirs}
+    if two_level_nodes(args, ep):
+        from megatron_c2r.moe.two_level_dispatcher import TwoLevelDedupTokenDispatcher
+
+        two = C2RMoELayer(config, spec.submodules, dispatcher="dedup")
+        two.load_state_dict(ours.state_dict())
+        two.token_dispatcher = TwoLevelDedupTokenDispatcher(
+            two.num_local_experts, two.local_expert_indices, config=two.config,
+            gpus_per_node=args.gpus_per_node,
+        )  # fmt: skip
+        layers["two_level"] = two
+    return {name: layer.to(args.device) for name, layer in layers.items()}
 
 
 def step(layer, x, grad_out, routing_map, probs):
@@ -159,50 +196,70 @@ def run_rank(rank, world, port, args, queue):
     patches = megatron_cpu() if args.device == "cpu" else contextlib.nullcontext()
     results = []
     with patches:
-        ours, theirs = build_layers(args, world)
+        layers = build_layers(args, world)
+        ours = layers["dedup"]
         dtype = getattr(torch, args.dtype)
         g = torch.Generator().manual_seed(1000 + rank)
         x = torch.randn(args.tokens, 1, args.hidden, generator=g).to(args.device, dtype)
         grad_out = torch.randn(args.tokens, 1, args.hidden, generator=g).to(args.device, dtype)
+        names = list(layers)
         for mode in args.routing:
             routing = make_routing(
                 mode, args.tokens, args.experts, args.topk, world, rank, args.device
             )
-            layers = {"dedup": ours, "megatron": theirs}
             for _ in range(args.warmup):
                 for layer in layers.values():
                     step(layer, x, grad_out, *routing)
-            ours.comm_stats.reset()
-            times = {"dedup": [], "megatron": []}
+            for layer in (layers["dedup"], layers.get("two_level")):
+                if layer is not None:
+                    layer.comm_stats.reset()
+            times = {name: [] for name in names}
             for rep in range(args.reps):
-                order = ["dedup", "megatron"] if rep % 2 == 0 else ["megatron", "dedup"]
-                for name in order:
+                # rotate the order (ABC, BCA, CAB, ...) so no layer always runs first
+                for name in names[rep % len(names):] + names[: rep % len(names)]:
                     times[name].append(
                         timed(lambda: step(layers[name], x, grad_out, *routing), args.device)
                     )
             s = ours.comm_stats
+            two = layers["two_level"].token_dispatcher.comm_stats if "two_level" in layers else None
             totals = torch.tensor(
                 [s.rows_dispatched, s.routed_tokens, s.megatron_rows_dispatched,
                  s.bytes_dispatched_remote + s.bytes_combined_remote,
-                 s.megatron_bytes_dispatched_remote + s.megatron_bytes_combined_remote],
+                 s.megatron_bytes_dispatched_remote + s.megatron_bytes_combined_remote,
+                 *((two.inter_node_rows_sent, two.flat_inter_node_rows,
+                    two.megatron_inter_node_rows, two.routed_tokens) if two else (0, 0, 0, 0))],
                 dtype=torch.float64,
             )  # fmt: skip
             if world > 1:
                 dist.all_reduce(totals)
-            ratios = [a / b for a, b in zip(times["dedup"], times["megatron"])]
-            results.append(
-                dict(
-                    ep=world,
-                    routing=mode,
-                    ms_dedup=1e3 * statistics.median(times["dedup"]),
-                    ms_megatron=1e3 * statistics.median(times["megatron"]),
-                    ratio=statistics.median(ratios),
-                    rows_per_token_dedup=float(totals[0] / totals[1]),
-                    rows_per_token_megatron=float(totals[2] / totals[1]),
-                    remote_mb_dedup=float(totals[3]) / 2**20 / max(s.calls, 1),
-                    remote_mb_megatron=float(totals[4]) / 2**20 / max(s.calls, 1),
-                )
+
+            def ratio(a, b):
+                return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+            result = dict(
+                ep=world,
+                routing=mode,
+                ms_dedup=1e3 * statistics.median(times["dedup"]),
+                ms_megatron=1e3 * statistics.median(times["megatron"]),
+                ratio=ratio("dedup", "megatron"),
+                rows_per_token_dedup=float(totals[0] / totals[1]),
+                rows_per_token_megatron=float(totals[2] / totals[1]),
+                remote_mb_dedup=float(totals[3]) / 2**20 / max(s.calls, 1),
+                remote_mb_megatron=float(totals[4]) / 2**20 / max(s.calls, 1),
             )
+            if two is not None:
+                routed = float(totals[8])
+                result.update(
+                    nodes=two_level_nodes(args, world),
+                    gpus_per_node=args.gpus_per_node,
+                    ms_two_level=1e3 * statistics.median(times["two_level"]),
+                    ratio_two_level_megatron=ratio("two_level", "megatron"),
+                    ratio_two_level_dedup=ratio("two_level", "dedup"),
+                    inter_node_rows_per_token_two_level=float(totals[5]) / routed,
+                    inter_node_rows_per_token_dedup=float(totals[6]) / routed,
+                    inter_node_rows_per_token_megatron=float(totals[7]) / routed,
+                )
+            results.append(result)
     if rank == 0:
         queue.put(results)
     dist.destroy_process_group()
@@ -230,15 +287,14 @@ def main(argv=None):
             if proc.exitcode:
                 raise SystemExit(f"a rank of the EP={ep} run exited with {proc.exitcode}")
         all_results += results
-    header = (
+    print(
+        f"H={args.hidden} ffn={args.ffn} E={args.experts} k={args.topk} tokens/rank={args.tokens} "
+        f"{args.dtype} {args.device} reps={args.reps} (median of per-rep ratios)"
+    )
+    print(
         f"{'EP':>3} {'routing':>8} {'ours ms':>9} {'megatron ms':>12} {'ratio':>7} "
         f"{'rows/token ours':>16} {'megatron':>9} {'remote MB ours':>15} {'megatron':>9}"
     )
-    print(
-        f"H={args.hidden} ffn={args.ffn} E={args.experts} k={args.topk} tokens/rank={args.tokens} "
-        f"{args.dtype} {args.device} reps={args.reps} (median of per-rep ratios ours/megatron)"
-    )
-    print(header)
     for r in all_results:
         print(
             f"{r['ep']:>3} {r['routing']:>8} {r['ms_dedup']:>9.1f} {r['ms_megatron']:>12.1f} "
@@ -246,6 +302,27 @@ def main(argv=None):
             f"{r['rows_per_token_megatron']:>9.2f} {r['remote_mb_dedup']:>15.2f} "
             f"{r['remote_mb_megatron']:>9.2f}"
         )
+    two = [r for r in all_results if "ms_two_level" in r]
+    if two:
+        print(
+            "\ntwo-level (simulated nodes; on CPU every link costs the same, so this is the extra "
+            "hop's overhead, not its inter-node saving):"
+        )
+        print(
+            f"{'EP':>3} {'N x G':>6} {'routing':>8} {'flat ms':>8} {'two-lvl ms':>10} "
+            f"{'megatron ms':>11} {'2lvl/meg':>8} {'flat/meg':>8} {'2lvl/flat':>9} "
+            f"{'inter-node rows/token: 2lvl':>28} {'flat':>5} {'megatron':>8}"
+        )
+        for r in two:
+            print(
+                f"{r['ep']:>3} {str(r['nodes']) + 'x' + str(r['gpus_per_node']):>6} "
+                f"{r['routing']:>8} {r['ms_dedup']:>8.1f} {r['ms_two_level']:>10.1f} "
+                f"{r['ms_megatron']:>11.1f} {r['ratio_two_level_megatron']:>8.3f} "
+                f"{r['ratio']:>8.3f} {r['ratio_two_level_dedup']:>9.3f} "
+                f"{r['inter_node_rows_per_token_two_level']:>28.2f} "
+                f"{r['inter_node_rows_per_token_dedup']:>5.2f} "
+                f"{r['inter_node_rows_per_token_megatron']:>8.2f}"
+            )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

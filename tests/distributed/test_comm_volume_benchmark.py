@@ -42,3 +42,89 @@ def test_measured_rows_match_the_uniform_formula_and_each_routing_rules_bound(di
         assert by[(name, "planned")]["rows_per_token"] <= 2.0
     topk = by[("trained_topk", "megatron")]["rows_per_token"]
     assert by[("trained_topk", "planned")]["rows_per_token"] < 0.9 * topk
+
+
+# ----------------------------------------------------------------------------------------------
+# Node mode (benchmarks/node_volume.py): the real two-level and flat dispatchers at 2 nodes x 2
+# ----------------------------------------------------------------------------------------------
+def _loop_link_loads(indices_TK, experts, nodes, gpus):
+    """Brute-force oracle of ``analytic_counts``: walk every token's rows per method."""
+    T, P = indices_TK.shape[0], nodes * gpus
+    L = experts // P
+    loads = {m: torch.zeros(P, 4, dtype=torch.int64) for m in ("alltoall", "flat", "two_level")}
+
+    def ship(method, src, dst):
+        if src // gpus != dst // gpus:
+            loads[method][src, 0] += 1
+            loads[method][dst, 1] += 1
+        elif src != dst:
+            loads[method][src, 2] += 1
+            loads[method][dst, 3] += 1
+
+    for t in range(T):
+        src = t // (T // P)
+        ranks = sorted({int(e) // L for e in indices_TK[t]})
+        for e in indices_TK[t]:
+            ship("alltoall", src, int(e) // L)
+        for r in ranks:
+            ship("flat", src, r)
+        for d in sorted({r // gpus for r in ranks}):
+            relay = d * gpus + src % gpus
+            ship("two_level", src, relay)  # own node: relay == src, nothing shipped
+            for r in (r for r in ranks if r // gpus == d):
+                ship("two_level", relay, r)
+    return loads
+
+
+@pytest.mark.parametrize("nodes,gpus", [(2, 2), (4, 2), (2, 4)])
+def test_analytic_link_loads_equal_a_per_token_walk(nodes, gpus):
+    from benchmarks.node_volume import analytic_counts
+
+    g = torch.Generator().manual_seed(nodes * 10 + gpus)
+    E, k, T = 16, 4, 96
+    idx_TK = torch.rand(T, E, generator=g).topk(k, dim=1).indices
+    idx_TK[:8] = torch.arange(k)  # tokens whose experts are all on node 0 / rank 0
+    got, want = analytic_counts(idx_TK, E, nodes, gpus), _loop_link_loads(idx_TK, E, nodes, gpus)
+    for method in want:
+        assert torch.equal(got[method], want[method]), method
+    assert torch.equal(got["deepep"], got["two_level"])
+    assert int(got["tokens_P"].sum()) == T * k
+
+
+@pytest.mark.world_size(4)
+def test_node_mode_dispatcher_counters_equal_the_analytic_counter_at_2x2(dist_pool, tmp_path):
+    from benchmarks.node_volume import (analytic_counts, build_node_cases, case_records,
+                                        check_against_count_two_level_rows, goal_lines,
+                                        measure_node_jobs, uniform_checks)
+
+    E, k, D, G = 16, 4, 2, 2
+    trained = {"logits_LTE": _clustered_logits(2, 1024, E, clusters=4)}
+    cases, not_applicable = build_node_cases("16e4", D, G, 2048, trained, seed=0)
+    assert {(c["routing"], c["placement"]) for c in cases} >= {
+        ("uniform", "megatron"), ("trained_topk", "hierarchical"),
+        ("megatron_nl_M1", "megatron"), ("node_anchored_M1", "hierarchical")}
+    assert all("M=2 >= N=2" in x["reason"] for x in not_applicable if "M2" in x["routing"])
+    path = tmp_path / "jobs.pt"
+    torch.save([dict(shape="16e4", experts=E, topk=k, cases=cases)], path)
+    gloo = dist_pool(D * G).run(measure_node_jobs, str(path), G)[0]
+    records = []
+    for case, measured in zip(cases, gloo, strict=True):
+        counts_L = [analytic_counts(idx_TK, E, D, G) for idx_TK in case["indices"]]
+        assert measured["failed"] == 0  # both dispatchers: output == input
+        assert sum(check_against_count_two_level_rows(idx_TK, E, D, G, c)
+                   for idx_TK, c in zip(case["indices"], counts_L)) == 0
+        recs, mismatches = case_records("16e4", D, G, case, counts_L, measured)
+        assert mismatches == 0  # every rank, layer, hop, direction: dispatchers == analytic
+        records += recs
+    by = {(r["routing"], r["placement"], r["method"]): r for r in records}
+    assert all(c["ok"] for c in uniform_checks(records))
+    assert goal_lines(records)[1]  # two-level <= DeepEP-style and <= flat everywhere
+    for placement in ("megatron", "hierarchical"):
+        m1 = by[("node_anchored_M1", placement, "two_level")]
+        assert m1["max_nodes_per_token"] == 1
+        assert m1["inter_node_rows_per_token"] == pytest.approx(0.5, abs=0.05)  # (N-1)/N
+        assert by[("node_anchored_M1", placement, "alltoall")]["inter_node_rows_per_token"] == (
+            pytest.approx(k * 0.5, abs=0.3))
+    topk = by[("trained_topk", "megatron", "two_level")]["inter_node_rows_per_token"]
+    assert by[("trained_topk", "hierarchical", "two_level")]["inter_node_rows_per_token"] < topk
+    assert by[("trained_topk", "megatron", "flat")]["inter_node_rows_per_token"] > topk
