@@ -24,48 +24,54 @@ DEFAULT_CLUSTERS = 16
 DEFAULT_STRENGTH = 2.0
 
 
-# --help of each LinkParams flag (the default and its source are in docs/cost_model.md).
-PARAM_HELP = {
-    "nvlink_gbps": "NVLink GB/s per GPU per direction (H100, effective in NCCL)",
-    "ib_gbps": "InfiniBand GB/s per GPU per direction (one CX7 NDR 400 Gb/s NIC, measured)",
-    "nvlink_latency_us": "microseconds per NVLink peer per all-to-all",
-    "ib_latency_us": "microseconds per InfiniBand peer per all-to-all",
-    "gemm_tflops": "achieved expert GEMM throughput, TFLOP/s (BF16 H100)",
-    "bytes_per_element": "bytes per hidden-state element on the wire (2 = bf16, ~1.03 = fp8 + scales)",
-    "meta_bytes": "bytes per metadata column (a prob or an expert id)",
-}
+def _param(default: float, help: str, *, zero_ok: bool = False):
+    """A :class:`LinkParams` field: its default, the ``estimate`` flag's --help text and whether
+    0 is allowed (a latency or metadata size may be 0; a bandwidth, throughput or element size
+    may not). The default's source is in docs/cost_model.md."""
+    return dataclasses.field(default=default, metadata=dict(help=help, zero_ok=zero_ok))
 
 
 @dataclass(frozen=True, kw_only=True)
 class LinkParams:
     """Hardware parameters (defaults: a DGX H100 cluster; sources in docs/cost_model.md).
 
-    nvlink_gbps / ib_gbps: GB/s (1e9 bytes) per GPU per direction: NVLink effective in NCCL;
-        one ConnectX-7 NDR 400 Gb/s NIC per GPU as measured.
-    nvlink_latency_us / ib_latency_us: microseconds per peer a GPU exchanges rows with on that
-        link in one all-to-all (NCCL skips zero-size peers).
-    gemm_tflops: achieved dense BF16 GEMM throughput of the expert MLPs, 1e12 FLOP/s.
-    bytes_per_element: hidden-state bytes per element on the wire (2 = bf16).
-    meta_bytes: bytes per metadata column (one prob or one expert id; fp32/int32).
-    Each field is also the ``estimate`` flag ``--<field with dashes>``.
+    Bandwidths are GB/s (1e9 bytes) per GPU per direction; latencies are microseconds per peer a
+    GPU exchanges rows with on that link in one all-to-all (NCCL skips zero-size peers); the GEMM
+    throughput is what the expert MLPs achieve, 1e12 FLOP/s. Each field is also the ``estimate``
+    flag ``--<field with dashes>``, with the help text given here (:data:`PARAM_HELP`).
     """
 
-    nvlink_gbps: float = 370.0
-    ib_gbps: float = 48.0
-    nvlink_latency_us: float = 1.5
-    ib_latency_us: float = 3.1
-    gemm_tflops: float = 400.0
-    bytes_per_element: float = 2.0
-    meta_bytes: float = 4.0
+    nvlink_gbps: float = _param(
+        370.0, "NVLink GB/s per GPU per direction (H100, effective in NCCL)"
+    )
+    ib_gbps: float = _param(
+        48.0, "InfiniBand GB/s per GPU per direction (one CX7 NDR 400 Gb/s NIC, measured)"
+    )
+    nvlink_latency_us: float = _param(
+        1.5, "microseconds per NVLink peer per all-to-all", zero_ok=True
+    )
+    ib_latency_us: float = _param(
+        3.1, "microseconds per InfiniBand peer per all-to-all", zero_ok=True
+    )
+    gemm_tflops: float = _param(400.0, "achieved expert GEMM throughput, TFLOP/s (BF16 H100)")
+    bytes_per_element: float = _param(
+        2.0, "bytes per hidden-state element on the wire (2 = bf16, ~1.03 = fp8 + scales)"
+    )
+    meta_bytes: float = _param(
+        4.0, "bytes per metadata column (a prob or an expert id)", zero_ok=True
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            may_be_zero = f.name.endswith("latency_us") or f.name == "meta_bytes"
-            if not math.isfinite(value) or value < 0 or (value == 0 and not may_be_zero):
+            value, zero_ok = getattr(self, f.name), f.metadata["zero_ok"]
+            if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
                 raise ValueError(
-                    f"--{f.name.replace('_', '-')}={value} must be {'>= 0' if may_be_zero else '> 0'}"
+                    f"--{f.name.replace('_', '-')}={value} must be {'>= 0' if zero_ok else '> 0'}"
                 )
+
+
+# --help of each LinkParams flag, from the fields.
+PARAM_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(LinkParams)}
 
 
 @dataclass(frozen=True, kw_only=True)
