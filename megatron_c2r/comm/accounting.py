@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -25,6 +25,10 @@ import torch
 class CommStats:
     """Counters for one MoE layer on one rank (plain ints; ``+=`` friendly)."""
 
+    # Derived ratios (properties) that :meth:`as_dict` adds to the counters; subclasses extend it.
+    RATIOS: ClassVar[tuple[str, ...]] = (
+        "ranks_per_token", "dispatch_row_reduction", "remote_byte_reduction"
+    )
     calls: int = 0  # forward passes recorded
     tokens: int = 0  # local tokens entering the dispatcher
     routed_tokens: int = 0  # tokens with at least one expert
@@ -67,13 +71,9 @@ class CommStats:
         return theirs / max(ours, 1)
 
     def as_dict(self) -> dict:
-        """Counters and derived ratios, for loggers."""
+        """Counters, then the :attr:`RATIOS`, for loggers."""
         out = dataclasses.asdict(self)
-        out.update(
-            ranks_per_token=self.ranks_per_token,
-            dispatch_row_reduction=self.dispatch_row_reduction,
-            remote_byte_reduction=self.remote_byte_reduction,
-        )
+        out.update((name, getattr(self, name)) for name in self.RATIOS)
         return out
 
 

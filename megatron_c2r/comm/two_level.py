@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
 
@@ -392,6 +392,10 @@ class TwoLevelCommStats(CommStats):
     megatron_inter_node_rows: int = 0  # Megatron alltoall's rows to other nodes (these tokens)
     megatron_inter_node_bytes: int = 0  # both ways: sent * (hidden + prob) + returned * hidden
 
+    RATIOS: ClassVar[tuple[str, ...]] = CommStats.RATIOS + (
+        "inter_node_rows_per_token", "inter_node_byte_reduction"
+    )
+
     @property
     def inter_node_rows_per_token(self) -> float:
         """Rows this rank's tokens send over the inter-node hop, per routed token."""
@@ -401,15 +405,6 @@ class TwoLevelCommStats(CommStats):
     def inter_node_byte_reduction(self) -> float:
         """Megatron alltoall's inter-node bytes / ours (both directions)."""
         return self.megatron_inter_node_bytes / max(self.inter_node_bytes, 1)
-
-    def as_dict(self) -> dict:
-        """Counters and derived ratios, for loggers."""
-        out = super().as_dict()
-        out.update(
-            inter_node_rows_per_token=self.inter_node_rows_per_token,
-            inter_node_byte_reduction=self.inter_node_byte_reduction,
-        )
-        return out
 
 
 def two_level_stats(
