@@ -452,3 +452,18 @@ def _sync_torch_dist_strategy(planner_cls, **writer_kwargs):
             )
 
     return _SyncTorchDistSave("torch_dist", 1)
+
+
+# --- torch_dist metadata: tensor keys without Megatron's metadata loader ---
+def dist_checkpoint_tensor_keys(checkpoint_dir: str) -> list:
+    """The ShardedTensor keys of a torch_dist checkpoint (what ``dist_checkpointing.
+    load_tensors_metadata`` returns the keys of), from its DCP metadata file only: no tensor
+    data, no process group. Read directly because Megatron's loader rebuilds every tensor with
+    ``torch.empty(**TensorProperties.__dict__)``, which raises on torch >= 2.15 (the properties
+    gained ``strides``) with megatron-core 0.19.2."""
+    from megatron.core.dist_checkpointing.strategies import torch as mtorch
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = mtorch._get_filesystem_reader(checkpoint_dir).read_metadata()
+    return [k for k, m in metadata.state_dict_metadata.items()
+            if isinstance(m, TensorStorageMetadata)]  # fmt: skip

@@ -161,9 +161,9 @@ def stock_router_prefixes(tensor_keys) -> Tuple[str, ...]:
 def checkpoint_tensor_keys(checkpoint_dir: str):
     """ShardedTensor keys of a torch_dist checkpoint, from its metadata only (no tensor data).
     Imports megatron.core (heavy; only called when --load names an existing checkpoint)."""
-    from megatron.core import dist_checkpointing
+    from megatron_c2r import compat  # (not Megatron's loader: it fails on 0.19.2 + torch 2.15)
 
-    return list(dist_checkpointing.load_tensors_metadata(checkpoint_dir).keys())
+    return compat.dist_checkpoint_tensor_keys(checkpoint_dir)
 
 
 def resume_from_stock(argv: Sequence[str]) -> Optional[StockResume]:
