@@ -45,7 +45,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
-from megatron.core.transformer.spec_utils import build_module
 
 from megatron_c2r import compat
 from megatron_c2r.moe.layer import C2RMoELayer
@@ -164,8 +163,9 @@ class LowDimMoELayer(C2RMoELayer):
         self.submodules = submodules
         self.dispatch_dim, self.expert_ffn_hidden_size = dispatch_dim, ffn
         self.expert_config = inner
-        self.experts = build_module(
-            submodules.experts, self.num_local_experts, inner, pg_collection=pg_collection
+        self.experts = compat.build_from_spec(  # a ModuleSpec on 0.16/0.17, a partial on 0.18+
+            submodules.experts, num_local_experts=self.num_local_experts, config=inner,
+            pg_collection=pg_collection,
         )
         hidden = config.hidden_size
         self.dispatch_down = DispatchProjection(config, hidden, dispatch_dim, config.init_method)
