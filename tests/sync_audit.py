@@ -229,3 +229,18 @@ def megatron_alltoall_dtoh(audit: SyncAudit):
         return tokens_per_expert
 
     return dtoh_and_synchronize
+
+
+def megatron_permute_syncs() -> dict:
+    """``{op: count}`` of the host syncs in Megatron's unfused ``moe_utils.permute`` (the path
+    without TE), called with probs as its alltoall dispatcher does: 0.16 selects tokens and probs
+    with ``masked_select`` (2 syncs); 0.19 sorts with ``argsort`` into host-known sizes (none).
+    Measured, so a reference count of Megatron's layer follows the installed release."""
+    from megatron.core.transformer.moe.moe_utils import permute
+
+    routing_map = torch.tensor([[True, False, True], [False, True, True]])  # [tokens, experts]
+    tokens, probs = torch.randn(2, 4), torch.rand(2, 3)
+    audit = SyncAudit().track(tokens, probs, routing_map)
+    with audit:
+        permute(tokens, routing_map, probs=probs, num_out_tokens=4)
+    return audit.summary().get("forward", {})

@@ -3,9 +3,11 @@ that would capture our MoE layer are refused in one line (issue 16 part 2).
 
 Megatron's default ``cuda_graph_scope`` ("full", turned into ``[]`` = the whole layer) passed the
 old check, and capture would then fail on the dispatcher's data-dependent split sizes. Real
-0.16.1 ``TransformerConfig`` objects for the 0.16-0.18 field names; plain objects with the
-0.19+ field names (``cuda_graph_impl='full_iteration'``, ``cuda_graph_modules``,
-``inference_cuda_graph_scope``), which this wheel's config cannot express.
+``TransformerConfig`` objects built with the 0.16-0.18 field names (0.19+ accepts them and
+migrates them in ``__post_init__``: ``cuda_graph_scope`` -> ``cuda_graph_modules``, scope
+``full_iteration`` -> ``cuda_graph_impl='full_iteration'``; the message names the field the
+installed config has); plain objects with the 0.19+ field names (``cuda_graph_modules``,
+``inference_cuda_graph_scope``), which a 0.16 config cannot express.
 """
 
 import enum
@@ -17,12 +19,14 @@ from megatron_c2r.compat import moe_cuda_graph_capture
 from megatron_c2r.moe.dispatcher import check_local_experts, validate_dedup_config
 from tests.megatron_cpu import moe_config
 
+# The scope field of the installed TransformerConfig (0.19+ renamed it; the old name migrates).
+SCOPE = "cuda_graph_modules" if hasattr(moe_config(), "cuda_graph_modules") else "cuda_graph_scope"
 REFUSED_0_16 = [
-    (dict(cuda_graph_impl="local"), "cuda_graph_scope=[] (the whole layer)"),  # default "full"
-    (dict(cuda_graph_impl="transformer_engine"), "cuda_graph_scope=[] (the whole layer)"),
-    (dict(enable_cuda_graph=True), "cuda_graph_impl='local' with cuda_graph_scope=[]"),
+    (dict(cuda_graph_impl="local"), f"{SCOPE}=[] (the whole layer)"),  # default "full"
+    (dict(cuda_graph_impl="transformer_engine"), f"{SCOPE}=[] (the whole layer)"),
+    (dict(enable_cuda_graph=True), f"cuda_graph_impl='local' with {SCOPE}=[]"),
     (dict(cuda_graph_impl="local", cuda_graph_scope="full_iteration"),
-     "['full_iteration']"),
+     "['full_iteration']" if SCOPE == "cuda_graph_scope" else "cuda_graph_impl='full_iteration'"),
     (dict(cuda_graph_impl="transformer_engine", cuda_graph_scope="moe_router"), "['moe_router']"),
     (
         dict(
@@ -53,7 +57,7 @@ def test_the_moe_scope_is_seen_too_though_its_pad_to_capacity_is_refused_first()
         moe_expert_capacity_factor=1.0,
         moe_pad_expert_input_to_capacity=True,
     )
-    assert "cuda_graph_scope=['moe']" in moe_cuda_graph_capture(config)
+    assert f"{SCOPE}=['moe']" in moe_cuda_graph_capture(config)
     with pytest.raises(ValueError, match="moe_pad_expert_input_to_capacity=True"):
         validate_dedup_config(config, ep_size=1, expert_tp_size=1)
 
