@@ -48,7 +48,12 @@ class Stage(torch.nn.Module):
 def cpu_schedules():
     """Megatron's schedules on CPU: ``megatron_cpu()`` (p2p buffers on
     ``torch.cuda.current_device()``) plus the schedules' one literal ``device="cuda"``
-    allocation (their token counter) placed on the CPU. Test-only, like ``megatron_cpu``."""
+    allocation (their token counter) placed on the CPU. Starts from a fresh process's aux-loss
+    scale: an aux-loss backward outside the schedules (an earlier test in this process) leaves
+    Megatron's class-level scale 0-d, and the schedules' [1]-shaped ``set_loss_scale`` cannot
+    copy into it. Test-only, like ``megatron_cpu``."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
     zeros = torch.zeros
 
     def cpu_zeros(*args, **kwargs):
@@ -56,7 +61,9 @@ def cpu_schedules():
             kwargs["device"] = "cpu"
         return zeros(*args, **kwargs)
 
-    with megatron_cpu(), mock.patch.object(torch, "zeros", cpu_zeros):
+    with megatron_cpu(), mock.patch.object(torch, "zeros", cpu_zeros), mock.patch.object(
+        MoEAuxLossAutoScaler, "main_loss_backward_scale", None
+    ):
         yield
 
 
