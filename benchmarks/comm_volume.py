@@ -129,6 +129,9 @@ def parse_args(argv=None):
                             "selects the node mode, --ep is then ignored")
     nodes.add_argument("--gpus-per-node", type=int, nargs="+", default=None,
                        help="EP ranks per node G, one per --nodes value (or one for all)")
+    nodes.add_argument("--render-json", default=None, metavar="JSON",
+                       help="rebuild the node tables and plot from a saved node-mode JSON (its "
+                            "own command and records) without measuring")
     nodes.add_argument("--max-gloo-ranks", type=int, default=8,
                        help="topologies with N*G <= this run the real dispatchers in N*G gloo "
                             "processes; larger ones use the analytic counter the small runs "
@@ -359,7 +362,7 @@ def main(argv=None) -> int:
     # One thread: the counting and planning ops are small, and on a shared 2-core machine
     # intra-op threads make them ~100x slower (8192 tokens x 256e: 2.6 s vs 0.03 s).
     torch.set_num_threads(1)
-    if args.nodes is not None:
+    if args.nodes is not None or args.render_json:
         from benchmarks.node_report import main_nodes  # the node mode lives in its own modules
 
         return main_nodes(args, argv)

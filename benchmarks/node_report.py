@@ -11,6 +11,7 @@ or flat dedup on the inter-node hop).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -103,8 +104,12 @@ def plot(records: list[dict], path: str) -> None:
     for topo in dict.fromkeys((D, G) for (_, D, G) in cases):
         keys = [k for k in cases if k[1:] == topo]
         panels.append(max(keys, key=lambda k: SHAPES[k[0]]["experts"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
-    for ax, (key, D, G) in zip(axes[0], panels):
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows + 0.6), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (key, D, G) in zip(axes.flat, panels):
         mine, labels = [], []
         for routing, placement, label in PLOT_CASES:
             if routing == "megatron_nl":
@@ -125,32 +130,37 @@ def plot(records: list[dict], path: str) -> None:
                      f"({mine[0]['two_level']['measured_by']})", fontsize=9)
         ax.set_ylabel("inter-node rows per token (dispatch)")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.suptitle("Inter-node rows per token by method (benchmarks/comm_volume.py node mode)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main_nodes(args, argv=None) -> int:
-    """The node mode of ``comm_volume.py`` (``--nodes``/``--gpus-per-node`` given)."""
-    t0 = time.perf_counter()
-    payload = measure(args)
+def not_applicable_lines(items: list[dict]) -> list[str]:
+    """The skipped (shape, topology, routing, placement) combinations, one line per reason."""
+    by_reason: dict = {}
+    for x in items:
+        reason = x["reason"].split(":")[0] if x["reason"].startswith("M=") else x["reason"]
+        what = f"{SHAPES[x['shape']]['label']} {x['nodes']} x {x['gpus_per_node']}"
+        if x["routing"] != "all":
+            what += f" {x['routing']}"
+        by_reason.setdefault(reason, []).append(what)
+    return [f"- {reason}: {', '.join(dict.fromkeys(whats))}" for reason, whats in by_reason.items()]
+
+
+def render(payload: dict) -> tuple[str, int]:
+    """(markdown, exit status) from a measurement payload (``measure`` + command, settings)."""
     records, checks = payload["records"], payload["checks"]
     formula = uniform_checks(records)
     goals, invariants_ok = goal_lines(records)
     bad = [c for c in checks if c["outputs_failed"] or c["counter_mismatches"]
            or c["count_two_level_rows_mismatches"]]
-    gloo_topos = sorted({(c["nodes"], c["gpus_per_node"]) for c in checks if c["gloo"]})
-    cmd = "python benchmarks/comm_volume.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    settings = (f"trained routing: the tiny models of the flat mode ({args.train_steps} steps, 4 "
-                f"layers, softmax top-k, aux loss {args.aux_loss_coeff:g}), placement planned on "
-                f"{args.capture_batches // 2} x 8 x 128 held-out tokens, measured on the other "
-                f"{args.capture_batches // 2} x 8 x 128; uniform: {args.uniform_tokens} tokens; "
-                f"real gloo dispatchers at " + (", ".join(f"{d} x {g}" for d, g in gloo_topos)
-                                                  or "no topology") + ", analytic counter above")
     md = [f"Inter-node rows per token (dispatch; combine returns the same rows), measured with "
-          f"`{cmd.strip()}` ({settings}). Columns: `benchmarks/node_volume.py`.", "",
-          "Goals (issue 14), per topology:", "", *goals, "",
+          f"`{payload['command']}` ({payload['settings']}). Columns: `benchmarks/node_volume.py`.",
+          "", "Goals (issue 14), per topology:", "", *goals, "",
           "Every routing and placement (inter-node rows per token by method, then the two-level "
           "dispatcher's intra-node rows and the load columns):", "", *detail_table(records), "",
           "Where the load lands (issue 15): busiest / mean per placement, before (contiguous) "
@@ -165,33 +175,58 @@ def main_nodes(args, argv=None) -> int:
                f"all {len(checks)} analytic == count_two_level_rows on every source rank: "
                f"{'all passed' if not bad else f'{len(bad)} FAILED'}."]
     if payload["not_applicable"]:
-        md += ["", "Not applicable: " + "; ".join(
-            f"{SHAPES[x['shape']]['label']} {x['nodes']} x {x['gpus_per_node']} {x['routing']}"
-            f"{' ' + x['placement'] if 'placement' in x else ''}: {x['reason']}"
-            for x in payload["not_applicable"])]
-    text = "\n".join(md) + "\n"
+        md += ["", "Not applicable:", "", *not_applicable_lines(payload["not_applicable"])]
+    failures = []
+    if bad:
+        failures.append(f"FAILED counter/output checks: {bad}")
+    if not all(c["ok"] for c in formula):
+        failures.append("FAILED: uniform routing is off the formula by more than 2%")
+    if not invariants_ok:
+        failures.append("FAILED: the two-level dispatcher shipped more inter-node rows than "
+                        "DeepEP-style or the flat dedup")
+    for line in failures:
+        print(line)
+    return "\n".join(md) + "\n", int(bool(failures))
+
+
+def main_nodes(args, argv=None) -> int:
+    """The node mode of ``comm_volume.py`` (``--nodes``/``--gpus-per-node`` given). With
+    ``--render-json PATH`` the tables and plot are rebuilt from a saved JSON (its own command
+    and records) instead of measuring."""
+    t0 = time.perf_counter()
+    if args.render_json:
+        with open(args.render_json, encoding="utf-8") as f:
+            payload = json.load(f)
+    else:
+        payload = measure(args)
+        gloo_topos = sorted({(c["nodes"], c["gpus_per_node"]) for c in payload["checks"]
+                             if c["gloo"]})
+        cmd = "python benchmarks/comm_volume.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        settings = (
+            f"trained routing: the tiny models of the flat mode ({args.train_steps} steps, 4 "
+            f"layers, softmax top-k, aux loss {args.aux_loss_coeff:g}), placement planned on "
+            f"{args.capture_batches // 2} x 8 x 128 held-out tokens, measured on the other "
+            f"{args.capture_batches // 2} x 8 x 128; uniform: {args.uniform_tokens} tokens; real "
+            "gloo dispatchers at " + (", ".join(f"{d} x {g}" for d, g in gloo_topos) or "no "
+                                      "topology") + ", analytic counter above")
+        payload.update(command=cmd.strip(), settings=settings)
+    text, status = render(payload)
     print("\n" + text)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "comm_volume_nodes.md"), "w", encoding="utf-8") as f:
         f.write(text)
-    payload.update(command=cmd.strip(), settings=settings, goals=goals, formula_checks=formula,
-                   wall_s=time.perf_counter() - t0)
-    for path in [os.path.join(args.out, "comm_volume_nodes.json")] + ([args.json] if args.json
-                                                                       else []):
-        write_json(path, payload)
+    if not args.render_json:
+        payload.update(formula_checks=uniform_checks(payload["records"]),
+                       goals=goal_lines(payload["records"])[0], wall_s=time.perf_counter() - t0)
+        for path in [os.path.join(args.out, "comm_volume_nodes.json")] + (
+                [args.json] if args.json else []):
+            write_json(path, payload)
     png = os.path.join(args.out, "internode_volume.png")
-    plot(records, png)
+    plot(payload["records"], png)
     if args.docs:
         os.makedirs(args.docs, exist_ok=True)
         shutil.copy(png, os.path.join(args.docs, "internode_volume.png"))
         write_doc_section(os.path.join(args.docs, "comm_volume.md"), "nodes", text)
-    print(f"wrote {args.out}/comm_volume_nodes.{{md,json}}, internode_volume.png in "
+    print(f"wrote {args.out}/comm_volume_nodes.md, internode_volume.png in "
           f"{time.perf_counter() - t0:.0f} s")
-    if bad:
-        print(f"FAILED counter/output checks: {bad}")
-    if not all(c["ok"] for c in formula):
-        print("FAILED: uniform routing is off the formula by more than 2%")
-    if not invariants_ok:
-        print("FAILED: the two-level dispatcher shipped more inter-node rows than DeepEP-style "
-              "or the flat dedup")
-    return int(bool(bad) or not all(c["ok"] for c in formula) or not invariants_ok)
+    return status
