@@ -54,6 +54,9 @@ Routings:
                         selection rule on the planned groups)
     Megatron g-limited  ``moe_utils.group_limited_topk`` with groups = P (contiguous blocks),
                         group_topk 1 / 2
+    MoGE                ``c2r.mode=group_balanced`` (Pangu Pro MoE): exactly k/P experts from each
+                        rank's contiguous block (where P divides k): every rank gets the same
+                        rows, every token visits every rank
 
 Trained models are cached under ``<out>/models/`` (a rerun with the same settings reuses them).
 Writes ``<out>/comm_volume.md``, ``<out>/comm_volume.json`` (and ``--json PATH``) and
@@ -172,6 +175,7 @@ def build_cases(key: str, ep: int, uniform_tokens: int, trained: dict | None, se
 
     from megatron_c2r.collaboration import coactivation_counts, top_t_lists
     from megatron_c2r.routing.functional import c2r_topk, group_topk, selection_scores
+    from megatron_c2r.routing.moge import group_balanced_topk
 
     shape = SHAPES[key]
     E, k = shape["experts"], shape["topk"]
@@ -204,7 +208,7 @@ def build_cases(key: str, ep: int, uniform_tokens: int, trained: dict | None, se
 
     trained_names = (["trained_topk"] + [f"c2r_T{t}" for t in shape["top_t"]]
                      + [f"{sel}_M{m}" for m in MAX_GROUPS for sel in ("anchored", "group_score")]
-                     + [f"megatron_gl_M{m}" for m in MAX_GROUPS])
+                     + [f"megatron_gl_M{m}" for m in MAX_GROUPS] + ["moge"])
     if trained is None:
         na.append(dict(routing="trained", routings=trained_names,
                        reason="no trained model for this shape: not in --trained-shapes (the "
@@ -254,6 +258,14 @@ def build_cases(key: str, ep: int, uniform_tokens: int, trained: dict | None, se
         gl_LTK = torch.stack([group_limited_topk(s_TE, k, s_TE.shape[0], E, ep, m)[1]
                               for s_TE in measure_LTE])
         add(f"megatron_gl_M{m}", "megatron", gl_LTK)
+    # MoGE (issue 18, c2r.mode=group_balanced): k/P experts from each rank's contiguous block,
+    # the router's own selection; the balance end (every rank gets exactly T*k/P rows).
+    if k % ep:
+        na.append(dict(routing="moge", reason=f"P={ep} does not divide k={k}: MoGE takes k/P per rank"))
+    else:
+        groups_GN = torch.arange(E).view(ep, -1)  # contiguous blocks: rank r holds row r
+        add("moge", "megatron", torch.stack([group_balanced_topk(s_TE, k, groups_GN)[1]
+                                             for s_TE in measure_LTE]))
     return cases, na
 
 

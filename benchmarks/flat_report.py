@@ -32,6 +32,8 @@ ROUTING_LABELS = {"uniform": "uniform random", "trained_topk": "trained top-k",
 def routing_label(name: str, ep: int) -> str:
     if name in ROUTING_LABELS:
         return ROUTING_LABELS[name]
+    if name == "moge":
+        return f"MoGE (k/{ep} per rank)"
     if name.startswith("c2r_T"):
         return f"C2R T={name[5:]}"
     m = name.rsplit("_M", 1)[1]

@@ -38,7 +38,8 @@ averaged over layers):
 Routings: uniform random top-k; trained top-k (the tiny models of ``volume_lib``); Megatron's
 node-limited routing (``group_limited_topk`` with groups = nodes, M of N nodes; N/2 of N is the
 DeepSeek-V3-like 4 of 8); ours node-anchored M=1, M=2 (``routing.functional.node_topk``: the
-top-1 expert's node plus the best M-1 other nodes). Placements: Megatron's contiguous blocks,
+top-1 expert's node plus the best M-1 other nodes); MoGE over nodes (``c2r.mode=group_balanced``
+with groups = nodes, where N divides k: k/N experts from every node, the balance end). Placements: Megatron's contiguous blocks,
 planned (the flat rank planner at P = N*G) and hierarchical (nodes first, then ranks inside each
 node; ``volume_lib.plan_hierarchical``) and balanced (hierarchical with every rank's and node's
 expected load <= 1.10x the mean, the planner's ``max_load_imbalance``). Every rule runs on the
@@ -87,6 +88,8 @@ def routing_label(name: str, nodes: int) -> str:
         return "uniform random"
     if name == "trained_topk":
         return "trained top-k"
+    if name == "moge_nodes":
+        return f"MoGE over nodes (k/{nodes} per node)"
     m = int(name.rsplit("_M", 1)[1])
     if name.startswith("megatron_nl"):
         like = " (DeepSeek-V3-like)" if m == nodes // 2 and nodes >= 4 else ""
@@ -120,6 +123,7 @@ def build_node_cases(key: str, nodes: int, gpus: int, uniform_tokens: int, train
     from megatron.core.transformer.moe.moe_utils import group_limited_topk
 
     from megatron_c2r.routing.functional import selection_scores
+    from megatron_c2r.routing.moge import group_balanced_topk
 
     shape = SHAPES[key]
     E, k, P = shape["experts"], shape["topk"], nodes * gpus
@@ -176,6 +180,14 @@ def build_node_cases(key: str, nodes: int, gpus: int, uniform_tokens: int, train
                 na.append(dict(routing=name, placement=placement, reason=reason))
                 continue
             add(name, placement, torch.stack([_node_anchored(s_TE, k, nodes, P, m) for s_TE in s_LTE]))
+    # MoGE over nodes (issue 18, c2r.mode=group_balanced with groups = nodes): k/N experts from
+    # every node, the balance end: each node gets exactly T*k/N rows, each token visits every node.
+    if k % nodes:
+        na.append(dict(routing="moge_nodes", reason=f"N={nodes} does not divide k={k}"))
+    else:
+        groups_GN = torch.arange(E).view(nodes, -1)  # contiguous blocks: node d holds row d
+        add("moge_nodes", "megatron", torch.stack([group_balanced_topk(s_TE, k, groups_GN)[1]
+                                                   for s_TE in measure_LTE]))
     return cases, na
 
 

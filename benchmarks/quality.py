@@ -90,6 +90,31 @@ SHAPES = {
 # and Megatron's default expert-bias rate for the group (node) bias.
 BALANCE_LOSSES = ["c2r.device_balance_coeff=0.05", "c2r.comm_balance_coeff=0.02"]
 GROUP_BIAS = ["c2r.group_bias_rate=0.001"]
+# The tiny model's width (configs/tiny_cpu.yaml megatron.hidden-size) and BigMac's dispatch width.
+HIDDEN = 128
+DISPATCH_DIM = HIDDEN // 2
+
+
+def equal_active_ffn(shape: Dict, d: int = DISPATCH_DIM, hidden: int = HIDDEN) -> int:
+    """BigMac's expert FFN width F' at dispatch width d with the plain layer's active parameters
+    (the paper's comparison): k SwiGLU experts 3*H*F = the shared projections 2*H*d + k * 3*d*F'."""
+    k, f = shape["topk"], shape["moe_ffn"]
+    return round((k * 3 * hidden * f - 2 * hidden * d) / (k * 3 * d))
+
+
+def bigmac(shape: Dict) -> List[str]:
+    """``c2r.dispatch_dim`` = H/2 at equal active parameters."""
+    return [f"c2r.dispatch_dim={DISPATCH_DIM}", f"c2r.dispatch_ffn_hidden_size={equal_active_ffn(shape)}"]
+
+
+def moge(shape: Dict) -> Dict[str, List[str]]:
+    """MoGE (``c2r.mode=group_balanced``, k/G experts from each of the G virtual ranks) where G
+    divides k. Its groups stay the contiguous expert blocks (``cpu.replan=false``), as in Pangu
+    Pro MoE: the balance does not depend on the grouping, and a collaboration-aware plan would
+    put the experts a token wants together in the one group it may take only k/G from."""
+    if shape["topk"] % shape["groups"]:
+        return {}
+    return {"moge": ["c2r.mode=group_balanced", "cpu.replan=false"]}
 
 
 def routings(shape: Dict) -> Dict[str, List[str]]:
@@ -109,6 +134,10 @@ def routings(shape: Dict) -> Dict[str, List[str]]:
         out[f"anchored_M{m}"] = ["c2r.mode=group", f"c2r.max_groups={m}", "c2r.group_selection=anchored"]
         out[f"group_score_M{m}"] = ["c2r.mode=group", f"c2r.max_groups={m}", "c2r.group_selection=group_score"]
         out[f"anchored_M{m}_penalty"] = out[f"anchored_M{m}"] + ["c2r.penalty_coeff=0.003"]
+    # Issue 18's designs: the balance end (MoGE) and narrow rows (BigMac, plain and composed).
+    out.update(moge(shape))
+    out["topk_bigmac"] = out["topk"] + bigmac(shape)
+    out["anchored_M1_bigmac"] = out["anchored_M1"] + bigmac(shape)
     return {name: sets + [f"c2r.num_groups={g}"] for name, sets in out.items()}
 
 
@@ -127,6 +156,8 @@ def node_routings(shape: Dict) -> Dict[str, List[str]]:
         out[f"node_M{m}_balance"] = node + BALANCE_LOSSES
     for t in shape["top_t"]:
         out[f"c2r_T{t}"] = ["c2r.mode=c2r", f"c2r.top_t={t}"]
+    out.update(moge(shape))  # MoGE over the G virtual ranks: every token visits every node
+    out["node_M1_bigmac"] = out["node_M1"] + bigmac(shape)
     return {name: sets + [f"c2r.num_groups={g}", f"c2r.num_nodes={d}"] for name, sets in out.items()}
 
 
@@ -246,7 +277,8 @@ def main(argv=None) -> int:
     with ThreadPoolExecutor(args.workers) as pool, tqdm(total=len(jobs), desc="quality runs") as bar:
         futures = {pool.submit(run_one, j[3], j[4], j[5], j[2], args.steps, args.warmup): j for j in jobs}
         for fut, job in futures.items():
-            results.setdefault(job[0], {}).setdefault(job[1], []).append({**fut.result(), "seed": job[2]})
+            results.setdefault(job[0], {}).setdefault(job[1], []).append(
+                {**fut.result(), "seed": job[2], "row_width": row_width(job[5])})
             bar.update(1)
     if not jobs:
         print(f"quality.py: no runs to do or report under --out={args.out} for --shapes "
@@ -281,7 +313,14 @@ HEAD_TO_HEAD = (
     [(f"anchored_M{m}{tail}", f"megatron_gl_{m}") for m in (1, 2) for tail in ("", "_warmup120")]
     + [(f"node_M{m}{tail}", f"megatron_nl_{m}") for m in (1, 2) for tail in ("", "_bias", "_balance")]
     + [(f"node_M{m}{tail}", f"node_M{m}") for m in (1, 2) for tail in ("_bias", "_balance")]
+    + [("anchored_M1_bigmac", "anchored_M1"), ("node_M1_bigmac", "node_M1")]
 )
+
+
+def row_width(sets: List[str]) -> float:
+    """Dispatched row width over the model width H: d/H with ``c2r.dispatch_dim=d``, else 1."""
+    found = [int(s.split("=", 1)[1]) for s in sets if s.startswith("c2r.dispatch_dim=")]
+    return found[-1] / HIDDEN if found else 1.0
 
 
 def _mean_of(runs: List[Dict], key: str) -> float:
@@ -305,6 +344,8 @@ def node_columns(shape: Dict, runs: List[Dict], topk_runs: List[Dict]) -> Dict:
         "inter_node_rows_alltoall": k * (d - 1) / d,
         "fewer_inter_node_rows_than_alltoall": k * (d - 1) / d / inter if inter else None,
         "fewer_inter_node_rows_than_topk": topk_inter / inter if inter else None,
+        "fewer_inter_node_bytes_than_alltoall": (k * (d - 1) / d / inter / runs[0]["row_width"]
+                                                 if inter else None),
         "rank_load_max_over_mean": _mean_of(runs, "rank_load_max_over_mean"),
         "node_load_max_over_mean": _mean_of(runs, "node_load_max_over_mean"),
     }
@@ -332,6 +373,9 @@ def summarize(results: Dict, args) -> Dict:
                 "val_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
                 "rows_per_token": rpt,
                 "fewer_rows_than_alltoall": k / rpt if rpt else None,
+                # Bytes: every row is d/H as wide with BigMac (alltoall at full width H).
+                "row_width": runs[0]["row_width"],
+                "fewer_bytes_than_alltoall": k / rpt / runs[0]["row_width"] if rpt else None,
                 **(node_columns(SHAPES[shape_name], runs, by_routing.get("topk", []))
                    if "nodes" in SHAPES[shape_name] else {}),
                 "runs": runs,
@@ -369,13 +413,14 @@ def markdown_table(report: Dict) -> str:
                      f"warm-up {report['warmup']}, virtual EP = {shape['groups']}{where})\n")
         if nodes:
             lines.append("| routing | seeds | ranks/token | nodes/token | inter-node rows/token | fewer than "
-                         "alltoall | fewer than top-k | fresh-batch loss vs top-k | val loss vs top-k | "
+                         "alltoall | fewer than top-k | fewer inter-node bytes than alltoall | "
+                         "fresh-batch loss vs top-k | val loss vs top-k | "
                          "busiest rank / mean | busiest node / mean | val loss (mean ± std) |")
-            lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+            lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         else:
-            lines.append("| routing | seeds | rows/token | fewer rows than alltoall | fresh-batch loss vs "
-                         "top-k | val loss vs top-k | val loss (mean ± std) |")
-            lines.append("|---|---|---|---|---|---|---|")
+            lines.append("| routing | seeds | rows/token | fewer rows than alltoall | fewer bytes than "
+                         "alltoall | fresh-batch loss vs top-k | val loss vs top-k | val loss (mean ± std) |")
+            lines.append("|---|---|---|---|---|---|---|---|")
         for name, r in sorted(shape["routings"].items(), key=lambda kv: kv[1]["rows_per_token"], reverse=True):
             fresh, val = "—", "—"
             if name != "topk" and r["paired_vs_topk_pct_mean"] is not None:
@@ -386,12 +431,14 @@ def markdown_table(report: Dict) -> str:
                 lines.append(
                     f"| {name} | {len(r['runs'])} | {r['rows_per_token']:.2f} | {r['nodes_per_token']:.2f} | "
                     f"{r['inter_node_rows_per_token']:.2f} | {_times(r['fewer_inter_node_rows_than_alltoall'])} | "
-                    f"{_times(r['fewer_inter_node_rows_than_topk'])} | {fresh} | {val} | "
+                    f"{_times(r['fewer_inter_node_rows_than_topk'])} | "
+                    f"{_times(r.get('fewer_inter_node_bytes_than_alltoall'))} | {fresh} | {val} | "
                     f"{r['rank_load_max_over_mean']:.2f} | {r['node_load_max_over_mean']:.2f} | "
                     f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} |")  # fmt: skip
             else:
                 lines.append(f"| {name} | {len(r['runs'])} | {r['rows_per_token']:.2f} | "
-                             f"{r['fewer_rows_than_alltoall']:.2f}× | {tail}")
+                             f"{r['fewer_rows_than_alltoall']:.2f}× | "
+                             f"{_times(r.get('fewer_bytes_than_alltoall'))} | {tail}")
         if shape.get("head_to_head"):
             lines.append("\n| at equal rows/token | fresh-batch loss change | lower in | val loss change | lower in |")
             lines.append("|---|---|---|---|---|")

@@ -42,6 +42,10 @@ def test_measured_rows_match_the_uniform_formula_and_each_routing_rules_bound(di
         assert by[(name, "planned")]["rows_per_token"] <= 2.0
     topk = by[("trained_topk", "megatron")]["rows_per_token"]
     assert by[("trained_topk", "planned")]["rows_per_token"] < 0.9 * topk
+    # MoGE (k/P = 1 per rank): every token on every rank, every rank exactly the mean load.
+    moge = by[("moge", "megatron")]
+    assert moge["rows_per_token"] == P and moge["rank_load_imbalance"] == 1.0
+    assert moge["rank_received_imbalance"] == 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,3 +132,8 @@ def test_node_mode_dispatcher_counters_equal_the_analytic_counter_at_2x2(dist_po
     topk = by[("trained_topk", "megatron", "two_level")]["inter_node_rows_per_token"]
     assert by[("trained_topk", "hierarchical", "two_level")]["inter_node_rows_per_token"] < topk
     assert by[("trained_topk", "megatron", "flat")]["inter_node_rows_per_token"] > topk
+    # MoGE over nodes (k/N = 2 per node): every token on both nodes, both nodes the mean load.
+    moge = by[("moge_nodes", "megatron", "two_level")]
+    assert moge["max_nodes_per_token"] == 2 and moge["nodes_per_token"] == 2.0
+    assert moge["inter_node_rows_per_token"] == pytest.approx(1.0, abs=0.02)  # 2 x (N-1)/N
+    assert moge["busiest_node_tokens_over_mean"] == 1.0
