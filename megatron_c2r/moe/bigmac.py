@@ -134,8 +134,9 @@ class LowDimMoELayer(C2RMoELayer):
         dispatch_dim: d, the width of every dispatched row (1 <= d <= H).
         dispatch_ffn_hidden_size: F, the experts' FFN width at d; None -> the model's
             ``moe_ffn_hidden_size``.
-        dispatcher, layer_kwargs: as ``C2RMoELayer`` (``"dedup"`` with its ``hierarchy`` /
-            ``gpus_per_node`` / ``topology_memo``, or ``"megatron"``).
+        args, kwargs: forwarded to ``C2RMoELayer``: ``layer_number``, ``pg_collection``,
+            ``dispatcher`` (``"dedup"`` with its ``hierarchy`` / ``gpus_per_node`` /
+            ``topology_memo``, or ``"megatron"``) and the rest of its ``layer_kwargs``.
 
     Forward: ``[S, B, H]`` in, ``[S, B, H]`` out, like ``MoELayer``. Host syncs and collectives
     are the dispatcher's (no new ones); the projections are two dense GEMMs per micro-batch of
@@ -146,26 +147,23 @@ class LowDimMoELayer(C2RMoELayer):
         self,
         config,
         submodules: Optional[MoESubmodules] = None,
-        layer_number: Optional[int] = None,
-        pg_collection=None,
+        *args,
         dispatch_dim: Optional[int] = None,
         dispatch_ffn_hidden_size: Optional[int] = None,
-        **layer_kwargs,
+        **kwargs,
     ):
         ffn = check_dispatch_dims(config, dispatch_dim, dispatch_ffn_hidden_size)
         inner = expert_config(config, dispatch_dim, ffn)
-        if pg_collection is None:
-            pg_collection = compat.get_default_pg_collection()
         # MoELayer builds its experts from the layer config; build a placeholder there
         # (Identity ignores its arguments, nothing is allocated) and the real experts at d below.
         placeholder = dataclasses.replace(submodules, experts=torch.nn.Identity)
-        super().__init__(config, placeholder, layer_number, pg_collection, **layer_kwargs)
+        super().__init__(config, placeholder, *args, **kwargs)
         self.submodules = submodules
         self.dispatch_dim, self.expert_ffn_hidden_size = dispatch_dim, ffn
         self.expert_config = inner
         self.experts = compat.build_from_spec(  # a ModuleSpec on 0.16/0.17, a partial on 0.18+
             submodules.experts, num_local_experts=self.num_local_experts, config=inner,
-            pg_collection=pg_collection,
+            pg_collection=self.pg_collection,
         )
         hidden = config.hidden_size
         self.dispatch_down = DispatchProjection(config, hidden, dispatch_dim, config.init_method)

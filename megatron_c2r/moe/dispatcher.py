@@ -133,9 +133,10 @@ class DedupDispatcherBase(MoETokenDispatcher):
         pg_collection: Megatron process groups; ``None`` -> ``compat.get_default_pg_collection()``.
             Only ``pg_collection.ep`` carries traffic.
 
-    Attributes: ``comm_stats`` / ``last_stats`` (:attr:`stats_class` records),
-    ``finite_check_router`` (see the subclasses). Construction runs no collective. Not a
-    dispatcher by itself: subclasses implement the six stages and define ``num_slots``.
+    Attributes: ``pg_collection`` (``None`` resolved), ``comm_stats`` / ``last_stats``
+    (:attr:`stats_class` records), ``finite_check_router`` (see the subclasses). Construction
+    runs no collective. Not a dispatcher by itself: subclasses implement the six stages and
+    define ``num_slots``.
     """
 
     stats_class: type = CommStats  # what comm_stats and last_stats record
@@ -156,6 +157,7 @@ class DedupDispatcherBase(MoETokenDispatcher):
         if not config_validated:
             validate_dedup_config(config, ep_size, utils.get_pg_size(pg_collection.expt_tp))
         super().__init__(config=config, pg_collection=pg_collection)
+        self.pg_collection = pg_collection
         self.ep_rank = utils.get_pg_rank(self.ep_group)
         check_local_experts(
             local_expert_indices, num_local_experts, config.num_moe_experts, self.ep_rank, ep_size

@@ -96,7 +96,8 @@ class C2RMoELayer(MoELayer):
     dispatcher classes. With ``"auto"``/``"two_level"`` the first layer of a memo runs one
     all-gather over the EP group (construction only). The dedup dispatcher's row/byte counters
     are at :attr:`comm_stats`; the node layout it used at :attr:`topology` (None with
-    ``"flat"`` or ``"megatron"``).
+    ``"flat"`` or ``"megatron"``); the process groups it was built with (``None`` resolved) at
+    :attr:`pg_collection`.
     """
 
     def __init__(
@@ -116,7 +117,7 @@ class C2RMoELayer(MoELayer):
         check_hierarchy(hierarchy)  # before any collective
         if pg_collection is None:
             pg_collection = compat.get_default_pg_collection()
-        self.dispatcher = dispatcher
+        self.dispatcher, self.pg_collection = dispatcher, pg_collection
         if dispatcher == "megatron":
             super().__init__(config, submodules, layer_number, pg_collection, **layer_kwargs)
             self.topology = None

@@ -68,7 +68,7 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
 
     Args:
         num_local_experts, local_expert_indices, config, pg_collection, config_validated: as
-            :class:`~megatron_c2r.moe.dispatcher.DedupDispatcherBase`.
+            :class:`~megatron_c2r.moe.dispatcher.DedupDispatcherBase` (forwarded to it).
         topology: the EP group's :class:`NodeTopology`; ``None`` -> :func:`discover_topology`
             (one all-gather over the EP group at construction, or none with ``gpus_per_node``).
         gpus_per_node: simulate nodes of this many consecutive global ranks (tests, CPU).
@@ -89,26 +89,17 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
 
     def __init__(
         self,
-        num_local_experts: int,
-        local_expert_indices: List[int],
-        config,
-        pg_collection=None,
-        *,
+        *args,
         topology: Optional[NodeTopology] = None,
         gpus_per_node: Optional[int] = None,
-        config_validated: bool = False,
+        **kwargs,
     ) -> None:
-        if pg_collection is None:
-            pg_collection = compat.get_default_pg_collection()
-        super().__init__(
-            num_local_experts, local_expert_indices, config, pg_collection,
-            config_validated=config_validated,
-        )  # fmt: skip
+        super().__init__(*args, **kwargs)
         if topology is None:
             topology = discover_topology(
                 self.ep_group,
                 gpus_per_node=gpus_per_node,
-                parallel_sizes=parallel_sizes(config, pg_collection),
+                parallel_sizes=parallel_sizes(self.config, self.pg_collection),
             )
         if (topology.ep_size, topology.rank) != (self.ep_size, self.ep_rank):
             raise ValueError(
@@ -116,8 +107,8 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
                 f"this EP group (size {self.ep_size}, rank {self.ep_rank}); build it on this group"
             )
         self.topology = topology
-        k, G = config.moe_router_topk, topology.ranks_per_node
-        self.num_slots = (min(k, G * num_local_experts), min(k, num_local_experts))  # (V, S)
+        k, G, L = self.config.moe_router_topk, topology.ranks_per_node, self.num_local_experts
+        self.num_slots = (min(k, G * L), min(k, L))  # (V, S)
         self.plan = None
 
     def _hop(self, x: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int]):
