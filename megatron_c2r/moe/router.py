@@ -332,6 +332,21 @@ class C2RRouter(TopKRouter):
             "activations / lower the LR"
         )
 
+    def _drop_over_capacity(self, probs_TE, routing_map_TE):
+        """Megatron's capacity dropping (``moe_expert_capacity_factor``), as ``TopKRouter``
+        applies it; ``(probs_TE, routing_map_TE)`` unchanged without a capacity factor."""
+        mc = self.config
+        if mc.moe_expert_capacity_factor is None:
+            return probs_TE, routing_map_TE
+        return apply_router_token_dropping(
+            probs_TE,
+            routing_map_TE,
+            router_topk=self.topk,
+            capacity_factor=mc.moe_expert_capacity_factor,
+            drop_policy=mc.moe_token_drop_policy,
+            pad_to_capacity=mc.moe_pad_expert_input_to_capacity,
+        )
+
     def _constrained_routing(self, logits_TE, padding_T, seq_batch, want_preferred=False):
         """TopKRouter.routing with the rule's selection in place of plain top-k.
         ``logits_TE`` [T, E], ``padding_T`` [T] or None, ``seq_batch`` = (S, B).
@@ -365,15 +380,7 @@ class C2RRouter(TopKRouter):
             scaling_factor=mc.moe_router_topk_scaling_factor,
         )
         # 3. Capacity dropping, as TopKRouter does.
-        if mc.moe_expert_capacity_factor is not None:
-            probs_TE, routing_map_TE = apply_router_token_dropping(
-                probs_TE,
-                routing_map_TE,
-                router_topk=self.topk,
-                capacity_factor=mc.moe_expert_capacity_factor,
-                drop_policy=mc.moe_token_drop_policy,
-                pad_to_capacity=mc.moe_pad_expert_input_to_capacity,
-            )
+        probs_TE, routing_map_TE = self._drop_over_capacity(probs_TE, routing_map_TE)
         # 4. Aux losses on the *constrained* routing map (the load the experts actually get).
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
             # Megatron's compute_routing_scores_for_aux_loss also runs a plain top-k whose map
