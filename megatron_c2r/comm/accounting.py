@@ -16,16 +16,40 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar, Sequence, Union
 
 import torch
+
+
+class Ratio:
+    """A derived counter ratio, declared once on a stats class: the sum of the ``numerator``
+    counters over the sum of the ``denominator`` counters, the denominator floored at 1 (so 0.0
+    while nothing was recorded). Read-only; reads like a property (a float per instance)."""
+
+    def __init__(self, numerator: Union[str, tuple], over: Union[str, tuple]) -> None:
+        self.numerator = (numerator,) if isinstance(numerator, str) else tuple(numerator)
+        self.denominator = (over,) if isinstance(over, str) else tuple(over)
+        self.__doc__ = f"({' + '.join(self.numerator)}) / max({' + '.join(self.denominator)}, 1)"
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, stats, owner=None):
+        if stats is None:
+            return self
+        num = sum(getattr(stats, field) for field in self.numerator)
+        return num / max(sum(getattr(stats, field) for field in self.denominator), 1)
+
+    def __set__(self, stats, value) -> None:
+        raise AttributeError(f"{self.name} is derived from the counters; set those instead")
 
 
 @dataclass
 class CommStats:
     """Counters for one MoE layer on one rank (plain ints; ``+=`` friendly)."""
 
-    # Derived ratios (properties) that :meth:`as_dict` adds to the counters; subclasses extend it.
+    # Derived ratios (:class:`Ratio` attributes, below) that :meth:`as_dict` adds to the
+    # counters; subclasses extend it.
     RATIOS: ClassVar[tuple[str, ...]] = (
         "ranks_per_token", "dispatch_row_reduction", "remote_byte_reduction"
     )
@@ -53,22 +77,15 @@ class CommStats:
         for field in dataclasses.fields(self):
             setattr(self, field.name, 0)
 
-    @property
-    def ranks_per_token(self) -> float:
-        """Distinct destination ranks per routed token (= dispatched rows per token)."""
-        return self.rows_dispatched / max(self.routed_tokens, 1)
-
-    @property
-    def dispatch_row_reduction(self) -> float:
-        """Megatron's dispatched rows / ours (>= 1; k / ranks_per_token)."""
-        return self.megatron_rows_dispatched / max(self.rows_dispatched, 1)
-
-    @property
-    def remote_byte_reduction(self) -> float:
-        """Megatron's remote bytes (both directions) / ours."""
-        ours = self.bytes_dispatched_remote + self.bytes_combined_remote
-        theirs = self.megatron_bytes_dispatched_remote + self.megatron_bytes_combined_remote
-        return theirs / max(ours, 1)
+    ranks_per_token = Ratio("rows_dispatched", over="routed_tokens")
+    """Distinct destination ranks per routed token (= dispatched rows per token)."""
+    dispatch_row_reduction = Ratio("megatron_rows_dispatched", over="rows_dispatched")
+    """Megatron's dispatched rows / ours (>= 1; k / ranks_per_token)."""
+    remote_byte_reduction = Ratio(
+        ("megatron_bytes_dispatched_remote", "megatron_bytes_combined_remote"),
+        over=("bytes_dispatched_remote", "bytes_combined_remote"),
+    )
+    """Megatron's remote bytes (both directions) / ours."""
 
     def as_dict(self) -> dict:
         """Counters, then the :attr:`RATIOS`, for loggers."""

@@ -38,7 +38,7 @@ from typing import ClassVar, Optional, Sequence
 
 import torch
 
-from megatron_c2r.comm.accounting import CommStats, stats_from_counts
+from megatron_c2r.comm.accounting import CommStats, Ratio, stats_from_counts
 from megatron_c2r.comm.rows import meta_dtype
 from megatron_c2r.comm.topology import NodeTopology
 
@@ -396,15 +396,10 @@ class TwoLevelCommStats(CommStats):
         "inter_node_rows_per_token", "inter_node_byte_reduction"
     )
 
-    @property
-    def inter_node_rows_per_token(self) -> float:
-        """Rows this rank's tokens send over the inter-node hop, per routed token."""
-        return self.inter_node_rows_sent / max(self.routed_tokens, 1)
-
-    @property
-    def inter_node_byte_reduction(self) -> float:
-        """Megatron alltoall's inter-node bytes / ours (both directions)."""
-        return self.megatron_inter_node_bytes / max(self.inter_node_bytes, 1)
+    inter_node_rows_per_token = Ratio("inter_node_rows_sent", over="routed_tokens")
+    """Rows this rank's tokens send over the inter-node hop, per routed token."""
+    inter_node_byte_reduction = Ratio("megatron_inter_node_bytes", over="inter_node_bytes")
+    """Megatron alltoall's inter-node bytes / ours (both directions)."""
 
 
 def two_level_stats(
