@@ -14,17 +14,12 @@ GROUP_SELECTIONS = ("anchored", "group_score")
 NODE_ONLY_FIELDS = ("max_nodes", "max_ranks_per_node")
 
 
-def experts_per_group(
-    num_experts: int,
-    num_groups: int,
-    *,
-    groups_name: str = "c2r.num_groups",
-    experts_name: str = "num_moe_experts",
-) -> int:
-    """E / G, the experts in each of ``num_groups`` balanced groups: the EP rule
-    (``parallel.experts_per_rank``, one source for "parts split the experts evenly") with the
-    group fields named in its one-line error."""
-    return experts_per_rank(num_experts, num_groups, experts_name=experts_name, ep_name=groups_name)
+def _at_least(low: int, *, default, note: str = ""):
+    """A ``C2RRouterConfig`` field that must be >= ``low``; ``__post_init__`` raises the one-line
+    ``c2r.<field>=<value> must be >= <low><note>``. A field whose default is None may stay None
+    (unset), and its error says so."""
+    note = " (or unset)" if default is None else note
+    return dataclasses.field(default=default, metadata=dict(at_least=low, note=note))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,18 +88,18 @@ class C2RRouterConfig:
     max_groups: int = 1
     group_selection: str = "anchored"
     expert_to_group: Optional[Tuple[int, ...]] = None
-    num_nodes: Optional[int] = None
-    gpus_per_node: Optional[int] = None
-    max_nodes: Optional[int] = None
-    max_ranks_per_node: Optional[int] = None
-    penalty_coeff: float = 0.0
-    device_balance_coeff: float = 0.0
-    comm_balance_coeff: float = 0.0
-    group_bias_rate: float = 0.0
-    warmup_steps: int = 0
-    refresh_interval: int = 0
+    num_nodes: Optional[int] = _at_least(1, default=None)
+    gpus_per_node: Optional[int] = _at_least(1, default=None)
+    max_nodes: Optional[int] = _at_least(1, default=None)
+    max_ranks_per_node: Optional[int] = _at_least(1, default=None)
+    penalty_coeff: float = _at_least(0, default=0.0, note=" (0 = off)")
+    device_balance_coeff: float = _at_least(0, default=0.0, note=" (0 = off)")
+    comm_balance_coeff: float = _at_least(0, default=0.0, note=" (0 = off)")
+    group_bias_rate: float = _at_least(0, default=0.0, note=" (0 = off)")
+    warmup_steps: int = _at_least(0, default=0)
+    refresh_interval: int = _at_least(0, default=0)
     track_collaboration: bool = True
-    preference_sample_interval: int = 1
+    preference_sample_interval: int = _at_least(1, default=1, note=" (1 = count every iteration)")
     check_finite_logits: bool = True
 
     def __post_init__(self):
@@ -115,20 +110,10 @@ class C2RRouterConfig:
                 f"c2r.group_selection={self.group_selection!r} must be one of "
                 f"{', '.join(GROUP_SELECTIONS)}"
             )
-        for name in ("warmup_steps", "refresh_interval"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"c2r.{name}={getattr(self, name)} must be >= 0")
-        for name in ("penalty_coeff", "device_balance_coeff", "comm_balance_coeff", "group_bias_rate"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"c2r.{name}={getattr(self, name)} must be >= 0 (0 = off)")
-        if self.preference_sample_interval < 1:
-            raise ValueError(
-                f"c2r.preference_sample_interval={self.preference_sample_interval} must be >= 1 "
-                "(1 = count every iteration)"
-            )
-        for name in ("num_nodes", "gpus_per_node", "max_nodes", "max_ranks_per_node"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"c2r.{name}={getattr(self, name)} must be >= 1 (or unset)")
+        for f in dataclasses.fields(self):  # the lower bounds the fields declare (_at_least)
+            value, low = getattr(self, f.name), f.metadata.get("at_least")
+            if low is not None and not (value is None and f.default is None) and value < low:
+                raise ValueError(f"c2r.{f.name}={value} must be >= {low}{f.metadata['note']}")
         if self.mode != "node":
             for name in NODE_ONLY_FIELDS:
                 if getattr(self, name) is not None:
@@ -165,7 +150,10 @@ class C2RRouterConfig:
         if num_groups is None:  # one group per EP rank: the EP rule
             experts_per_rank(num_experts, ep_size, experts_name="num_moe_experts")
             num_groups = ep_size
-        experts_per_group(num_experts, num_groups)
+        # Groups split the experts evenly: the EP rule, with the group field named.
+        experts_per_rank(
+            num_experts, num_groups, experts_name="num_moe_experts", ep_name="c2r.num_groups"
+        )
         if self.mode == "c2r" and not topk - 1 <= self.top_t <= num_experts - 1:
             raise ValueError(
                 f"c2r.top_t={self.top_t} must satisfy moe_router_topk-1={topk - 1} <= top_t <= "

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron_c2r.routing.config import experts_per_group
+from megatron_c2r.parallel import experts_per_rank  # E / G: groups split like EP ranks
 
 
 # ------------------------------------------------------------------------------------------------
@@ -65,8 +65,8 @@ def validate_groups(
 ) -> None:
     """Check an expert->group map: a balanced partition into ``num_groups`` groups of E/G experts,
     1 <= max_groups <= G, and k <= max_groups * E/G (enough experts under the constraint)."""
-    per_group = experts_per_group(
-        expert_to_group_E.numel(), num_groups, groups_name="num_groups", experts_name="num_experts"
+    per_group = experts_per_rank(
+        expert_to_group_E.numel(), num_groups, experts_name="num_experts", ep_name="num_groups"
     )
     if not 1 <= max_groups <= num_groups:
         raise ValueError(f"max_groups={max_groups} must be in [1, num_groups={num_groups}]")
@@ -90,8 +90,8 @@ def validate_groups(
 def contiguous_groups(num_experts: int, num_groups: int) -> torch.Tensor:
     """int64 [E]: the default partition, contiguous blocks of E/G ids (= the EP ranks' expert
     sets when G is the EP size, after any placement relabelling)."""
-    per_group = experts_per_group(num_experts, num_groups, groups_name="num_groups",
-                                  experts_name="num_experts")
+    per_group = experts_per_rank(num_experts, num_groups, experts_name="num_experts",
+                                 ep_name="num_groups")
     return torch.arange(num_experts, dtype=torch.int64) // per_group
 
 
