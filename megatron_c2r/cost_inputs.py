@@ -107,7 +107,8 @@ class MoEShape:
 
     @property
     def experts_per_gpu(self) -> int:
-        return self.num_experts // self.ep_size
+        """L = E / P (``parallel.experts_per_rank``, the rule ``__post_init__`` checked)."""
+        return parallel.experts_per_rank(self.num_experts, self.ep_size, ep_name="ep_size")
 
     @property
     def flops_per_row(self) -> float:

@@ -36,8 +36,7 @@ def experts_per_rank(
 ) -> int:
     """E / P, the experts each EP rank holds. Raises ValueError naming both fields (as the caller
     spells them, e.g. ``megatron.--num-experts``) when P < 1 or P does not divide E."""
-    if ep_size < 1:
-        raise ValueError(f"{ep_name}={ep_size} must be >= 1")
+    require_positive(ep_size, ep_name)
     if num_experts < 1 or num_experts % ep_size:
         raise ValueError(
             f"{experts_name}={num_experts} must be divisible by {ep_name}={ep_size}: "
@@ -54,8 +53,7 @@ def check_topk(
     experts_name: str = "num_experts",
 ) -> int:
     """``topk`` if 1 <= k <= E (a token cannot pick more distinct experts than exist)."""
-    if topk < 1:
-        raise ValueError(f"{topk_name}={topk} must be >= 1")
+    require_positive(topk, topk_name)
     if topk > num_experts:
         raise ValueError(
             f"{topk_name}={topk} must be <= {experts_name}={num_experts}: lower the top-k or "
