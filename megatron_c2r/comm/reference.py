@@ -66,6 +66,15 @@ def _weighted_expert_outputs(
     )
 
 
+def _experts_on_rows(x_QH, row_idx_N, probs_N, tokens_per_expert, experts) -> torch.Tensor:
+    """A destination rank's steps 4-5 in both simulators: the expanded copies of the received
+    rows ``x_QH`` (``row_idx_N``, grouped by local expert), ``probs * expert(x)``, pre-combined
+    back to one row per received row: ``[Q, H]``."""
+    x_NH = x_QH.index_select(0, row_idx_N)
+    y_NH = _weighted_expert_outputs(x_NH, probs_N, tokens_per_expert, experts)
+    return precombine_rows(y_NH, row_idx_N, x_QH.shape[0])
+
+
 def reference_send_rows(
     routing_map_TE: torch.Tensor, probs_TE: torch.Tensor, ep_size: int
 ) -> list[Row]:
@@ -143,10 +152,10 @@ def simulate_dedup_moe(
     for rank in range(P):
         tokens_per_expert = [sum(tables[src][rank][1 + j] for src in range(P)) for j in range(L)]
         exp = expand_rows(recv_meta[rank], L, num_expert_rows=sum(tokens_per_expert))
-        x_NH = recv_x[rank].index_select(0, exp.row_idx_N)
         local = experts[rank * L : (rank + 1) * L]
-        y_NH = _weighted_expert_outputs(x_NH, exp.probs_N, tokens_per_expert, local)
-        back_rows.append(precombine_rows(y_NH, exp.row_idx_N, recv_x[rank].shape[0]))
+        back_rows.append(
+            _experts_on_rows(recv_x[rank], exp.row_idx_N, exp.probs_N, tokens_per_expert, local)
+        )
     # Combine: row chunk for source s sits at the same place in every receiver's output.
     recv_splits = [[splits[src][dst] for src in range(P)] for dst in range(P)]
     returned = reference_all_to_all(back_rows, recv_splits)
@@ -273,9 +282,8 @@ def simulate_two_level_moe(
     for r, plan in enumerate(plans):
         tpe = plan.tokens_per_expert
         row_idx_N, probs_N = two_level.expand_rank_rows(recv2_m[r], L, P, sum(tpe))
-        x_NH = recv2_x[r].index_select(0, row_idx_N)
-        y_NH = _weighted_expert_outputs(x_NH, probs_N, tpe, experts[r * L : (r + 1) * L])
-        back2.append(precombine_rows(y_NH, row_idx_N, recv2_x[r].shape[0]))
+        local = experts[r * L : (r + 1) * L]
+        back2.append(_experts_on_rows(recv2_x[r], row_idx_N, probs_N, tpe, local))
     # Combine: hop 2 back, relay sums per node row, hop 1 back, source sums per token.
     returned2 = reference_all_to_all(back2, [plan.hop2_recv for plan in plans])
     node_y = [
