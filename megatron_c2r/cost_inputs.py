@@ -129,7 +129,9 @@ class RoutingRule:
     * node rule (``num_nodes`` set): the ``num_groups`` groups are the EP ranks, split into
       ``num_nodes`` contiguous nodes; at most ``max_groups`` nodes per token (anchored or by
       score), optionally at most ``max_ranks_per_node`` ranks inside each (the router's
-      node-limited rule, ``routing.functional.node_topk``).
+      node-limited rule, ``routing.functional.node_topk``);
+    * balanced (MoGE, ``c2r.mode: group_balanced``): exactly k/G experts from every one of the
+      ``num_groups`` contiguous groups (``routing.moge.group_balanced_topk``; G divides k).
     """
 
     label: str
@@ -139,12 +141,16 @@ class RoutingRule:
     limit_name: str = "max_groups"  # the flag or YAML path that set max_groups (for messages)
     num_nodes: Optional[int] = None
     max_ranks_per_node: Optional[int] = None
+    balanced: bool = False
 
     def check(self, num_experts: int, topk: int) -> None:
         """ValueError naming ``limit_name`` unless the rule can route ``topk`` of
         ``num_experts`` experts."""
         if self.num_groups is None:
             return
+        if self.balanced and topk % self.num_groups:
+            raise ValueError(f"{self.limit_name}={self.num_groups} must divide top-{topk} "
+                             f"({self.label} takes k/G experts from every group)")  # fmt: skip
         per_group = parallel.experts_per_rank(
             num_experts, self.num_groups, experts_name="megatron.--num-experts",
             ep_name=f"the {self.num_groups} groups of {self.label}",
@@ -194,6 +200,10 @@ def config_rule(cfg, ep_size: int, nodes: int) -> RoutingRule:
         return RoutingRule(label, ep_size, max_nodes,
                            anchored=router.group_selection == "anchored",
                            limit_name="c2r.max_nodes", num_nodes=nodes, max_ranks_per_node=ranks)  # fmt: skip
+    if c2r.enabled and router.mode == "group_balanced":
+        groups = router.num_groups or ep_size
+        return RoutingRule(f"MoGE k/{groups} from each of {groups} groups", groups, groups,
+                           limit_name="c2r.num_groups", balanced=True)  # fmt: skip
     if c2r.enabled and router.mode == "c2r":
         raise ValueError(
             "c2r.mode='c2r' routes from learned top-T lists the model cannot synthesize: pass "

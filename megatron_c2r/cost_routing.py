@@ -35,6 +35,7 @@ from megatron_c2r.cost_inputs import MoEShape, RoutingRule, RoutingSource
 from megatron_c2r.cost_model import RoutingCounts, RowCounter
 from megatron_c2r.placement.sources import LayerCollab, load_collaboration
 from megatron_c2r.routing.functional import contiguous_groups, group_topk, node_topk
+from megatron_c2r.routing.moge import group_balanced_topk
 
 SOURCE_ROUTING = "source routing"  # the label of a file's own top-k sets
 
@@ -46,6 +47,8 @@ def select_experts(rule: RoutingRule, scores_TE: torch.Tensor, topk: int) -> tor
         return scores_TE.topk(topk, dim=-1).indices
     num_experts = scores_TE.shape[1]
     groups_GN = torch.arange(num_experts).view(rule.num_groups, -1)
+    if rule.balanced:
+        return group_balanced_topk(scores_TE, topk, groups_GN)[1]
     if rule.num_nodes is not None:
         return node_topk(scores_TE, topk, groups_GN, rule.num_nodes, rule.max_groups,
                          anchored=rule.anchored, max_ranks_per_node=rule.max_ranks_per_node)[1]  # fmt: skip

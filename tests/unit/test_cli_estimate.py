@@ -88,6 +88,19 @@ def test_a_low_dim_dispatch_config_is_modeled_at_its_dispatch_width(tmp_path):
     assert json.loads(out.read_text())["shape"]["hidden"] == 16
 
 
+def test_a_moge_config_is_modeled_with_its_group_balanced_routing(tmp_path):
+    out = tmp_path / "est.json"
+    code, err, _, _ = run_cli("estimate", small_config(tmp_path), "--set", "c2r.mode=group_balanced",
+                              "--set", "c2r.num_groups=2", "--json", str(out))  # fmt: skip
+    assert code == 0, err
+    by = {(r["routing"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
+    # Groups of 8 experts = one node of 2 GPUs each: every token takes one expert per node, so
+    # exactly one of its two nodes is remote; the groups' load is equal by construction.
+    moge = by["MoGE k/2 from each of 2 groups", "two_level"]
+    assert moge["inter_node_rows_per_token"] == 1.0
+    assert moge["load_max_over_mean"] < 1.15
+
+
 def test_estimate_table_has_the_rows_of_both_routings(tmp_path):
     out = subprocess.run([sys.executable, "-m", "megatron_c2r", "estimate", small_config(tmp_path),
                           "--routing", "clustered:4:2"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip

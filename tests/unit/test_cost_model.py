@@ -177,6 +177,12 @@ def test_selection_rules_are_the_routers_group_rules():
     assert (ranks_TK == ranks_TK[:, :1]).all()
     with pytest.raises(ValueError, match="cannot hold top-4"):
         limited.check(16, 4)
+    # MoGE (c2r.mode: group_balanced): exactly k/G experts in every contiguous group.
+    moge = RoutingRule("moge", 2, 2, balanced=True)
+    per_group_TG = torch.stack([(select_experts(moge, scores, 4) // 8 == g).sum(1) for g in (0, 1)], 1)
+    assert (per_group_TG == 2).all()
+    with pytest.raises(ValueError, match="must divide top-3"):
+        moge.check(16, 3)
 
 
 def test_bad_parameters_and_shapes_are_one_line_errors_naming_the_field():
