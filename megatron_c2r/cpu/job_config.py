@@ -64,7 +64,7 @@ MEGATRON_FLAGS = {
     "untie-embeddings-and-output-weights": ("untie_embeddings", bool),
     "moe-grouped-gemm": ("grouped_gemm", bool),
 }
-CPU_KEYS = ("out_dir", "corpus_bytes", "replan", "plot", "threads", "progress")
+CPU_KEYS = ("out_dir", "corpus_bytes", "replan", "replan_nodes", "plot", "threads", "progress")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +113,8 @@ class CPUTrainConfig:
     out_dir: str = "runs/tiny_cpu"
     corpus_bytes: int = 4_000_000
     replan: bool = True  # plan a placement when the warm-up ends (and every c2r.refresh_interval)
+    # Plan the c2r.num_nodes nodes first, then the groups inside each (as `plan --nodes`).
+    replan_nodes: bool = False
     plot: bool = True
     threads: int = 1  # torch threads per rank
     progress: bool = True
@@ -150,6 +152,13 @@ class CPUTrainConfig:
                 f"c2r.warmup_steps={router.warmup_steps} must be below megatron.--train-iters="
                 f"{self.train_iters}, or training never leaves the warm-up: lower it with --set "
                 f"c2r.warmup_steps=N (N < {self.train_iters}) and repeat that with --resume"
+            )
+        has_nodes = router.num_nodes or router.gpus_per_node
+        if self.replan_nodes and not (self.c2r.enabled and self.replan and has_nodes):
+            raise ValueError(
+                "cpu.replan_nodes=true plans nodes first when the job re-plans: it needs "
+                "c2r.enabled, cpu.replan: true and c2r.num_nodes (or c2r.gpus_per_node): set "
+                "them or cpu.replan_nodes: false"
             )
         if self.c2r.enabled and router.mode == "group" and router.refresh_interval and not self.replan:
             raise ValueError(

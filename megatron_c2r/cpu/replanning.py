@@ -13,9 +13,11 @@ from __future__ import annotations
 from typing import Dict, List
 
 
-def plan_and_relabel_model(model, optimizer, *, seed: int) -> Dict[str, List]:
+def plan_and_relabel_model(model, optimizer, *, seed: int, plan_nodes: bool = False) -> Dict[str, List]:
     """Returns {"orders": per-layer relabelling (new expert i = old order[i]),
-    "predicted_ranks_per_token": per-layer {identity, random, planned}}."""
+    "predicted_ranks_per_token": per-layer {identity, random, planned}}. ``plan_nodes``
+    (``cpu.replan_nodes``): plan the routers' ``c2r.num_nodes`` nodes first, then the groups
+    inside each node (the hierarchical planner); otherwise one flat partition into groups."""
     from megatron.core import parallel_state as ps
 
     from megatron_c2r.moe.router import c2r_routers
@@ -34,6 +36,11 @@ def plan_and_relabel_model(model, optimizer, *, seed: int) -> Dict[str, List]:
             f"c2r.num_groups={num_groups} must be a multiple of expert-model-parallel-size="
             f"{ps.get_expert_model_parallel_world_size()} so each rank holds whole groups"
         )
-    plans = replan_(model, optimizer, top_k=routers[0].topk, ep_size=num_groups, seed=seed)
+    num_nodes = routers[0].c2r_config.num_nodes if plan_nodes else 1
+    if num_nodes is None:
+        raise ValueError("cpu.replan_nodes=true plans nodes first, but c2r.num_nodes is not set: "
+                         "set c2r.num_nodes (or c2r.mode: node) or cpu.replan_nodes: false")
+    plans = replan_(model, optimizer, top_k=routers[0].topk, ep_size=num_groups, seed=seed,
+                    num_nodes=num_nodes)
     return {"orders": [p.order for p in plans],
             "predicted_ranks_per_token": [p.predicted_ranks_per_token for p in plans]}

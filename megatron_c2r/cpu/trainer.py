@@ -356,7 +356,8 @@ class Trainer:
         relabel experts in place (weights and optimizer state move between ranks)."""
         from megatron_c2r.cpu.replanning import plan_and_relabel_model
 
-        return plan_and_relabel_model(self.model, self.optimizer, seed=self.cfg.seed)
+        return plan_and_relabel_model(self.model, self.optimizer, seed=self.cfg.seed,
+                                      plan_nodes=self.cfg.replan_nodes)
 
     def _replan_due(self, it: int, warmup: int) -> bool:
         """When the warm-up ends, and when a refresh window ends (c2r.refresh_interval)."""

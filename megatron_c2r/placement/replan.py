@@ -109,9 +109,13 @@ def replan_(
     counts: Optional[Sequence[torch.Tensor]] = None,
     seed: int = 0,
     src_rank: int = 0,
+    num_nodes: int = 1,
 ) -> list:
     """Plan every MoE layer from collaboration counts and relabel in place (collective over the
     default group and each layer's EP group).
+
+    ``num_nodes`` N > 1 plans nodes first (N nodes of ``ep_size / N`` consecutive groups), then
+    the groups inside each node, as ``megatron-c2r plan --nodes N`` does offline.
 
     ``counts``: per-layer [E, E] counts; default: each router's tracker (``router.tracker``,
     C2RRouter), which the caller reduces over data-parallel ranks first (``tracker.reduce_``).
@@ -135,7 +139,7 @@ def replan_(
     layer_orders = torch.zeros(len(layers), num_experts, dtype=torch.int64)  # [layers, E]
     preds = torch.zeros(len(layers), 3, dtype=torch.float64)  # [layers, identity/random/planned]
     if dist.get_rank() == src_rank:
-        config = PlannerConfig(ep_size=ep_size, seed=seed)
+        config = PlannerConfig(ep_size=ep_size, seed=seed, num_nodes=num_nodes)
         for li, c in enumerate(counts):
             collab = LayerCollab.from_counts(c.double().cpu().numpy(), top_k)
             layer_plan = plan_layer(collab, config)

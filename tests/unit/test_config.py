@@ -319,3 +319,9 @@ def test_docs_config_lists_every_c2r_key_and_render_format():
     missing = [k for k in (*ROUTER_FIELDS, *own) if f"\n  {k}:" not in doc]
     assert not missing, f"docs/config.md's c2r: block lacks {missing}"
     assert all(f"| `{fmt}`" in doc for fmt in FORMATS)
+
+
+def test_cpu_runner_refuses_node_first_planning_without_nodes(tmp_path):
+    sets = ["c2r.mode=group", "cpu.replan_nodes=true"]
+    with pytest.raises(ConfigError, match=r"cpu.replan_nodes=true plans nodes first.*c2r.num_nodes"):
+        load_cpu_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml"), sets)

@@ -398,3 +398,34 @@ def test_in_model_relabelling_offline_convert_and_in_run_replanning_agree(dist_p
                  "router.expert_to_group", "router.tracker.counts", "router.tracker.pending",
                  "experts.local_experts.0.linear_fc1.weight"):
         assert part in moved, part
+
+
+def _replan_orders(num_nodes):
+    import numpy as np
+
+    from megatron_c2r.placement.planner import PlannerConfig, plan_layer
+    from megatron_c2r.placement.replan import replan_
+    from megatron_c2r.placement.sources import LayerCollab
+
+    model = _c2r_gpt(seed=3)
+    # Planted co-activation: pairs (0, 5), (2, 7), (1, 4), (3, 6), and pair-of-pairs ties
+    # {0,5}-{2,7}, {1,4}-{3,6} a node-first plan keeps on one node.
+    counts = np.ones((E, E))
+    for a, b, w in ((0, 5, 50), (2, 7, 50), (1, 4, 50), (3, 6, 50), (0, 2, 20), (5, 7, 20),
+                    (1, 3, 20), (4, 6, 20)):
+        counts[a, b] = counts[b, a] = w
+    np.fill_diagonal(counts, 0)
+    plans = replan_(model, top_k=2, ep_size=4, counts=[torch.tensor(counts)] * LAYERS,
+                    num_nodes=num_nodes)
+    offline = plan_layer(LayerCollab.from_counts(counts, 2),
+                         PlannerConfig(ep_size=4, seed=0, num_nodes=num_nodes))
+    return [list(p.order) for p in plans], list(offline.order)
+
+
+@pytest.mark.parametrize("num_nodes", [1, 2])
+def test_in_run_replanning_plans_nodes_first_like_the_offline_planner(dist_pool, num_nodes):
+    (orders, offline) = dist_pool(1).run(_replan_orders, num_nodes)[0]
+    assert orders == [offline] * LAYERS  # the in-run plan is the offline planner's, per layer
+    if num_nodes == 2:  # each node (4 consecutive experts) holds two tied pairs
+        nodes = [set(offline[:4]), set(offline[4:])]
+        assert sorted(map(sorted, nodes)) == [[0, 2, 5, 7], [1, 3, 4, 6]]
