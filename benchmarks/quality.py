@@ -36,6 +36,10 @@ Routings (``c2r.*`` / Megatron flags):
     anchored_M1/M2        group mode, top-1-anchored (the flagship)
     anchored_M1/M2_penalty  + collaboration penalty (mass outside the top-1 expert's group)
     group_score_M1/M2     group mode with Megatron's group-score selection on planned groups
+    moge                  MoGE (issue 18, ``c2r.mode=group_balanced``): k/G experts from each of
+                          the G virtual ranks, on the contiguous groups (``cpu.replan=false``)
+    <routing>_bigmac      BigMac (issue 18): ``c2r.dispatch_dim`` = H/2, experts at d with the
+                          FFN width F' that keeps the active parameters equal (``equal_active_ffn``)
 
 Node shapes (``64e8n4``: 64 experts top-8 on 4 virtual nodes x 2 ranks; ``128e8n8``: 128 experts
 top-8 on 8 nodes x 2 ranks; 16 experts = 2k per node) study the inter-node hop. Nodes are
@@ -46,11 +50,17 @@ contiguous blocks of virtual ranks; every routing records node statistics on the
     node_M1/M2            c2r.mode=node, anchored: the top-1 expert's node (+ the best other)
     node_M<m>_bias        + c2r.group_bias_rate=1e-3 (aux-loss-free node bias, Megatron's rate)
     node_M<m>_balance     + DeepSeek-V2's device (0.05) and communication (0.02) balance losses
+    moge, topk_bigmac, node_M1_bigmac   as above (MoGE over the G virtual ranks)
+    node_M1_hier, megatron_nl_1_hier    the placement planned nodes first, then ranks inside
+                          each node (``cpu.replan_nodes=true``, as ``megatron-c2r plan --nodes``);
+                          the other rows plan one flat partition into the G ranks
 Extra columns: nodes/token; inter-node rows/token = nodes/token x (N-1)/N (the rows the
 two-level dispatcher ships across nodes when a token starts on a uniformly random node), and how
 many times fewer that is than Megatron's alltoall (k x (N-1)/N) and than top-k routing through
 the same dispatcher; the busiest rank's and node's (token, expert) load over the mean, per step,
 from the routers' statistics (``group_load_max_over_mean``, ``node_load_max_over_mean``).
+Both tables also give the bytes shipped against Megatron's alltoall at full width H (rows
+ratio x H/d for BigMac rows).
 
 ``--explore`` adds variants of the flagship aimed at the <= +0.5%-at->=4x goal: a longer warm-up
 (``_warmup120``), re-planning every 60 steps from plain top-k's preference (``_replan60``), a
@@ -157,7 +167,11 @@ def node_routings(shape: Dict) -> Dict[str, List[str]]:
     for t in shape["top_t"]:
         out[f"c2r_T{t}"] = ["c2r.mode=c2r", f"c2r.top_t={t}"]
     out.update(moge(shape))  # MoGE over the G virtual ranks: every token visits every node
+    out["topk_bigmac"] = out["topk"] + bigmac(shape)
     out["node_M1_bigmac"] = out["node_M1"] + bigmac(shape)
+    # The in-run plan nodes first (cpu.replan_nodes: as `plan --nodes`), for ours and Megatron's.
+    for name in ("node_M1", "megatron_nl_1"):
+        out[f"{name}_hier"] = out[name] + ["cpu.replan_nodes=true"]
     return {name: sets + [f"c2r.num_groups={g}", f"c2r.num_nodes={d}"] for name, sets in out.items()}
 
 
@@ -314,6 +328,8 @@ HEAD_TO_HEAD = (
     + [(f"node_M{m}{tail}", f"megatron_nl_{m}") for m in (1, 2) for tail in ("", "_bias", "_balance")]
     + [(f"node_M{m}{tail}", f"node_M{m}") for m in (1, 2) for tail in ("_bias", "_balance")]
     + [("anchored_M1_bigmac", "anchored_M1"), ("node_M1_bigmac", "node_M1")]
+    + [("node_M1_hier", "megatron_nl_1_hier"), ("node_M1_hier", "node_M1"),
+       ("megatron_nl_1_hier", "megatron_nl_1")]
 )
 
 
