@@ -37,6 +37,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_c2r.errors import at_least, check_lower_bounds
 from megatron_c2r.placement.exhaustive import (
     solve_exact,
     solve_exact_capped,
@@ -73,29 +74,27 @@ __all__ = [  # partition's objectives are part of the planner's API (tests, benc
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PlannerConfig:
-    ep_size: int
+    ep_size: int = at_least(1)
     seed: int = 0
     # Starts for the heuristic: greedy and identity always, then (restarts - 2) random ones.
     # On synthetic clustered routing at E=256/P=8, 12 restarts moved planned ranks/token by
     # < 0.1% versus 4, and 4 keeps a layer under 0.5 s of CPU.
-    restarts: int = 4
-    # Exhaustive search up to this many experts (12 experts over 4 ranks: 15,400 partitions).
-    exact_max_experts: int = 12
+    restarts: int = at_least(1, default=4)
+    # Exhaustive search up to this many experts (12 experts over 4 ranks: 15,400 partitions);
+    # 0: never exhaustive.
+    exact_max_experts: int = at_least(0, default=12)
     # Random placements averaged for the "random" baseline.
-    random_samples: int = 16
+    random_samples: int = at_least(1, default=16)
     # Exact-objective swap passes on traces (each pass tries the best `swap_candidates` by proxy).
-    trace_passes: int = 200
-    swap_candidates: int = 48
+    trace_passes: int = at_least(0, default=200, note=" (0 = no trace passes)")
+    swap_candidates: int = at_least(1, default=48)
     # None: locality only. X >= 1: each rank's (and node's) expected tokens <= X x the mean.
     max_load_imbalance: Optional[float] = None
     # 1: flat. N > 1: nodes of ep_size / N consecutive ranks, planned nodes first.
     num_nodes: int = 1
 
     def __post_init__(self):
-        if self.ep_size < 1:
-            raise ValueError(f"ep_size={self.ep_size} must be >= 1")
-        if self.restarts < 1:
-            raise ValueError(f"restarts={self.restarts} must be >= 1")
+        check_lower_bounds(self)  # the bounds the fields declare (at_least)
         x = self.max_load_imbalance
         if x is not None and not (isinstance(x, (int, float)) and math.isfinite(x) and x >= 1):
             raise ValueError(f"max_load_imbalance={x!r} must be a number >= 1 (busiest group "

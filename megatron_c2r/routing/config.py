@@ -6,20 +6,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from megatron_c2r.errors import at_least, check_lower_bounds
 from megatron_c2r.parallel import experts_per_rank
 
 MODES = ("topk", "c2r", "group", "node", "group_balanced")
 GROUP_SELECTIONS = ("anchored", "group_score")
 # Options that only the node rule reads (set with another mode: a one-line error, not ignored).
 NODE_ONLY_FIELDS = ("max_nodes", "max_ranks_per_node")
-
-
-def _at_least(low: int, *, default, note: str = ""):
-    """A ``C2RRouterConfig`` field that must be >= ``low``; ``__post_init__`` raises the one-line
-    ``c2r.<field>=<value> must be >= <low><note>``. A field whose default is None may stay None
-    (unset), and its error says so."""
-    note = " (or unset)" if default is None else note
-    return dataclasses.field(default=default, metadata=dict(at_least=low, note=note))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,18 +81,18 @@ class C2RRouterConfig:
     max_groups: int = 1
     group_selection: str = "anchored"
     expert_to_group: Optional[Tuple[int, ...]] = None
-    num_nodes: Optional[int] = _at_least(1, default=None)
-    gpus_per_node: Optional[int] = _at_least(1, default=None)
-    max_nodes: Optional[int] = _at_least(1, default=None)
-    max_ranks_per_node: Optional[int] = _at_least(1, default=None)
-    penalty_coeff: float = _at_least(0, default=0.0, note=" (0 = off)")
-    device_balance_coeff: float = _at_least(0, default=0.0, note=" (0 = off)")
-    comm_balance_coeff: float = _at_least(0, default=0.0, note=" (0 = off)")
-    group_bias_rate: float = _at_least(0, default=0.0, note=" (0 = off)")
-    warmup_steps: int = _at_least(0, default=0)
-    refresh_interval: int = _at_least(0, default=0)
+    num_nodes: Optional[int] = at_least(1, default=None)
+    gpus_per_node: Optional[int] = at_least(1, default=None)
+    max_nodes: Optional[int] = at_least(1, default=None)
+    max_ranks_per_node: Optional[int] = at_least(1, default=None)
+    penalty_coeff: float = at_least(0, default=0.0, note=" (0 = off)")
+    device_balance_coeff: float = at_least(0, default=0.0, note=" (0 = off)")
+    comm_balance_coeff: float = at_least(0, default=0.0, note=" (0 = off)")
+    group_bias_rate: float = at_least(0, default=0.0, note=" (0 = off)")
+    warmup_steps: int = at_least(0, default=0)
+    refresh_interval: int = at_least(0, default=0)
     track_collaboration: bool = True
-    preference_sample_interval: int = _at_least(1, default=1, note=" (1 = count every iteration)")
+    preference_sample_interval: int = at_least(1, default=1, note=" (1 = count every iteration)")
     check_finite_logits: bool = True
 
     def __post_init__(self):
@@ -110,10 +103,7 @@ class C2RRouterConfig:
                 f"c2r.group_selection={self.group_selection!r} must be one of "
                 f"{', '.join(GROUP_SELECTIONS)}"
             )
-        for f in dataclasses.fields(self):  # the lower bounds the fields declare (_at_least)
-            value, low = getattr(self, f.name), f.metadata.get("at_least")
-            if low is not None and not (value is None and f.default is None) and value < low:
-                raise ValueError(f"c2r.{f.name}={value} must be >= {low}{f.metadata['note']}")
+        check_lower_bounds(self, "c2r.")  # the lower bounds the fields declare (at_least)
         if self.mode != "node":
             for name in NODE_ONLY_FIELDS:
                 if getattr(self, name) is not None:

@@ -173,3 +173,18 @@ def test_planning_256_experts_on_8_ranks_takes_under_a_second_of_cpu_per_layer()
         pred = plan.predicted_ranks_per_token
         assert pred["planned"] < 0.8 * pred["identity"]
         assert cpu_s < 1.5  # target < 1 s; slack for shared CI cores (numpy threads count too)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("ep_size", 0, "ep_size=0 must be >= 1"),
+    ("restarts", 0, "restarts=0 must be >= 1"),
+    ("exact_max_experts", -1, "exact_max_experts=-1 must be >= 0"),
+    ("random_samples", 0, "random_samples=0 must be >= 1"),
+    ("trace_passes", -1, r"trace_passes=-1 must be >= 0 \(0 = no trace passes\)"),
+    ("swap_candidates", 0, "swap_candidates=0 must be >= 1"),
+])
+def test_every_planner_budget_is_checked_with_a_one_line_error(field, value, message):
+    from megatron_c2r.placement.planner import PlannerConfig
+
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        PlannerConfig(**{"ep_size": 2, field: value})
