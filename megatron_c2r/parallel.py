@@ -45,13 +45,8 @@ def experts_per_rank(
     return num_experts // ep_size
 
 
-def check_topk(
-    topk: int,
-    num_experts: int,
-    *,
-    topk_name: str = "moe_router_topk",
-    experts_name: str = "num_experts",
-) -> int:
+def check_topk(topk: int, num_experts: int, *, topk_name: str = "moe_router_topk",
+               experts_name: str = "num_experts") -> int:  # fmt: skip
     """``topk`` if 1 <= k <= E (a token cannot pick more distinct experts than exist)."""
     require_positive(topk, topk_name)
     if topk > num_experts:
@@ -99,14 +94,9 @@ def check_expert_grid(
         )
 
 
-def check_global_batch(
-    global_batch: int,
-    micro_batch: int,
-    dp: int,
-    *,
-    global_name: str = "global_batch_size",
-    micro_name: str = "micro_batch_size",
-) -> int:
+def check_global_batch(global_batch: int, micro_batch: int, dp: int, *,
+                       global_name: str = "global_batch_size",
+                       micro_name: str = "micro_batch_size") -> int:  # fmt: skip
     """Gradient-accumulation steps = global / (micro x DP), which must be a whole number >= 1."""
     require_positive(micro_batch, micro_name)
     require_positive(global_batch, global_name)

@@ -27,6 +27,10 @@ from megatron_c2r.comm.topology import NodeTopology
 # One row: (source token, destination block, [(expert id inside the block, prob), ...] in
 # ascending id order). A block is an EP rank's experts (flat rows) or a node's (node rows).
 Row = tuple[int, int, list[tuple[int, float]]]
+# The simulators' inputs: one tensor per simulated rank, and all E experts as callables
+# ``[n, H] -> [n, H]``.
+PerRank = Sequence[torch.Tensor]
+Experts = Sequence[Callable[[torch.Tensor], torch.Tensor]]
 
 
 def _block_rows(
@@ -54,7 +58,7 @@ def _weighted_expert_outputs(
     x_NH: torch.Tensor,
     probs_N: torch.Tensor,
     tokens_per_expert: Sequence[int],
-    experts: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    experts: Experts,
 ) -> torch.Tensor:
     """``probs * expert(x)`` for expert inputs grouped by local expert (``tokens_per_expert``
     rows each, ``experts`` this rank's callables in local order), the way Megatron's experts
@@ -108,7 +112,7 @@ def dense_moe_reference(
     x_TH: torch.Tensor,
     routing_map_TE: torch.Tensor,
     probs_TE: torch.Tensor,
-    experts: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    experts: Experts,
 ) -> torch.Tensor:
     """out[t] = sum over routed experts e of probs[t, e] * experts[e](x[t]) (one process, all E
     experts given as callables ``[n, H] -> [n, H]``)."""
@@ -120,13 +124,8 @@ def dense_moe_reference(
     return out
 
 
-def simulate_dedup_moe(
-    x_per_rank: Sequence[torch.Tensor],
-    routing_maps: Sequence[torch.Tensor],
-    probs_per_rank: Sequence[torch.Tensor],
-    experts: Sequence[Callable[[torch.Tensor], torch.Tensor]],
-    num_slots: int,
-) -> list[torch.Tensor]:
+def simulate_dedup_moe(x_per_rank: PerRank, routing_maps: PerRank, probs_per_rank: PerRank,
+                       experts: Experts, num_slots: int) -> list[torch.Tensor]:  # fmt: skip
     """The whole dedup dispatch -> experts -> combine path for P simulated ranks in one process,
     composed from the ``rows.py`` steps and :func:`reference_all_to_all` (no collectives).
 
@@ -234,14 +233,9 @@ def reference_hop_counts(routing_maps: Sequence[torch.Tensor], ranks_per_node: i
     return out
 
 
-def simulate_two_level_moe(
-    x_per_rank: Sequence[torch.Tensor],
-    routing_maps: Sequence[torch.Tensor],
-    probs_per_rank: Sequence[torch.Tensor],
-    experts: Sequence[Callable[[torch.Tensor], torch.Tensor]],
-    ranks_per_node: int,
-    topk: int,
-) -> list[torch.Tensor]:
+def simulate_two_level_moe(x_per_rank: PerRank, routing_maps: PerRank, probs_per_rank: PerRank,
+                           experts: Experts, ranks_per_node: int,
+                           topk: int) -> list[torch.Tensor]:  # fmt: skip
     """The whole two-level path for P simulated ranks in one process, composed from the
     ``two_level.py`` steps and :func:`reference_all_to_all` (no collectives); compare with
     :func:`dense_moe_reference`. Experts are applied as ``probs * expert(x)``."""

@@ -402,19 +402,10 @@ class TwoLevelCommStats(CommStats):
     """Megatron alltoall's inter-node bytes / ours (both directions)."""
 
 
-def two_level_stats(
-    plan: HopPlan,
-    send_PC: Sequence[Sequence[int]],
-    recv_PC: Sequence[Sequence[int]],
-    topology: NodeTopology,
-    *,
-    tokens: int,
-    routed_tokens: int,
-    hidden_bytes_per_row: int,
-    meta_bytes_per_column: int,
-    num_slots: tuple[int, int],
-    prob_bytes: int,
-) -> TwoLevelCommStats:
+def two_level_stats(plan: HopPlan, send_PC: Sequence[Sequence[int]],
+                    recv_PC: Sequence[Sequence[int]], topology: NodeTopology, *, tokens: int,
+                    routed_tokens: int, hidden_bytes_per_row: int, meta_bytes_per_column: int,
+                    num_slots: tuple[int, int], prob_bytes: int) -> TwoLevelCommStats:  # fmt: skip
     """One forward pass's :class:`TwoLevelCommStats` from the host count tables (no device work).
 
     Args:
@@ -443,12 +434,9 @@ def two_level_stats(
     return TwoLevelCommStats(
         **dataclasses.asdict(base),
         own_node_rows=plan.own_rows,
-        inter_node_rows_sent=sent1,
-        inter_node_rows_received=recv1,
-        intra_node_rows_sent=sent2,
-        intra_node_rows_sent_remote=sent2_remote,
-        intra_node_rows_received=recv2,
-        intra_node_rows_received_remote=recv2_remote,
+        inter_node_rows_sent=sent1, inter_node_rows_received=recv1,
+        intra_node_rows_sent=sent2, intra_node_rows_sent_remote=sent2_remote,
+        intra_node_rows_received=recv2, intra_node_rows_received_remote=recv2_remote,
         inter_node_bytes=sent1 * (hidden_bytes_per_row + 2 * V * meta_bytes_per_column)
         + recv1 * hidden_bytes_per_row,
         intra_node_bytes_remote=sent2_remote

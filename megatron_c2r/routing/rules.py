@@ -225,16 +225,9 @@ class GroupRule(RoutingRule):
         validate_groups(expert_to_group_E, self.num_groups, self.topk, self.max_groups)
 
     def select(self, scores_TE, tables, group_bias_G=None):
-        return group_topk(
-            scores_TE,
-            self.topk,
-            tables.expert_to_group_E,
-            self.num_groups,
-            self.max_groups,
-            anchored=self.anchored,
-            groups_GN=tables.groups_GN,
-            group_bias_G=group_bias_G,
-        )[1]
+        return group_topk(scores_TE, self.topk, tables.expert_to_group_E, self.num_groups,
+                          self.max_groups, anchored=self.anchored, groups_GN=tables.groups_GN,
+                          group_bias_G=group_bias_G)[1]  # fmt: skip
 
 
 class GroupScoreRule(GroupRule):
@@ -313,16 +306,9 @@ class NodeRule(RoutingRule):
         return tables.expert_to_node_E, tables.nodes_DX
 
     def select(self, scores_TE, tables, group_bias_G=None):
-        return node_topk(
-            scores_TE,
-            self.topk,
-            tables.groups_GN,
-            self.num_nodes,
-            self.max_nodes,
-            anchored=self.anchored,
-            max_ranks_per_node=self.max_ranks_per_node,
-            node_bias_D=group_bias_G,
-        )[1]
+        return node_topk(scores_TE, self.topk, tables.groups_GN, self.num_nodes, self.max_nodes,
+                         anchored=self.anchored, max_ranks_per_node=self.max_ranks_per_node,
+                         node_bias_D=group_bias_G)[1]  # fmt: skip
 
     def inside_mass_T(self, p_TE, anchor_T, tables):
         return mass_in_group(p_TE, anchor_T, tables.expert_to_node_E, self.num_nodes)
