@@ -45,7 +45,8 @@ Node shapes (``64e8n4``: 64 experts top-8 on 4 virtual nodes x 2 ranks; ``128e8n
 top-8 on 8 nodes x 2 ranks; 16 experts = 2k per node) study the inter-node hop. Nodes are
 contiguous blocks of virtual ranks; every routing records node statistics on them
 (``c2r.num_nodes``). Routings:
-    topk, c2r_T15         as above
+    topk, c2r_T15         as above (64e8n4 also c2r_T7: top-1 and its 7 collaborators, the C2R
+                          rule's row count nearest the node rules')
     megatron_nl_1/2       Megatron's node-limited routing: group-limited with groups = nodes
     node_M1/M2            c2r.mode=node, anchored: the top-1 expert's node (+ the best other)
     node_M<m>_bias        + c2r.group_bias_rate=1e-3 (aux-loss-free node bias, Megatron's rate)
@@ -93,7 +94,7 @@ SHAPES = {
     "64e8": dict(experts=64, topk=8, groups=8, moe_ffn=32, top_t=(31, 15)),
     # Node shapes: every node holds 2k experts (16), as a 256-expert top-8 model on 8-GPU nodes
     # holds 32+; same total expert parameters as the shapes above (E x moe_ffn = 2048).
-    "64e8n4": dict(experts=64, topk=8, groups=8, nodes=4, moe_ffn=32, top_t=(15,)),
+    "64e8n4": dict(experts=64, topk=8, groups=8, nodes=4, moe_ffn=32, top_t=(15, 7)),
     "128e8n8": dict(experts=128, topk=8, groups=16, nodes=8, moe_ffn=16, top_t=(15,)),
 }
 # DeepSeek-V2's device- and communication-level balance coefficients (REFERENCE.md section 10),
