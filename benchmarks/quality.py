@@ -52,6 +52,7 @@ contiguous blocks of virtual ranks; every routing records node statistics on the
     node_M<m>_bias        + c2r.group_bias_rate=1e-3 (aux-loss-free node bias, Megatron's rate)
     node_M<m>_balance     + DeepSeek-V2's device (0.05) and communication (0.02) balance losses
     moge, topk_bigmac, node_M1_bigmac   as above (MoGE over the G virtual ranks)
+    node_M1_warmup120     node_M1 after 120 instead of 60 top-k warm-up steps
     node_M1_hier, megatron_nl_1_hier    the placement planned nodes first, then ranks inside
                           each node (``cpu.replan_nodes=true``, as ``megatron-c2r plan --nodes``);
                           the other rows plan one flat partition into the G ranks
@@ -170,6 +171,8 @@ def node_routings(shape: Dict) -> Dict[str, List[str]]:
     out.update(moge(shape))  # MoGE over the G virtual ranks: every token visits every node
     out["topk_bigmac"] = out["topk"] + bigmac(shape)
     out["node_M1_bigmac"] = out["node_M1"] + bigmac(shape)
+    # A longer top-k warm-up before the node rule switches on (it helped M=1 at the rank level).
+    out["node_M1_warmup120"] = out["node_M1"] + ["c2r.warmup_steps=120"]
     # The in-run plan nodes first (cpu.replan_nodes: as `plan --nodes`), for ours and Megatron's.
     for name in ("node_M1", "megatron_nl_1"):
         out[f"{name}_hier"] = out[name] + ["cpu.replan_nodes=true"]
@@ -329,6 +332,7 @@ HEAD_TO_HEAD = (
     + [(f"node_M{m}{tail}", f"megatron_nl_{m}") for m in (1, 2) for tail in ("", "_bias", "_balance")]
     + [(f"node_M{m}{tail}", f"node_M{m}") for m in (1, 2) for tail in ("_bias", "_balance")]
     + [("anchored_M1_bigmac", "anchored_M1"), ("node_M1_bigmac", "node_M1")]
+    + [("node_M1_warmup120", "megatron_nl_1"), ("node_M1_warmup120", "node_M1")]
     + [("node_M1_hier", "megatron_nl_1_hier"), ("node_M1_hier", "node_M1"),
        ("megatron_nl_1_hier", "megatron_nl_1")]
 )
