@@ -90,6 +90,7 @@ from benchmarks.flat_report import (  # noqa: E402 - after the sys.path line (sc
 )
 from benchmarks.volume_lib import (  # noqa: E402
     SHAPES,
+    moge_indices,
     plan_placements,
     planner_supports,
     relabel,
@@ -175,7 +176,6 @@ def build_cases(key: str, ep: int, uniform_tokens: int, trained: dict | None, se
 
     from megatron_c2r.collaboration import coactivation_counts, top_t_lists
     from megatron_c2r.routing.functional import c2r_topk, group_topk, selection_scores
-    from megatron_c2r.routing.moge import group_balanced_topk
 
     shape = SHAPES[key]
     E, k = shape["experts"], shape["topk"]
@@ -258,14 +258,13 @@ def build_cases(key: str, ep: int, uniform_tokens: int, trained: dict | None, se
         gl_LTK = torch.stack([group_limited_topk(s_TE, k, s_TE.shape[0], E, ep, m)[1]
                               for s_TE in measure_LTE])
         add(f"megatron_gl_M{m}", "megatron", gl_LTK)
-    # MoGE (issue 18, c2r.mode=group_balanced): k/P experts from each rank's contiguous block,
-    # the router's own selection; the balance end (every rank gets exactly T*k/P rows).
-    if k % ep:
+    # MoGE (issue 18): k/P experts from each rank's contiguous block, the balance end (every
+    # rank gets exactly T*k/P rows).
+    moge_LTK = moge_indices(measure_LTE, k, ep)
+    if moge_LTK is None:
         na.append(dict(routing="moge", reason=f"P={ep} does not divide k={k}: MoGE takes k/P per rank"))
     else:
-        groups_GN = torch.arange(E).view(ep, -1)  # contiguous blocks: rank r holds row r
-        add("moge", "megatron", torch.stack([group_balanced_topk(s_TE, k, groups_GN)[1]
-                                             for s_TE in measure_LTE]))
+        add("moge", "megatron", moge_LTK)
     return cases, na
 
 

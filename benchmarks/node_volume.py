@@ -57,6 +57,7 @@ import torch
 
 from benchmarks.volume_lib import (
     SHAPES,
+    moge_indices,
     plan_hierarchical,
     plan_placements,
     planner_supports,
@@ -123,7 +124,6 @@ def build_node_cases(key: str, nodes: int, gpus: int, uniform_tokens: int, train
     from megatron.core.transformer.moe.moe_utils import group_limited_topk
 
     from megatron_c2r.routing.functional import selection_scores
-    from megatron_c2r.routing.moge import group_balanced_topk
 
     shape = SHAPES[key]
     E, k, P = shape["experts"], shape["topk"], nodes * gpus
@@ -180,14 +180,13 @@ def build_node_cases(key: str, nodes: int, gpus: int, uniform_tokens: int, train
                 na.append(dict(routing=name, placement=placement, reason=reason))
                 continue
             add(name, placement, torch.stack([_node_anchored(s_TE, k, nodes, P, m) for s_TE in s_LTE]))
-    # MoGE over nodes (issue 18, c2r.mode=group_balanced with groups = nodes): k/N experts from
-    # every node, the balance end: each node gets exactly T*k/N rows, each token visits every node.
-    if k % nodes:
+    # MoGE over nodes (issue 18, groups = nodes): k/N experts from every node, the balance end:
+    # each node gets exactly T*k/N rows, each token visits every node.
+    moge_LTK = moge_indices(measure_LTE, k, nodes)
+    if moge_LTK is None:
         na.append(dict(routing="moge_nodes", reason=f"N={nodes} does not divide k={k}"))
     else:
-        groups_GN = torch.arange(E).view(nodes, -1)  # contiguous blocks: node d holds row d
-        add("moge_nodes", "megatron", torch.stack([group_balanced_topk(s_TE, k, groups_GN)[1]
-                                                   for s_TE in measure_LTE]))
+        add("moge_nodes", "megatron", moge_LTK)
     return cases, na
 
 

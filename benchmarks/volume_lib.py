@@ -232,6 +232,17 @@ def plan_hierarchical(profile_top_LTK: torch.Tensor, experts: int, nodes: int, g
     return out
 
 
+def moge_indices(scores_LTE: torch.Tensor, topk: int, groups: int) -> torch.Tensor | None:
+    """MoGE (``c2r.mode=group_balanced``, the router's own selection) on ``groups`` contiguous
+    expert blocks: int64 [L, T, K] expert ids, k/G from every group; None when G does not divide k."""
+    if topk % groups:
+        return None
+    from megatron_c2r.routing.moge import group_balanced_topk
+
+    groups_GN = torch.arange(scores_LTE.shape[-1]).view(groups, -1)  # group g = block g
+    return torch.stack([group_balanced_topk(s_TE, topk, groups_GN)[1] for s_TE in scores_LTE])
+
+
 def relabel(indices_LTK: torch.Tensor, plans: list | None) -> torch.Tensor:
     """Old expert ids -> new ids under each layer's plan (new expert i is old ``order[i]``), so
     EP rank r owns new ids [r*E/P, (r+1)*E/P) as the dispatcher requires."""
