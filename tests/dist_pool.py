@@ -74,8 +74,17 @@ class DistPool:
         self._task_id = 0
         self._start()
 
-    def _start(self) -> None:
-        port = _free_port()
+    def _start(self, attempts: int = 3) -> None:
+        # The free port is released before rank 0's TCPStore binds it, so another process on the
+        # machine can take it in between (EADDRINUSE, the workers die): start again on a new port.
+        for attempt in range(attempts):
+            try:
+                return self._spawn(_free_port())
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+
+    def _spawn(self, port: int) -> None:
         self._results = self._ctx.Queue()
         self._tasks = [self._ctx.Queue() for _ in range(self.world_size)]
         self._procs = [
