@@ -15,7 +15,10 @@ ranks are *virtual*: G groups of E/G experts (16e top-4: G=4, 64e top-8: G=8), e
 quantity a one-row-per-rank dispatcher ships at EP=G ("rows/token" = distinct groups per token,
 read from the routers after warm-up). All variants get the same warm-up (plain top-k while the
 trackers count co-activation) and then the same collaboration-aware placement (planned and
-applied by relabelling), so every method is compared on planned groups.
+applied by relabelling), so every method is compared on planned groups. Exception: Megatron's
+own group-/node-limited rows (``megatron_gl_*``, ``megatron_nl_*``) are TopKRouter's routing and
+are constrained from step 0 (the placement still changes at the end of the warm-up);
+``node_score_M1_warmup120`` is the same rule with our warm-up.
 
 Two losses, both compared with top-k *paired by seed* (seeds change the initialisation and the
 data order; a pair shares both), as mean ± standard error over seeds:
@@ -53,6 +56,8 @@ contiguous blocks of virtual ranks; every routing records node statistics on the
     node_M<m>_balance     + DeepSeek-V2's device (0.05) and communication (0.02) balance losses
     moge, topk_bigmac, node_M1_bigmac   as above (MoGE over the G virtual ranks)
     node_M1_warmup120     node_M1 after 120 instead of 60 top-k warm-up steps
+    node_score_M1_warmup120   Megatron's node-limited rule (group score) in our router, after the
+                          same 120 warm-up steps (megatron_nl_* route constrained from step 0)
     node_M1_hier, megatron_nl_1_hier    the placement planned nodes first, then ranks inside
                           each node (``cpu.replan_nodes=true``, as ``megatron-c2r plan --nodes``);
                           the other rows plan one flat partition into the G ranks
@@ -173,6 +178,11 @@ def node_routings(shape: Dict) -> Dict[str, List[str]]:
     out["node_M1_bigmac"] = out["node_M1"] + bigmac(shape)
     # A longer top-k warm-up before the node rule switches on (it helped M=1 at the rank level).
     out["node_M1_warmup120"] = out["node_M1"] + ["c2r.warmup_steps=120"]
+    # Megatron's node-limited rule inside our router (group_score: equal to group_limited_topk
+    # with groups = nodes, tested), so it gets the same top-k warm-up as ours: Megatron's own
+    # rows (megatron_nl_*) route constrained from step 0.
+    out["node_score_M1_warmup120"] = ["c2r.mode=node", "c2r.max_nodes=1", "c2r.group_selection=group_score",
+                                      "c2r.warmup_steps=120"]
     # The in-run plan nodes first (cpu.replan_nodes: as `plan --nodes`), for ours and Megatron's.
     for name in ("node_M1", "megatron_nl_1"):
         out[f"{name}_hier"] = out[name] + ["cpu.replan_nodes=true"]
@@ -332,7 +342,8 @@ HEAD_TO_HEAD = (
     + [(f"node_M{m}{tail}", f"megatron_nl_{m}") for m in (1, 2) for tail in ("", "_bias", "_balance")]
     + [(f"node_M{m}{tail}", f"node_M{m}") for m in (1, 2) for tail in ("_bias", "_balance")]
     + [("anchored_M1_bigmac", "anchored_M1"), ("node_M1_bigmac", "node_M1")]
-    + [("node_M1_warmup120", "megatron_nl_1"), ("node_M1_warmup120", "node_M1")]
+    + [("node_M1_warmup120", "megatron_nl_1"), ("node_M1_warmup120", "node_M1"),
+       ("node_M1_warmup120", "node_score_M1_warmup120"), ("node_score_M1_warmup120", "megatron_nl_1")]
     + [("node_M1_hier", "megatron_nl_1_hier"), ("node_M1_hier", "node_M1"),
        ("megatron_nl_1_hier", "megatron_nl_1")]
 )
@@ -506,7 +517,7 @@ def plot(report: Dict, path: str) -> None:
         ax.set_xlim(0.0 if nodes else 0.6, full + 0.1)
         values = [r["paired_vs_topk_pct_mean"] for r in shape["routings"].values()
                   if r["paired_vs_topk_pct_mean"] is not None]
-        ax.set_ylim(min(values + [0.0]) - 1.5, max(values + [0.0]) + 1.5)
+        ax.set_ylim(min(values + [0.0]) - 1.5, max(values + [0.0]) + 3.0)  # room for the legend
         hop = "inter-node rows per token" if nodes else "rows shipped per token"
         ax.set_xlabel(f"{hop} (alltoall ships {full:g})")
         ax.set_ylabel("fresh-batch loss vs top-k, paired by seed (%, ± s.e.m.)")
