@@ -349,6 +349,11 @@ HEAD_TO_HEAD = (
 )
 
 
+def width_of(runs: List[Dict]) -> float:
+    """A routing's row width d/H (runs recorded before BigMac rows existed: full width)."""
+    return runs[0].get("row_width", 1.0)
+
+
 def row_width(sets: List[str]) -> float:
     """Dispatched row width over the model width H: d/H with ``c2r.dispatch_dim=d``, else 1."""
     found = [int(s.split("=", 1)[1]) for s in sets if s.startswith("c2r.dispatch_dim=")]
@@ -376,7 +381,7 @@ def node_columns(shape: Dict, runs: List[Dict], topk_runs: List[Dict]) -> Dict:
         "inter_node_rows_alltoall": k * (d - 1) / d,
         "fewer_inter_node_rows_than_alltoall": k * (d - 1) / d / inter if inter else None,
         "fewer_inter_node_rows_than_topk": topk_inter / inter if inter else None,
-        "fewer_inter_node_bytes_than_alltoall": (k * (d - 1) / d / inter / runs[0]["row_width"]
+        "fewer_inter_node_bytes_than_alltoall": (k * (d - 1) / d / inter / width_of(runs)
                                                  if inter else None),
         "rank_load_max_over_mean": _mean_of(runs, "rank_load_max_over_mean"),
         "node_load_max_over_mean": _mean_of(runs, "node_load_max_over_mean"),
@@ -406,8 +411,8 @@ def summarize(results: Dict, args) -> Dict:
                 "rows_per_token": rpt,
                 "fewer_rows_than_alltoall": k / rpt if rpt else None,
                 # Bytes: every row is d/H as wide with BigMac (alltoall at full width H).
-                "row_width": runs[0]["row_width"],
-                "fewer_bytes_than_alltoall": k / rpt / runs[0]["row_width"] if rpt else None,
+                "row_width": width_of(runs),
+                "fewer_bytes_than_alltoall": k / rpt / width_of(runs) if rpt else None,
                 **(node_columns(SHAPES[shape_name], runs, by_routing.get("topk", []))
                    if "nodes" in SHAPES[shape_name] else {}),
                 "runs": runs,
