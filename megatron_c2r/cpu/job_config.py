@@ -153,12 +153,13 @@ class CPUTrainConfig:
                 f"{self.train_iters}, or training never leaves the warm-up: lower it with --set "
                 f"c2r.warmup_steps=N (N < {self.train_iters}) and repeat that with --resume"
             )
-        has_nodes = router.num_nodes or router.gpus_per_node
+        # Nodes the router knows: c2r.num_nodes, or node mode's c2r.gpus_per_node (it fills them).
+        has_nodes = router.num_nodes or (router.mode == "node" and router.gpus_per_node)
         if self.replan_nodes and not (self.c2r.enabled and self.replan and has_nodes):
             raise ValueError(
                 "cpu.replan_nodes=true plans nodes first when the job re-plans: it needs "
-                "c2r.enabled, cpu.replan: true and c2r.num_nodes (or c2r.gpus_per_node): set "
-                "them or cpu.replan_nodes: false"
+                "c2r.enabled, cpu.replan: true and c2r.num_nodes (or c2r.mode: node with "
+                "c2r.gpus_per_node): set them or cpu.replan_nodes: false"
             )
         if self.c2r.enabled and router.mode == "group" and router.refresh_interval and not self.replan:
             raise ValueError(
