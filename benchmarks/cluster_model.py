@@ -8,7 +8,7 @@ routing, at 1, 2, 4, 8 and 16 nodes of 8 GPUs (issue 17.1).
     python benchmarks/cluster_model.py --quick           # 1, 2, 8 nodes, 512 tokens per GPU
     python benchmarks/cluster_model.py --out /tmp/cm --tokens-per-gpu 4096 --ib-gbps 25
 
-Everything here is MODELED (``megatron_c2r.cost_model``: per hop latency + the busiest GPU's bytes
+Everything here is MODELED (``megatron_c2r.cost.model``: per hop latency + the busiest GPU's bytes
 / link bandwidth, expert GEMMs on the busiest GPU; parameters and calibration in
 docs/cost_model.md); the row counts under it are exact, from the dispatchers' own counting code
 on sampled tokens. Shapes (EP = all GPUs, one EP group over N nodes; Mixtral's 8 experts cap EP
@@ -46,9 +46,9 @@ import time
 
 import torch
 
-from megatron_c2r.cost_inputs import LinkParams, MoEShape, RoutingRule, RoutingSource, node_anchored
-from megatron_c2r.cost_model import METHOD_LABELS, estimate
-from megatron_c2r.cost_routing import sample_counts
+from megatron_c2r.cost.inputs import LinkParams, MoEShape, RoutingRule, RoutingSource, node_anchored
+from megatron_c2r.cost.model import METHOD_LABELS, estimate
+from megatron_c2r.cost.routing import sample_counts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPUS_PER_NODE = 8

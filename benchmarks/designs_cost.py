@@ -4,7 +4,7 @@ token next to the usual routing and our node-anchored routing, on one shape and 
     python benchmarks/designs_cost.py                  # DeepSeek-V3-like, 8 nodes x 8 GPUs
     python benchmarks/designs_cost.py --shape qwen3 --nodes 4 --dispatch-dims 2048 1024
 
-Everything here is MODELED (``megatron_c2r.cost_model``, the parameters and calibration of
+Everything here is MODELED (``megatron_c2r.cost.model``, the parameters and calibration of
 docs/cost_model.md, the same code as ``benchmarks/cluster_model.py`` and ``megatron-c2r
 estimate``); row counts are exact, from the dispatchers' counting code on sampled tokens with iid
 router scores. Routings:
@@ -37,9 +37,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks.cluster_model import SHAPES, shape_at, write_atomic  # noqa: E402 - script use
-from megatron_c2r.cost_inputs import LinkParams, RoutingRule, RoutingSource, node_anchored  # noqa: E402
-from megatron_c2r.cost_model import estimate  # noqa: E402
-from megatron_c2r.cost_routing import sample_counts  # noqa: E402
+from megatron_c2r.cost.inputs import LinkParams, RoutingRule, RoutingSource, node_anchored  # noqa: E402
+from megatron_c2r.cost.model import estimate  # noqa: E402
+from megatron_c2r.cost.routing import sample_counts  # noqa: E402
 
 
 def equal_active_ffn(topk: int, hidden: int, ffn: int, d: int) -> int:

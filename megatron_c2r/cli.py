@@ -12,7 +12,7 @@
 is ``pretrain`` for ``torchrun -m`` / ``srun``. Each subcommand is an argument builder and a
 ``_run_<name>(args) -> exit status`` that calls the library function owning the work
 (``run_config``, ``cpu.job_config`` + ``cpu.trainer``, ``render``, ``placement.*``,
-``megatron_lm.entry``, ``cost_inputs`` + ``cost_routing`` + ``cost_model``). Inputs are validated first and torch/Megatron are imported only after
+``megatron_lm.entry``, ``cost/``). Inputs are validated first and torch/Megatron are imported only after
 that, inside the run function, so ``--help`` and every config error take milliseconds.
 
 Errors: any ``errors.USER_ERRORS`` (``ValueError`` and so ``ConfigError``, missing, unwritable or
@@ -31,7 +31,7 @@ import tempfile
 from typing import Callable, Dict, NoReturn, Optional, Sequence, Tuple
 
 from megatron_c2r import __version__, parallel
-from megatron_c2r.cost_inputs import (
+from megatron_c2r.cost.inputs import (
     PARAM_HELP,
     LinkParams,
     config_rule,
@@ -396,8 +396,8 @@ def _run_estimate(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"{PROG} estimate: {note}", file=sys.stderr)
     # Heavy: torch (the counting code of the dispatchers; no Megatron).
-    from megatron_c2r.cost_model import estimate, format_table, write_json
-    from megatron_c2r.cost_routing import mean_rows, sample_routings
+    from megatron_c2r.cost.model import estimate, format_table, write_json
+    from megatron_c2r.cost.routing import mean_rows, sample_routings
 
     counts, baseline = sample_routings(
         source, shape, config, ours, seed=args.seed, layer_index=args.layer,

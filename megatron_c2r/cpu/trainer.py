@@ -200,7 +200,7 @@ class Trainer:
         from megatron_c2r.cpu.data import build_corpus, build_datasets
         from megatron_c2r.cpu.model import build_model, expert_parameter
         from megatron_c2r.cpu.platform import setup_cpu_megatron
-        from megatron_c2r.metrics import C2RMetrics
+        from megatron_c2r.metrics.report import C2RMetrics
 
         self.cfg, self.rank, self.world = cfg, rank, cfg.ep_size
         if dist.get_world_size() != cfg.ep_size:

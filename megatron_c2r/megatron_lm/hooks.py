@@ -46,7 +46,7 @@ from typing import Callable, Optional
 import torch
 from megatron.core.utils import get_model_config
 
-from megatron_c2r.metrics import C2RMetrics
+from megatron_c2r.metrics.report import C2RMetrics
 
 
 class MegatronLMHooks:

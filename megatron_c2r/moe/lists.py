@@ -1,6 +1,6 @@
 """Load top-T collaborator lists from a file into a model's C2R routers.
 
-Sources (read safely through ``placement.input_files``: bounded, nothing unpickled):
+Sources (read safely through ``megatron_c2r.files``: bounded, nothing unpickled):
     plan.json      ``megatron-c2r plan --top-t T`` output; per layer ``top_t_lists``. Pass
                    ``relabelled=True`` when the model's experts were relabelled with the same plan
                    (``megatron-c2r convert`` / in-run replanning), so the lists are translated to
@@ -21,7 +21,7 @@ from typing import List
 
 import torch
 
-from megatron_c2r.placement.input_files import load_npy, load_torch_file
+from megatron_c2r.files import load_npy, load_torch_file
 
 
 def read_top_t_lists(path: str, *, relabelled: bool = False) -> List[torch.Tensor]:

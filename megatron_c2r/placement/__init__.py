@@ -1,7 +1,6 @@
 """Collaboration-aware expert placement: sources -> planner -> plan file -> relabelling.
 
     sources.py      collaboration inputs (tracker state, traces, dumps, matrices) -> LayerCollab
-    input_files.py  reading files users hand us: size bounds, no pickle, one-line errors
     partition.py    balanced-partition search: objectives, swap search, repair to load caps
     exhaustive.py   exact search over every balanced partition (small E), flat or hierarchical
     planner.py      placement plans (flat or nodes-then-ranks, optional load bound), predictions

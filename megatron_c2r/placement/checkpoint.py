@@ -44,7 +44,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_c2r.placement.input_files import read_json_file
+from megatron_c2r.files import read_json_file
 from megatron_c2r.placement.permutation import (
     RENAME,
     SAME,

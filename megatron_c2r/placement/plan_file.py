@@ -38,7 +38,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from megatron_c2r.placement.input_files import read_json_file, write_text_atomic
+from megatron_c2r.files import read_json_file, write_text_atomic
 from megatron_c2r.placement.permutation import LISTS, order_from_groups, permute
 
 

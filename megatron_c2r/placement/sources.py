@@ -15,7 +15,7 @@ Accepted inputs (``load_collaboration(path)``):
 Matrices carry no top-k, so ``top_k`` must be given for them; traces and dumps carry full top-k
 sets, which the planner uses to optimise distinct ranks per token directly.
 Bad input (empty, truncated or damaged files, pickles, wrong shapes or dtypes) raises a one-line
-ValueError naming the file, the problem and the fix (``input_files``), before anything is written.
+ValueError naming the file, the problem and the fix (``megatron_c2r.files``), before anything is written.
 Shape suffixes: the legend in ``megatron_c2r/placement/__init__.py`` (T tokens, K top-k, ...).
 """
 
@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_c2r.placement.input_files import bounded_lines, load_npy, load_torch_file
+from megatron_c2r.files import bounded_lines, load_npy, load_torch_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +265,7 @@ def load_collaboration(
 
     ``top_k`` is required for matrices and checked against traces/dumps when given;
     ``num_experts`` overrides the ``max id + 1`` inferred from traces/dumps. Files are read
-    through ``input_files`` (bounded, nothing unpickled beyond tensors and containers).
+    through ``megatron_c2r.files`` (bounded, nothing unpickled beyond tensors and containers).
     """
     _check_path(path)
     lower = path.lower()

@@ -121,7 +121,7 @@ def _two_stages_two_dp_ranks():
     )
 
     from megatron_c2r.megatron_lm.hooks import MegatronLMHooks
-    from megatron_c2r.metrics import C2RMetrics
+    from megatron_c2r.metrics.report import C2RMetrics
     from megatron_c2r.moe.options import C2ROptions
     from megatron_c2r.moe.router import step_routers
     from megatron_c2r.routing.config import C2RRouterConfig
@@ -170,7 +170,7 @@ def _two_stages_two_dp_ranks():
 
 @pytest.mark.world_size(4)
 def test_metrics_are_reduced_after_the_iteration_over_every_stage_and_dp_rank(dist_pool):
-    from megatron_c2r.metrics import METRIC_NAMES, PREFIX
+    from megatron_c2r.metrics.report import METRIC_NAMES, PREFIX
 
     def reduced(values):  # names outside METRIC_NAMES stay local by design
         return {k: v for k, v in values.items() if k[len(PREFIX) + 1:].split("_layer_")[0] in METRIC_NAMES}

@@ -26,8 +26,8 @@ def _reduce_two_stages_two_dp_ranks():
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.moe import moe_utils
 
-    from megatron_c2r.metrics import C2RMetrics
-    from megatron_c2r.metrics_stats import routing_loads
+    from megatron_c2r.metrics.report import C2RMetrics
+    from megatron_c2r.metrics.stats import routing_loads
     from tests.sync_audit import SyncAudit
     from tests.unit.test_metrics import random_map
 
@@ -97,7 +97,7 @@ def test_one_collective_reduces_every_layer_like_megatrons_tracker_across_dp_and
 
 @pytest.mark.world_size(4)
 def test_busiest_rank_and_node_loads_equal_a_brute_force_count_over_every_source(dist_pool):
-    from megatron_c2r.metrics import LOAD_NAMES
+    from megatron_c2r.metrics.report import LOAD_NAMES
     from tests.unit.test_metrics import brute_loads
 
     results = dist_pool(4).run(_reduce_two_stages_two_dp_ranks)

@@ -100,7 +100,7 @@ def test_router_state_is_read_from_a_torch_dist_checkpoint(megatron_world1, tmp_
 
 
 def test_constraint_active_is_parsed_from_our_console_line():
-    from megatron_c2r.metrics import console_line
+    from megatron_c2r.metrics.report import console_line
 
     log = "\n".join(
         ["noise | lm loss 3.2"]

@@ -1,4 +1,4 @@
-"""The cluster cost model (``megatron_c2r.cost_model``): its arithmetic against hand-computed
+"""The cluster cost model (``megatron_c2r.cost.model``): its arithmetic against hand-computed
 cases, its per-GPU row counts against the brute-force loop oracle the two-level dispatcher's
 counters are tested against (``comm.reference.reference_hop_counts``) and the flat counters
 (``comm.accounting.count_rows``), the expected rows under uniform and node-anchored routing, and
@@ -19,10 +19,10 @@ from megatron_c2r.comm.two_level import (
     count_two_level_rows,
     expected_inter_node_rows_per_token_uniform,
 )
-from megatron_c2r.cost_calibration import calibration_rows
-from megatron_c2r.cost_inputs import LinkParams, MoEShape, RoutingRule, RoutingSource, node_anchored
-from megatron_c2r.cost_model import METHODS, count_rows, estimate, layer_time
-from megatron_c2r.cost_routing import routing_map, sample_counts, select_experts
+from megatron_c2r.cost.calibration import calibration_rows
+from megatron_c2r.cost.inputs import LinkParams, MoEShape, RoutingRule, RoutingSource, node_anchored
+from megatron_c2r.cost.model import METHODS, count_rows, estimate, layer_time
+from megatron_c2r.cost.routing import routing_map, sample_counts, select_experts
 
 # 2 nodes x 2 GPUs, 8 experts (2 per GPU: expert e on GPU e // 2, node e // 4), top-2,
 # 2 tokens per GPU. Rows worked out by hand in the comments of test_hand_computed_rows.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.designs_cost import designs, equal_active_ffn, markdown
-from megatron_c2r.cost_inputs import LinkParams
+from megatron_c2r.cost.inputs import LinkParams
 
 
 def test_equal_active_ffn_keeps_the_active_expert_parameters():

@@ -13,7 +13,7 @@ from unittest import mock
 import pytest
 import torch
 
-from megatron_c2r.metrics import C2RMetrics
+from megatron_c2r.metrics.report import C2RMetrics
 from megatron_c2r.moe.options import C2ROptions
 from megatron_c2r.routing.config import C2RRouterConfig
 from tests.megatron_cpu import init_parallel, megatron_cpu, moe_config

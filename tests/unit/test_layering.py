@@ -47,15 +47,15 @@ def test_the_cli_and_config_layer_import_no_torch_or_megatron():
                "megatron_c2r.yaml_files", "megatron_c2r.render", "megatron_c2r.cpu.job_config",
                "megatron_c2r.megatron_lm.flags", "megatron_c2r.megatron_lm.arguments",
                "megatron_c2r.moe.options", "megatron_c2r.parallel", "megatron_c2r.errors",
-               "megatron_c2r.cost_inputs"]  # fmt: skip
+               "megatron_c2r.cost.inputs"]  # fmt: skip
     code = _CHECK.format(bad=("torch", "numpy", "megatron.core"), modules=modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_the_cost_model_imports_no_megatron_and_no_config_layer():
-    modules = ["megatron_c2r.cost_model", "megatron_c2r.cost_routing",
-               "megatron_c2r.cost_calibration"]  # fmt: skip
+    modules = ["megatron_c2r.cost.model", "megatron_c2r.cost.routing",
+               "megatron_c2r.cost.calibration"]  # fmt: skip
     code = _CHECK.format(bad=("megatron.core", *CONFIG_LAYER), modules=modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -6,8 +6,8 @@ import csv
 import pytest
 import torch
 
-from megatron_c2r.metrics import LOAD_NAMES, C2RMetrics, console_line, routing_stats
-from megatron_c2r.metrics_stats import busiest_over_mean, routing_loads
+from megatron_c2r.metrics.report import LOAD_NAMES, C2RMetrics, console_line, routing_stats
+from megatron_c2r.metrics.stats import busiest_over_mean, routing_loads
 from megatron_c2r.moe.options import C2ROptions
 from megatron_c2r.routing.config import C2RRouterConfig
 from tests.megatron_cpu import init_parallel, megatron_cpu, moe_config

@@ -16,7 +16,7 @@ import torch
 
 from megatron_c2r.cli import main
 from megatron_c2r.moe.lists import read_top_t_lists
-from megatron_c2r.placement import input_files
+from megatron_c2r import files as input_files
 from megatron_c2r.placement.plan_file import read_plan
 from megatron_c2r.placement.sources import load_collaboration
 

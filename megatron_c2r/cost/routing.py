@@ -1,6 +1,6 @@
 """Routing for the cluster cost model: which experts each of P x T tokens picks, per routing rule.
 
-Two kinds of input (``cost_inputs.RoutingSource``):
+Two kinds of input (``cost.inputs.RoutingSource``):
 
 * **Synthetic scores** (``uniform``, ``clustered``): every GPU draws T tokens' logits from its own
   seeded generator (iid normal; ``clustered`` adds +S to the experts of the token's planted
@@ -20,7 +20,7 @@ Two kinds of input (``cost_inputs.RoutingSource``):
 Rules run through the router's own selection functions (``routing.functional.group_topk`` for
 group rules, ``node_topk`` for node rules: our node-anchored routing and ``c2r.mode: node``).
 Cold path, CPU, deterministic for a seed.
-Shape suffixes: ``cost_model``'s (P GPUs, T tokens per GPU, E experts, K top-k, U distinct sets).
+Shape suffixes: ``cost.model``'s (P GPUs, T tokens per GPU, E experts, K top-k, U distinct sets).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from megatron_c2r.cost_inputs import MoEShape, RoutingRule, RoutingSource
-from megatron_c2r.cost_model import RoutingCounts, RowCounter
+from megatron_c2r.cost.inputs import MoEShape, RoutingRule, RoutingSource
+from megatron_c2r.cost.model import RoutingCounts, RowCounter
 from megatron_c2r.placement.sources import LayerCollab, load_collaboration
 from megatron_c2r.routing.functional import contiguous_groups, group_topk, node_topk
 from megatron_c2r.routing.moge import group_balanced_topk
@@ -184,7 +184,7 @@ def sample_counts(
 
 
 def mean_rows(rows_by_layer: List[List[dict]]) -> List[dict]:
-    """The element-wise mean of ``cost_model.estimate`` rows over layers (same order)."""
+    """The element-wise mean of ``cost.model.estimate`` rows over layers (same order)."""
     if len(rows_by_layer) == 1:
         return rows_by_layer[0]
     out = []

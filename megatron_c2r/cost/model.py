@@ -45,8 +45,8 @@ import torch
 from megatron_c2r.comm.rows import count_send_rows
 from megatron_c2r.comm.topology import NodeTopology
 from megatron_c2r.comm.two_level import build_count_table, plan_hops
-from megatron_c2r.cost_inputs import LinkParams, MoEShape
-from megatron_c2r.placement.input_files import write_text_atomic
+from megatron_c2r.cost.inputs import LinkParams, MoEShape
+from megatron_c2r.files import write_text_atomic
 
 METHODS = ("alltoall", "deepep", "flat_dedup", "two_level")
 METHOD_LABELS = {

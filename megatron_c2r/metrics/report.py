@@ -22,7 +22,7 @@ the stages fill disjoint slots -- what Megatron's tracker does for its own losse
 average over DP). ``penalty`` is the value Megatron's tracker logs as ``c2r_penalty``.
 
 Busiest-over-mean loads (``LOAD_NAMES``, in the same buffer and collective): per layer, what each
-rank's tokens load onto every EP rank and node (``metrics_stats.routing_loads``), summed over the
+rank's tokens load onto every EP rank and node (``metrics.stats.routing_loads``), summed over the
 records and the group's ranks -- every source, so a slot holds what that EP rank (node) received
 over the logged iteration, summed over the EP groups of the DP/PP ranks at that EP index -- then
 busiest / mean on the host. Without a group: this rank's tokens only.
@@ -64,7 +64,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from megatron_c2r.metrics_stats import LOAD_NAMES, busiest_over_mean, routing_loads, routing_stats
+from megatron_c2r.metrics.stats import LOAD_NAMES, busiest_over_mean, routing_loads, routing_stats
 from megatron_c2r.moe.layer import moe_layers
 
 __all__ = ["C2RMetrics", "LOAD_NAMES", "METRIC_NAMES", "console_line", "routing_stats", "write_csv"]
@@ -238,7 +238,7 @@ class C2RMetrics:
             counts[layer_index] = counts.get(layer_index, 0) + 1
 
     def add_loads(self, layer_index: int, load_4X: torch.Tensor) -> None:
-        """Accumulate one :func:`~megatron_c2r.metrics_stats.routing_loads` table for a layer
+        """Accumulate one :func:`~megatron_c2r.metrics.stats.routing_loads` table for a layer
         (on its device, no sync)."""
         loads = self._loads.get(layer_index)
         self._loads[layer_index] = load_4X if loads is None else loads + load_4X

@@ -1,6 +1,6 @@
-"""Files users hand the placement tools: read with bounded size, nothing executed, and every
-problem reported in one line naming the file, the problem and the fix (before anything is
-written); and the tools' own JSON outputs, written atomically.
+"""Files users hand us (placement inputs, traces, plans): read with bounded size, nothing
+executed, and every problem reported in one line naming the file, the problem and the fix
+(before anything is written); and our own outputs (plans, estimate JSON), written atomically.
 
     read_json_file(path, what)        JSON (plans): size checked before reading
     bounded_lines(path, what)         JSON-lines (routing traces): total and per-line bounds

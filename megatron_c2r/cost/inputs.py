@@ -3,7 +3,7 @@ routing rules, and where routing comes from. Pure Python (no torch), so ``megatr
 reports every bad flag or config in milliseconds, before torch is imported.
 
 ``shape_from_config`` and ``config_rule`` read a validated run config (``run_config.RunConfig``)
-the way Megatron would run it; the model itself (``cost_model``) never sees YAML.
+the way Megatron would run it; the model itself (``cost.model``) never sees YAML.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class MoEShape:
 
 @dataclass(frozen=True)
 class RoutingRule:
-    """How tokens pick experts in the model (the router's own rules, ``cost_routing``):
+    """How tokens pick experts in the model (the router's own rules, ``cost.routing``):
 
     * plain top-k: ``num_groups`` None;
     * group rule: at most ``max_groups`` of ``num_groups`` contiguous expert groups, top-k

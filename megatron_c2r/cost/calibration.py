@@ -2,7 +2,7 @@
 
 Each point re-creates a published benchmark's setting in the model (same GPUs per node, tokens,
 hidden size, routing rule, bytes on the wire, and the benchmark's own definition of bandwidth),
-runs the model's per-pass time (``cost_model.pass_time``) on row counts from the dispatchers'
+runs the model's per-pass time (``cost.model.pass_time``) on row counts from the dispatchers'
 counting code, and compares. Sources (docs/cost_model.md has the links):
 
     DeepEP V1 normal kernels, H800 + CX7 (DeepEP's docs/legacy.md table, test_internode.py):
@@ -33,9 +33,9 @@ from typing import Iterator, List
 
 import torch
 
-from megatron_c2r.cost_inputs import LinkParams, MoEShape
-from megatron_c2r.cost_model import count_rows, pass_time
-from megatron_c2r.cost_routing import routing_map
+from megatron_c2r.cost.inputs import LinkParams, MoEShape
+from megatron_c2r.cost.model import count_rows, pass_time
+from megatron_c2r.cost.routing import routing_map
 
 H100 = LinkParams()
 H800 = dataclasses.replace(H100, nvlink_gbps=136.0)  # set from DeepEP's intranode EP8 point (above)
