@@ -227,6 +227,10 @@ def run_one(out_dir: str, shape: Dict, sets: List[str], seed: int, steps: int, w
         f"megatron.log-interval={max(1, steps // 30)}",
         f"c2r.warmup_steps={warmup}",
         "c2r.dispatcher=dedup",
+        # The corpus of every run in docs/quality.md (this Python's first 4 MB of stdlib files),
+        # not the main job's reference corpus, so cached and published runs stay comparable.
+        "cpu.corpus=stdlib",
+        "cpu.corpus_bytes=4000000",
     ]
     cmd = [sys.executable, "-m", "megatron_c2r", "train", "--config",
            os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--out", out_dir, "--steps", str(steps),

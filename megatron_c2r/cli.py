@@ -137,9 +137,14 @@ def _run_train(args: argparse.Namespace) -> int:
     check_output_dir(cfg.out_dir, "--out" if args.out is not None else "cpu.out_dir")
     for note in notes:
         print(f"{PROG} train: {note}", file=sys.stderr)
+    from megatron_c2r.cpu.trainer import EXIT_PREEMPTED, Preempted
     from megatron_c2r.cpu.trainer import run as train  # heavy: torch, megatron.core
 
-    train(cfg, resume=args.resume, exit_after=args.exit_after)
+    try:
+        train(cfg, resume=args.resume, exit_after=args.exit_after)
+    except Preempted as stopped:
+        print(f"{PROG} train: {stopped}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 
@@ -476,6 +481,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except USER_ERRORS as exc:
         _print_error(args.command, exc)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops on it cleanly)
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

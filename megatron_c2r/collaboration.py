@@ -16,8 +16,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_c2r.placement.permutation import TRACKER_STATE, check_order, permute_module_state_
-
 
 def coactivation_counts(
     routing_map_TE: torch.Tensor, padding_mask_T: Optional[torch.Tensor] = None
@@ -109,9 +107,3 @@ class CollaborationTracker(torch.nn.Module):
 
     def top_t_lists(self, top_t: int) -> torch.Tensor:
         return top_t_lists(self.counts, top_t)
-
-    def permute_(self, order: torch.Tensor) -> None:
-        """Relabel experts: new expert i is old expert ``order[i]`` (rows and columns of both
-        count matrices move; token totals stay), as ``permutation.TRACKER_STATE`` says."""
-        order_E = check_order(order, self.num_experts)
-        permute_module_state_(self, order_E, TRACKER_STATE)

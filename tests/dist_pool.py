@@ -137,17 +137,23 @@ class DistPool:
             q.put((self._task_id, module_name, fn.__name__, args, kwargs))
         return self._collect(self._task_id, timeout)
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 2.0) -> None:
+        """Ask every worker to leave, give them ``grace_s`` seconds together (not each: a
+        worker tearing down many gloo groups can take long, and nothing it does then matters),
+        then kill what is left."""
         for q, p in zip(self._tasks, self._procs):
             if p.is_alive():
                 try:
                     q.put(None)
                 except Exception:  # noqa: BLE001
                     pass
+        deadline = time.monotonic() + grace_s
         for p in self._procs:
-            p.join(timeout=5)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in self._procs:
             if p.is_alive():
                 p.kill()
+                p.join(timeout=5)
         self._procs = []
 
 

@@ -73,6 +73,7 @@ def init_parallel(ep: int = 1, tp: int = 1, etp: int = 1) -> None:
         tensor_model_parallel_size=tp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
+        create_gloo_process_groups=False,  # the world is gloo; the copies only add threads
     )
 
 

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_c2r.cpu.job_config import run_identity
+
 CKPT_DIR = "checkpoint"
 META_FILE = "meta.json"
 COLLAB_FILE = "collaboration.npy"  # the trackers' [L, E, E] counts, what `megatron-c2r plan` reads
@@ -145,6 +147,7 @@ def save(trainer, extra_rank0: Optional[Dict] = None) -> str:
         cfg = trainer.cfg
         meta = {"iteration": trainer.iteration, "world_size": trainer.world,
                 "num_experts": cfg.num_experts, "ep_size": cfg.ep_size,
+                "identity": run_identity(cfg),
                 "files": {f"rank{r}.pt": int(sizes_W[r]) for r in range(trainer.world)}}
         write_json(meta, os.path.join(path, META_FILE))
         if routers:  # [L, E, E] int64, in the model's current expert labelling
@@ -246,11 +249,13 @@ def clean(root: str) -> List[str]:
 
 
 def prepare(out_dir: str, *, resume: bool, world_size: int, num_experts: int,
-            ep_size: int, log=print) -> Optional[Checkpoint]:
+            ep_size: int, identity: Optional[Dict] = None, train_iters: Optional[int] = None,
+            log=print) -> Optional[Checkpoint]:
     """Start-up in the launching process: clean, then the checkpoint to resume from (``resume``)
     or None (a fresh run). One line per removed leftover / skipped checkpoint goes to ``log``;
-    CheckpointError (one line) when nothing can be resumed or a fresh run would mix with old
-    checkpoints."""
+    CheckpointError (one line) when nothing can be resumed, a fresh run would mix with old
+    checkpoints, the checkpoint's run identity (``job_config.run_identity``) differs from
+    ``identity``, or ``train_iters`` leaves nothing to train."""
     root = root_of(out_dir)
     removed = clean(root)
     if removed:
@@ -282,6 +287,22 @@ def prepare(out_dir: str, *, resume: bool, world_size: int, num_experts: int,
             raise CheckpointError(
                 f"--resume: {chosen.path} has {key}={meta.get(key)} but this run has "
                 f"{key}={want}: resume with the config that wrote it")
+    saved = meta.get("identity")
+    if identity is not None and saved is None:
+        log(f"--resume: {chosen.path} predates stored run identities: its config is not checked")
+    elif identity is not None and saved != identity:
+        changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+        shown = ", ".join(f"{k} {saved.get(k)!r} -> {identity.get(k)!r}" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise CheckpointError(
+            f"--resume: {chosen.path} was written by a different run ({shown}{more}): resume with "
+            "the config that wrote it, or start a new run with another --out (steps, intervals "
+            "and logging may change: docs/config.md)")
+    if train_iters is not None and train_iters <= chosen.iteration:
+        raise CheckpointError(
+            f"--resume: {chosen.path} is at iteration {chosen.iteration} and --steps/"
+            f"megatron.train-iters is {train_iters}: nothing left to train; pass --steps N with "
+            f"N > {chosen.iteration}")
     return chosen
 
 

@@ -1,7 +1,12 @@
 """The CPU main job's data: a real text corpus that exists offline on every machine.
 
-Corpus: the Python standard library's own ``*.py`` files (``sysconfig``'s ``stdlib`` path, test
-suites excluded), taken in sorted path order until ``max_bytes``; one file = one document.
+Corpus: Python standard-library source files, one file = one document, taken in sorted path order
+until ``max_bytes``. By default (``cpu.corpus: reference``) only the files that are byte-identical
+in CPython 3.11, 3.12 and 3.13 (``corpus_files.REFERENCE_FILES``, 2.46 MB, each checked by its
+SHA-256), so every supported Python trains on the same bytes; a reference file that is missing or
+differs here is left out and the job says so in one line. Past the reference bytes, and with
+``cpu.corpus: stdlib`` (the corpus of the runs in docs/quality.md), the rest comes from this
+Python's own standard library, which differs between Python builds.
 Tokenizer: bytes (ids 0..255) plus an end-of-document id; nothing is downloaded.
 
 Storage and sampling are Megatron-core's own: documents are written once to an
@@ -18,7 +23,7 @@ import json
 import os
 import sysconfig
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +32,9 @@ EOD_ID = 256
 PAD_ID = 257
 VOCAB_SIZE = 258  # bytes + EOD + PAD
 PADDED_VOCAB_SIZE = 264  # multiple of 8 for the embedding/output layer
+
+
+CORPORA = ("reference", "stdlib")
 
 
 def stdlib_files(max_bytes: int, root: Optional[str] = None) -> List[str]:
@@ -70,33 +78,92 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
 
+def corpus_files(max_bytes: int, corpus: str = "reference",
+                 root: Optional[str] = None) -> Tuple[List[str], Optional[str]]:
+    """(paths, note): the corpus's files in order, at least ``max_bytes`` of them where there are,
+    and one line saying why this corpus differs from the reference one (None if it does not).
+
+    ``reference``: ``REFERENCE_FILES`` whose SHA-256 matches, then (only if ``max_bytes`` asks for
+    more) the other standard-library files in path order. ``stdlib``: ``stdlib_files``."""
+    if corpus not in CORPORA:
+        raise ValueError(f"cpu.corpus={corpus!r}: use one of {', '.join(CORPORA)}")
+    if corpus == "stdlib":
+        return stdlib_files(max_bytes, root), "cpu.corpus=stdlib: this Python's own files"
+    from megatron_c2r.cpu.corpus_files import REFERENCE_FILES
+
+    base = root or sysconfig.get_paths()["stdlib"]
+    chosen, total, differ = [], 0, []
+    for rel, sha, _size in REFERENCE_FILES:
+        if total >= max_bytes:
+            break
+        path = os.path.join(base, rel)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            data = None
+        if data is None or hashlib.sha256(data).hexdigest()[:16] != sha:
+            differ.append(rel)
+            continue
+        chosen.append(path)
+        total += len(data)
+    notes = []
+    if differ:
+        notes.append(f"{len(differ)} of the reference corpus files are missing or differ in this "
+                     f"Python's standard library (first: {differ[0]}), so they are left out")
+    if total < max_bytes:
+        reference = {rel for rel, _sha, _size in REFERENCE_FILES}
+        extra = [p for p in stdlib_files(1 << 62, base) if os.path.relpath(p, base) not in reference]
+        for path in extra:
+            if total >= max_bytes:
+                break
+            chosen.append(path)
+            total += os.path.getsize(path)
+        notes.append(f"cpu.corpus_bytes={max_bytes} is above the reference corpus, so the rest "
+                     "comes from this Python's own standard library")
+    if not chosen:
+        raise FileNotFoundError(f"no reference corpus files under the standard library path {base!r}")
+    note = None
+    if notes:
+        note = "corpus: " + "; ".join(notes) + ": losses will differ from the README's"
+    return chosen, note
+
+
+def corpus_fingerprint(files: List[str], base: str) -> str:
+    """sha256 over (path relative to ``base``, bytes) of every document, first 16 hex digits:
+    what the summary reports, and the dataset cache's key."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(os.path.relpath(path, base).encode())
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class Corpus:
     prefix: str  # IndexedDataset path prefix (prefix.bin / prefix.idx)
     num_documents: int
     num_tokens: int
     fingerprint: str  # sha256 over (relative path, bytes) of every document
+    note: Optional[str] = None  # why it differs from the reference corpus (corpus_files)
 
 
-def build_corpus(data_dir: str, max_bytes: int, root: Optional[str] = None) -> Corpus:
+def build_corpus(data_dir: str, max_bytes: int, root: Optional[str] = None,
+                 corpus: str = "reference") -> Corpus:
     """Write the byte corpus as a Megatron IndexedDataset under ``data_dir`` (reused when the
     same corpus is already there). Call on one rank; the others wait at a barrier."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    files = stdlib_files(max_bytes, root)
+    files, note = corpus_files(max_bytes, corpus, root)
     base = root or sysconfig.get_paths()["stdlib"]
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(os.path.relpath(path, base).encode())
-        with open(path, "rb") as f:
-            digest.update(f.read())
-    fingerprint = digest.hexdigest()[:16]
+    fingerprint = corpus_fingerprint(files, base)
     prefix = os.path.join(data_dir, f"stdlib_bytes_{fingerprint}")
     meta_path = prefix + ".json"
     if os.path.exists(meta_path) and os.path.exists(prefix + ".idx"):
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
-        return Corpus(prefix, meta["num_documents"], meta["num_tokens"], fingerprint)
+        return Corpus(prefix, meta["num_documents"], meta["num_tokens"], fingerprint, note)
 
     os.makedirs(data_dir, exist_ok=True)
     tmp = f"{prefix}.tmp{os.getpid()}"
@@ -116,7 +183,7 @@ def build_corpus(data_dir: str, max_bytes: int, root: Optional[str] = None) -> C
     with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(meta, f)
     os.replace(meta_path + ".tmp", meta_path)
-    return Corpus(prefix, len(files), num_tokens, fingerprint)
+    return Corpus(prefix, len(files), num_tokens, fingerprint, note)
 
 
 def build_datasets(corpus: Corpus, *, seq_length: int, train_samples: int, valid_samples: int,

@@ -12,6 +12,7 @@ import no torch: every error is one line before anything runs.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -64,7 +65,7 @@ MEGATRON_FLAGS = {
     "untie-embeddings-and-output-weights": ("untie_embeddings", bool),
     "moe-grouped-gemm": ("grouped_gemm", bool),
 }
-CPU_KEYS = ("out_dir", "corpus_bytes", "replan", "replan_nodes", "plot", "threads", "progress")
+CPU_KEYS = ("out_dir", "corpus", "corpus_bytes", "replan", "replan_nodes", "plot", "threads", "progress")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,7 +112,9 @@ class CPUTrainConfig:
     grouped_gemm: bool = False
     # cpu: section
     out_dir: str = "runs/tiny_cpu"
-    corpus_bytes: int = 4_000_000
+    # The reference corpus (identical on Python 3.11-3.13; cpu/data.py) holds 2.46 MB.
+    corpus: str = "reference"
+    corpus_bytes: int = 2_400_000
     replan: bool = True  # plan a placement when the warm-up ends (and every c2r.refresh_interval)
     # Plan the c2r.num_nodes nodes first, then the groups inside each (as `plan --nodes`).
     replan_nodes: bool = False
@@ -131,7 +134,10 @@ class CPUTrainConfig:
         """Raise ValueError (one line, YAML names, no file prefix) for a job that cannot run."""
         for name in ("train_iters", "micro_batch_size", "seq_length", "log_interval", "threads",
                      "corpus_bytes"):  # fmt: skip
-            parallel.require_positive(getattr(self, name), _yaml_name(name))
+            parallel.require_positive(getattr(self, name), yaml_name(name))
+        if self.corpus not in ("reference", "stdlib"):
+            raise ValueError(f"cpu.corpus={self.corpus!r}: use reference (the same bytes on every "
+                             "supported Python) or stdlib (this Python's own files)")
         parallel.require_positive(self.ep_size, "megatron.--expert-model-parallel-size")
         parallel.experts_per_rank(
             self.num_experts, self.ep_size, experts_name="megatron.--num-experts",
@@ -181,7 +187,7 @@ class CPUConfigError(ConfigError):
         self.detail = detail
 
 
-def _yaml_name(name: str) -> str:
+def yaml_name(name: str) -> str:
     """A CPUTrainConfig field as the YAML spells it (``train_iters`` -> ``megatron.--train-iters``)."""
     for flag, (field_name, _) in MEGATRON_FLAGS.items():
         if field_name == name:
@@ -304,3 +310,24 @@ def as_dict(cfg: CPUTrainConfig) -> Dict[str, Any]:
     out["c2r"] = {"enabled": cfg.c2r.enabled, "dispatcher": cfg.c2r.dispatcher,
                   "router": dataclasses.asdict(cfg.c2r.router)}
     return out
+
+
+def run_identity(cfg: CPUTrainConfig) -> Dict:
+    """What a checkpoint's run is: every resolved setting except those a resume may change
+    (``RESUMABLE_CHANGES``), as YAML names -> values. ``--resume`` refuses a different one."""
+    flat = {}
+    for name, value in as_dict(cfg).items():
+        if name in RESUMABLE_CHANGES:
+            continue
+        if name == "c2r":
+            flat["c2r.enabled"] = value["enabled"]
+            flat["c2r.dispatcher"] = value["dispatcher"]
+            flat.update({f"c2r.{k}": v for k, v in value["router"].items()})
+        else:
+            flat[yaml_name(name)] = value
+    return json.loads(json.dumps(flat, default=str))  # as meta.json holds it
+
+
+# May change on --resume: how long to train and how it is logged, saved and shown.
+RESUMABLE_CHANGES = ("train_iters", "log_interval", "save_interval", "eval_iters", "out_dir",
+                     "plot", "threads", "progress", "source")

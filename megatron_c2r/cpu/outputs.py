@@ -103,7 +103,8 @@ def finish(trainer, *, val_loss: float, segments: List[Dict], last_metrics: Dict
         "warmup_steps": cfg.c2r.router.warmup_steps if cfg.c2r.enabled else 0,
         "mode": cfg.c2r.router.mode if cfg.c2r.enabled else "megatron",
         "corpus": {"documents": trainer.corpus.num_documents, "tokens": trainer.corpus.num_tokens,
-                   "fingerprint": trainer.corpus.fingerprint},
+                   "fingerprint": trainer.corpus.fingerprint, "source": cfg.corpus,
+                   "differs_from_reference": trainer.corpus.note},
         "metrics": {k: v for k, v in last_metrics.items() if "_layer_" not in k},
         "config": config,
     }
@@ -141,6 +142,7 @@ def summary_line(s: Dict) -> str:
         f" | ranks/token {s['ranks_per_token']:.2f} vs alltoall {s['rows_per_token_alltoall']:.0f}"
         f" rows/token ({s['row_reduction']:.1f}x fewer rows){balance}"
         f" | {s['tokens_per_s'] / 1000:.1f}k tokens/s"
+        + (f" | corpus {s['corpus']['fingerprint']}" if s.get("corpus") else "")
     )
 
 

@@ -26,12 +26,14 @@ their warning filters are in place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -43,7 +45,7 @@ import torch.distributed as dist
 # Light on purpose (torch only): the launching process never imports megatron, and each worker
 # installs its warning filters before it does (see ``_quiet_megatron_fallbacks``).
 from megatron_c2r.cpu import checkpoint, outputs
-from megatron_c2r.cpu.job_config import CPUTrainConfig, as_dict
+from megatron_c2r.cpu.job_config import CPUTrainConfig, as_dict, run_identity
 from megatron_c2r.errors import USER_ERRORS, one_line
 
 SUMMARY_FILE = "summary.json"
@@ -73,26 +75,53 @@ def run(cfg: CPUTrainConfig, *, resume: bool = False, exit_after: Optional[int] 
 
     This process hosts the rendezvous store on a port the OS assigns (no pick-a-free-port race
     when several jobs start at once); the workers connect to it as clients."""
+    out = cfg.out_dir
+    created_out = _make_out_dir(out)
+    with OutDirLock(out):  # one run per output directory; refused in one line while held
+        try:
+            resume_from = checkpoint.prepare(
+                out, resume=resume, world_size=cfg.ep_size, num_experts=cfg.num_experts,
+                ep_size=cfg.ep_size, identity=run_identity(cfg), train_iters=cfg.train_iters,
+                log=_notice)
+        except ValueError:
+            if created_out:  # ours alone: we created it and hold its lock (a run that comes
+                shutil.rmtree(out, ignore_errors=True)  # after finds no lock file and stops)
+            raise
+        created_data = not os.path.exists(os.path.join(out, "data"))
+        print(CPU_PATH_LINE.format(n=cfg.ep_size), flush=True)
+        _spawn_workers(cfg, resume_from, exit_after, created_out, created_data)
+        stopped_at = _preempted_at(out)
+        if stopped_at is not None:
+            raise Preempted(stopped_at, out)
+    with open(os.path.join(out, SUMMARY_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _spawn_workers(cfg: CPUTrainConfig, resume_from, exit_after, created_out, created_data) -> None:
+    """Run the workers and wait. SIGTERM, SIGINT and SIGUSR1 reaching this process (SLURM's
+    preemption or time-limit signal, Ctrl-C) are forwarded to the workers, which finish the step,
+    checkpoint together and stop (``Trainer.train``)."""
     import torch.multiprocessing as mp
 
     out = cfg.out_dir
-    created_out = _make_out_dir(out)
-    try:
-        resume_from = checkpoint.prepare(
-            out, resume=resume, world_size=cfg.ep_size, num_experts=cfg.num_experts,
-            ep_size=cfg.ep_size, log=_notice)
-    except ValueError:
-        if created_out:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    created_data = not os.path.exists(os.path.join(out, "data"))
-    print(CPU_PATH_LINE.format(n=cfg.ep_size), flush=True)
+    _clear_preempted(out)
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     spawn_log = logging.getLogger("torch.multiprocessing.spawn")
     spawn_log.addFilter(_drop_terminating_notice)  # we stop the other workers on purpose
+    previous = {}
     try:
-        mp.spawn(_worker, args=(cfg, store.port, resume_from, exit_after),
-                 nprocs=cfg.ep_size, join=True)
+        context = mp.spawn(_worker, args=(cfg, store.port, resume_from, exit_after),
+                           nprocs=cfg.ep_size, join=False)
+
+        def forward(signum, _frame):
+            for proc in context.processes:
+                if proc.is_alive():
+                    os.kill(proc.pid, signum)
+
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, forward)
+        while not context.join():
+            pass
     except (mp.ProcessRaisedException, mp.ProcessExitedException):
         message = _reported_error(store, cfg.ep_size)
         if message is None:
@@ -100,10 +129,78 @@ def run(cfg: CPUTrainConfig, *, resume: bool = False, exit_after: Optional[int] 
         _remove_created(out, created_out, created_data)
         raise WorkerError(message) from None
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         spawn_log.removeFilter(_drop_terminating_notice)
         del store
-    with open(os.path.join(out, SUMMARY_FILE), encoding="utf-8") as f:
-        return json.load(f)
+
+
+# Signals that stop a run cleanly: finish the step, checkpoint on every rank, exit EXIT_PREEMPTED.
+# SIGTERM: SLURM preemption / scancel, and what launch/lib.sh forwards; SIGUSR1: sbatch's
+# --signal=B:USR1@... time-limit warning; SIGINT: Ctrl-C.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# "Stopped on request after a complete checkpoint: requeue and --resume". EX_TEMPFAIL from
+# sysexits.h; launch scripts treat it as a requeue, not a failure (docs/cpu_job.md).
+EXIT_PREEMPTED = 75
+PREEMPTED_FILE = "preempted.json"  # rank 0 writes it when a run stops on a signal
+LOCK_FILE = ".lock"
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after writing a complete checkpoint (the CLI prints one line
+    and exits ``EXIT_PREEMPTED``)."""
+
+    def __init__(self, iteration: int, out: str):
+        super().__init__(
+            f"stopped on a signal after iteration {iteration}; checkpoint "
+            f"{checkpoint.iter_dir(checkpoint.root_of(out), iteration)} is complete: run the same "
+            f"command with --resume to continue (exit status {EXIT_PREEMPTED}: requeue)")
+        self.iteration = iteration
+
+
+class OutDirLock:
+    """An advisory lock (``fcntl.flock``) on ``OUT/.lock`` held for the whole run, so two runs
+    never write one output directory: the second is refused in one line naming the holder. The
+    kernel drops the lock when the holding process ends, however it ends."""
+
+    def __init__(self, out: str):
+        self.path = os.path.join(out, LOCK_FILE)
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "OutDirLock":
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", errors="replace").strip() or "?"
+            os.close(fd)
+            raise ValueError(
+                f"--out {os.path.dirname(self.path)} is in use by another run (pid {holder} holds "
+                f"{self.path}): wait for it to finish, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock; the file stays (removing it would race)
+            self._fd = None
+
+
+def _preempted_at(out: str) -> Optional[int]:
+    try:
+        with open(os.path.join(out, PREEMPTED_FILE), encoding="utf-8") as f:
+            return int(json.load(f)["iteration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _clear_preempted(out: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, PREEMPTED_FILE))
 
 
 def _drop_terminating_notice(record: logging.LogRecord) -> bool:
@@ -124,10 +221,17 @@ def _notice(message: str) -> None:
 
 
 def _make_out_dir(out: str) -> bool:
-    """Create ``out`` (True if this call created it); one-line ValueError if it cannot be used."""
-    existed = os.path.isdir(out)
+    """Create ``out`` (True if this call created it: ``os.mkdir`` succeeds for one of several
+    runs started together); one-line ValueError if it cannot be used."""
+    created = False
     try:
-        os.makedirs(out, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        try:
+            os.mkdir(out)
+            created = True
+        except FileExistsError:
+            if not os.path.isdir(out):
+                raise NotADirectoryError(20, "Not a directory", out) from None
     except OSError as exc:
         raise ValueError(
             f"cpu.out_dir/--out {out!r}: cannot create the output directory "
@@ -136,11 +240,12 @@ def _make_out_dir(out: str) -> bool:
         raise ValueError(
             f"cpu.out_dir/--out {out!r} is not writable: choose a writable directory or fix its "
             "permissions")
-    return not existed
+    return created
 
 
 def _remove_created(out: str, created_out: bool, created_data: bool) -> None:
-    """After a failed run: remove what it created, unless it completed a checkpoint."""
+    """After a failed run (holding the directory's lock): remove what it created, unless it
+    completed a checkpoint."""
     if checkpoint.scan(checkpoint.root_of(out))[0]:
         return
     if created_out:
@@ -172,7 +277,16 @@ def _quiet_megatron_fallbacks() -> None:
         lambda record: not str(record.msg).startswith("Unknown MLP type"))
 
 
+_STOP_SIGNAL: List[int] = []  # in a worker: the stop signals received (see STOP_SIGNALS)
+
+
+def _request_stop(signum, _frame) -> None:
+    _STOP_SIGNAL.append(signum)
+
+
 def _worker(rank: int, cfg: CPUTrainConfig, port: int, resume_from, exit_after: Optional[int]):
+    for signum in STOP_SIGNALS:  # acted on between steps (Trainer.train), never mid-step
+        signal.signal(signum, _request_stop)
     _quiet_megatron_fallbacks()
     torch.set_num_threads(cfg.threads)
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
@@ -210,7 +324,11 @@ class Trainer:
             )
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
-        ps.initialize_model_parallel(expert_model_parallel_size=cfg.ep_size)
+        # The world is gloo already: Megatron's extra gloo copies of the DP groups would only add
+        # idle threads (each gloo group keeps its own), and nothing here uses them.
+        ps.initialize_model_parallel(
+            expert_model_parallel_size=cfg.ep_size, create_gloo_process_groups=False
+        )
         setup_cpu_megatron(cfg.seed)
         # The model first: its router and dispatcher validate their settings, so a bad value
         # fails before the data cache is written (build_model seeds torch itself; the dataset
@@ -218,11 +336,13 @@ class Trainer:
         self.model = build_model(cfg, cfg.seed)
         data_dir = os.path.join(cfg.out_dir, "data")
         if rank == 0:  # rank 0 writes the corpus and the dataset index caches first
-            corpus = build_corpus(data_dir, cfg.corpus_bytes)
+            corpus = build_corpus(data_dir, cfg.corpus_bytes, corpus=cfg.corpus)
+            if corpus.note:
+                _notice(corpus.note)
             self.train_ds, self.valid_ds = self._datasets(build_datasets, corpus, data_dir)
         dist.barrier()
         if rank != 0:
-            corpus = build_corpus(data_dir, cfg.corpus_bytes)
+            corpus = build_corpus(data_dir, cfg.corpus_bytes, corpus=cfg.corpus)
             self.train_ds, self.valid_ds = self._datasets(build_datasets, corpus, data_dir)
         self.corpus = corpus
         self.optimizer = self._optimizer()
@@ -401,6 +521,19 @@ class Trainer:
         self.last_metrics = dict(state.get("last_metrics", {}))
         self._saved_at = self.iteration
 
+    def _stop_on_signal(self, elapsed_s: float, bar) -> None:
+        """Checkpoint this iteration on every rank (unless just saved), then rank 0 records
+        where it stopped (``PREEMPTED_FILE``, read by the launcher) after the checkpoint is
+        complete. No evaluation or final outputs: the resumed run writes them."""
+        if self._saved_at != self.iteration:
+            self.save_checkpoint(elapsed_s)
+        if self.rank == 0:
+            if bar is not None:
+                bar.close()
+            checkpoint.write_json({"iteration": self.iteration},
+                                  os.path.join(self.cfg.out_dir, PREEMPTED_FILE))
+        dist.barrier()
+
     def _segment(self, elapsed_s: float) -> Dict:
         return {"start": self._segment_start, "end": self.iteration, "elapsed_s": elapsed_s}
 
@@ -431,9 +564,11 @@ class Trainer:
                 self.placements.append({"iteration": it + 1, **self.plan_and_relabel()})
             step_routers(self.model, it)
             self.metrics.record(self.model)
-            loss_t = torch.tensor([loss])
+            # One all-reduce for the mean loss and "has any rank been asked to stop": the ranks
+            # agree on the step to stop after, whichever got the signal first.
+            loss_t = torch.tensor([loss, float(bool(_STOP_SIGNAL))])
             dist.all_reduce(loss_t)
-            loss = float(loss_t) / self.world
+            loss, stop_requested = float(loss_t[0]) / self.world, bool(loss_t[1] > 0)
             tokens_done += cfg.tokens_per_step
             self.iteration += 1
             row = {"iteration": self.iteration, "loss": loss, "lr": self.lr_at(it),
@@ -459,6 +594,9 @@ class Trainer:
                 outputs.update_bar(bar, loss, self.last_metrics, tps)
             if cfg.save_interval and self.iteration % cfg.save_interval == 0:
                 self.save_checkpoint(time.perf_counter() - t_start)
+            if stop_requested and self.iteration < stop:
+                self._stop_on_signal(time.perf_counter() - t_start, bar)
+                return
         elapsed = time.perf_counter() - t_start
         val_loss = self.evaluate()
         if self._saved_at != self.iteration:  # else the step's own checkpoint is the last one

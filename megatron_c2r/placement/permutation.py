@@ -30,8 +30,9 @@ Where the kinds apply:
     optimizer       live torch.optim state: ``companions``; checkpoint keys that embed a model
                     key ("optimizer.state.exp_avg.<key>") follow that key's rule.
 
-Pure torch: imports nothing from Megatron or the rest of megatron_c2r, so ``moe/``,
-``collaboration.py`` and the placement tools all use it without import cycles.
+Pure torch: imports nothing from Megatron or the rest of megatron_c2r, so ``moe/`` and
+the placement tools use it without import cycles (the tracker's state moves with its router:
+``ROUTER_STATE``'s ``tracker.*`` entries).
 Shape suffixes: the legend in ``megatron_c2r/placement/__init__.py``.
 """
 

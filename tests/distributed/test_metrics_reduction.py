@@ -33,7 +33,7 @@ def _reduce_two_stages_two_dp_ranks():
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(pipeline_model_parallel_size=2)
+    ps.initialize_model_parallel(pipeline_model_parallel_size=2, create_gloo_process_groups=False)
     try:
         rank, stage = dist.get_rank(), ps.get_pipeline_model_parallel_rank()
         dp_group, dp_size = ps.get_data_parallel_group(), ps.get_data_parallel_world_size()

@@ -112,6 +112,63 @@ def test_kill_9_during_saves_leaves_a_complete_checkpoint_that_resumes_to_the_sa
     assert summary["tries"] == 2 and summary["chains"] == 1
 
 
+@pytest.mark.parametrize("signame, to_group", [("SIGTERM", False), ("SIGINT", True)],
+                         ids=["sigterm_to_the_launcher", "ctrl_c_to_the_process_group"])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(
+        full_run, tmp_path, signame, to_group):
+    """SLURM preemption (SIGTERM to the launcher, which forwards it) and Ctrl-C (SIGINT to the
+    whole process group): the ranks agree on a step, checkpoint it, exit 75 (requeue) with one
+    line; --resume then reproduces the uninterrupted run's losses bit for bit."""
+    import signal
+    import time
+
+    out, _ = full_run
+    cmd = [sys.executable, "-m", "megatron_c2r", "train", "--config",
+           os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--out", str(tmp_path), "--no-progress",
+           *TINY, "--steps", "8"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "metrics.csv").exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)  # metrics.csv appears at iteration 1: training is under way
+    signum = getattr(signal, signame)
+    os.killpg(proc.pid, signum) if to_group else proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stdout[-2000:] + stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("megatron-c2r train:")]
+    assert len(lines) == 1 and "stopped on a signal after iteration" in lines[0], stderr
+    assert "Traceback" not in stdout + stderr and "KeyboardInterrupt" not in stderr
+    stopped = json.loads((tmp_path / "preempted.json").read_text())["iteration"]
+    assert 1 <= stopped < 8 and (tmp_path / f"checkpoint/iter_{stopped:07d}/meta.json").exists()
+    resumed = train(tmp_path, "--steps", "8", "--resume")
+    assert history(tmp_path) == history(out)  # bit for bit, every iteration
+    assert f"(resumed at {stopped})" in resumed.stdout
+    assert not (tmp_path / "preempted.json").exists()
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused_and_touches_nothing(tmp_path):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "theirs.txt").write_text("the other run's file")
+    with open(out / ".lock", "w") as held:  # what a live run holds (OutDirLock)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _one_line_error(train(out, "--steps", "8", expect=2), "in use by another run", "--out")
+    assert sorted(os.listdir(out)) == [".lock", "theirs.txt"]
+
+
+def test_resume_with_a_drifted_config_is_one_line_naming_the_field(full_run, tmp_path):
+    import shutil
+
+    out, _ = full_run
+    shutil.copytree(out, tmp_path / "run")
+    proc = train(tmp_path / "run", "--steps", "9", "--resume", "--set", "megatron.moe-router-topk=2",
+                 expect=2)
+    _one_line_error(proc, "megatron.--moe-router-topk 4 -> 2", "another --out")
+
+
 def _one_line_error(proc, *words):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
@@ -146,7 +203,7 @@ def test_a_hostile_rank_file_fails_in_the_worker_and_reaches_the_parent_as_one_l
     meta = json.loads((ckpt / "meta.json").read_text())
     meta["files"]["rank1.pt"] = rank1.stat().st_size  # a marker that vouches for it
     (ckpt / "meta.json").write_text(json.dumps(meta))
-    proc = train(copy, "--steps", "8", "--resume", expect=2)
+    proc = train(copy, "--steps", "9", "--resume", expect=2)
     _one_line_error(proc, str(rank1), "not a readable checkpoint")
     assert "weights_only" not in proc.stderr
     assert not os.path.exists(os.path.join(ROOT, "PWNED")) and (ckpt / "meta.json").exists()

@@ -143,3 +143,72 @@ def test_markers_are_written_through_a_temp_file(tmp_path):
     checkpoint.write_json({"a": 1}, str(path))
     assert json.loads(path.read_text()) == {"a": 1}
     assert os.listdir(tmp_path) == ["meta.json"]
+
+
+def _identity(**changes):
+    from megatron_c2r.cpu.job_config import CPUTrainConfig, run_identity
+
+    return run_identity(CPUTrainConfig(**changes))
+
+
+def _mark_identity(path, identity):
+    meta_path = os.path.join(path, checkpoint.META_FILE)
+    meta = json.load(open(meta_path))
+    checkpoint.write_json({**meta, "identity": identity}, meta_path)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(topk=2), "megatron.--moe-router-topk 4 -> 2"),
+    (dict(hidden_size=64), "megatron.--hidden-size 128 -> 64"),
+    (dict(num_layers=2), "megatron.--num-layers 4 -> 2"),
+    (dict(num_attention_heads=2), "megatron.--num-attention-heads 4 -> 2"),
+    ("c2r", "c2r.max_groups 1 -> 2"),
+    ("mode", "c2r.mode 'group' -> 'topk'"),
+])
+def test_resume_with_a_drifted_config_is_refused_naming_the_fields_and_the_fix(
+        tmp_path, change, field):
+    from megatron_c2r.moe.options import C2ROptions
+    from megatron_c2r.routing.config import C2RRouterConfig
+
+    group = dict(mode="group", max_groups=1, group_selection="anchored", warmup_steps=60)
+    saved = _identity(c2r=C2ROptions(router=C2RRouterConfig(**group)))
+    if change == "c2r":
+        change = dict(c2r=C2ROptions(router=C2RRouterConfig(**{**group, "max_groups": 2})))
+    elif change == "mode":
+        change = dict(c2r=C2ROptions(router=C2RRouterConfig(mode="topk", warmup_steps=60)))
+    else:
+        change = dict(change, c2r=C2ROptions(router=C2RRouterConfig(**group)))
+    _mark_identity(write_checkpoint(tmp_path, 5), saved)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.prepare(str(tmp_path), resume=True, identity=_identity(**change), **SIZES)
+    message = str(info.value)
+    assert field in message and "another --out" in message and "\n" not in message
+
+
+def test_steps_intervals_and_logging_may_change_on_resume_but_not_below_the_checkpoint(tmp_path):
+    _mark_identity(write_checkpoint(tmp_path, 5), _identity())
+    changed = _identity(train_iters=900, log_interval=3, save_interval=2, eval_iters=1,
+                        out_dir="elsewhere", plot=False, threads=2, progress=False)
+    assert checkpoint.prepare(str(tmp_path), resume=True, identity=changed, train_iters=900,
+                              **SIZES).iteration == 5
+    with pytest.raises(CheckpointError, match=r"iteration 5 .* is 5: nothing left to train; pass "
+                                              r"--steps N with N > 5"):
+        checkpoint.prepare(str(tmp_path), resume=True, identity=changed, train_iters=5, **SIZES)
+
+
+def test_a_checkpoint_from_before_identities_resumes_with_one_notice(tmp_path):
+    write_checkpoint(tmp_path, 5)
+    lines = []
+    assert checkpoint.prepare(str(tmp_path), resume=True, identity=_identity(), log=lines.append,
+                              **SIZES).iteration == 5
+    assert len(lines) == 1 and "not checked" in lines[0]
+
+
+def test_one_run_per_output_directory_the_second_is_refused_in_one_line(tmp_path):
+    from megatron_c2r.cpu.trainer import OutDirLock
+
+    with OutDirLock(str(tmp_path)):
+        with pytest.raises(ValueError, match=rf"in use by another run \(pid {os.getpid()} holds"):
+            OutDirLock(str(tmp_path)).__enter__()
+    with OutDirLock(str(tmp_path)):  # released when the holder ends
+        pass

@@ -59,3 +59,10 @@ def test_the_cost_model_imports_no_megatron_and_no_config_layer():
     code = _CHECK.format(bad=("megatron.core", *CONFIG_LAYER), modules=modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_the_tracker_and_placement_do_not_import_each_other_both_ways():
+    # placement (planner) may use the tracker's top-T lists; the tracker imports no placement.
+    code = _CHECK.format(bad=("megatron_c2r.placement",), modules=["megatron_c2r.collaboration"])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
