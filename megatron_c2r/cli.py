@@ -79,10 +79,13 @@ def check_output_dir(path: str, name: str) -> None:
 
 
 def check_output_file(path: str, name: str) -> None:
-    """Like ``check_output_dir`` for a file ``path`` whose directory must already exist."""
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{name}={path!r} is a directory: name the file to write")
-    parent = os.path.dirname(os.path.abspath(path))
+    """Like ``check_output_dir`` for a file ``path`` whose directory must already exist; a
+    symlink counts as its target, and devices, FIFOs and sockets are refused
+    (``files.output_target``)."""
+    from megatron_c2r.files import output_target  # numpy only
+
+    path = output_target(path, name)
+    parent = os.path.dirname(path)
     if not os.path.lexists(parent):
         raise FileNotFoundError(f"{name}={path!r}: directory {parent!r} does not exist: create it")
     _check_writable(path, parent, name)

@@ -17,9 +17,11 @@ never shown (each error here is ours, ``from None``).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
+import stat
 import tempfile
 import zipfile
 from typing import Any, Iterator
@@ -68,11 +70,33 @@ def read_json_file(path: str, what: str, max_bytes: int = MAX_JSON_BYTES) -> Any
                          ) from None
 
 
-def write_text_atomic(path: str, text: str, prefix: str) -> None:
+def output_target(path: str, what: str) -> str:
+    """The file an output named ``path`` really is: a symlink's final target (written there,
+    the link kept), or ``path``. IsADirectoryError / ValueError (one line naming ``what``) for a
+    directory, a device, a FIFO or a socket: an atomic replace would swap them for a regular
+    file (``--out /dev/null`` as root would replace the device)."""
+    target = os.path.realpath(path)
+    if os.path.isdir(target):
+        raise IsADirectoryError(f"{what}={path!r} is a directory: name the file to write")
+    if os.path.lexists(target):
+        mode = os.stat(target).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a character device" if stat.S_ISCHR(mode) else "a block device"
+                    if stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket"
+                    if stat.S_ISSOCK(mode) else "not a regular file")
+            raise ValueError(f"{what}={path!r} is {kind}: name a regular file (it would be "
+                             "replaced, not written to)")
+    return target
+
+
+def write_text_atomic(path: str, text: str, prefix: str, what: str = "output") -> None:
     """Write ``text`` (UTF-8) to ``path`` through a temp file ``<prefix>*.json.tmp`` in the same
     directory + ``os.replace``: readers never see a half-written file, and a failure leaves any
-    previous file untouched (the temp file is removed)."""
-    directory = os.path.dirname(os.path.abspath(path))
+    previous file untouched (the temp file is removed). A symlink is followed (its target is
+    replaced, the link stays); anything but a regular file is refused (``output_target``). A full
+    disk is one line naming the path (``OSError`` ENOSPC, re-raised as ``disk_full``)."""
+    path = output_target(path, what)
+    directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".json.tmp", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -81,10 +105,21 @@ def write_text_atomic(path: str, text: str, prefix: str) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; an output is a normal file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise disk_full(path) from None
         raise
+
+
+class DiskFullError(ValueError):
+    """ENOSPC while writing an output: one line naming the path (a user error: free space)."""
+
+
+def disk_full(path: str) -> DiskFullError:
+    return DiskFullError(f"{path}: no space left on the device (ENOSPC) while writing it: free "
+                         "space or write elsewhere; nothing was replaced")
 
 
 def bounded_lines(paths: list[str], what: str, max_total: int = MAX_TRACE_BYTES,

@@ -56,8 +56,14 @@ def megatron_cpu():
         yield
 
 
-def init_parallel(ep: int = 1, tp: int = 1, etp: int = 1) -> None:
-    """(Re)initialise Megatron's parallel state on the current gloo world with the given sizes."""
+_GLOO_GROUPS = [False]  # whether the current parallel state has Megatron's gloo group copies
+
+
+def init_parallel(ep: int = 1, tp: int = 1, etp: int = 1, gloo_groups: bool = False) -> None:
+    """(Re)initialise Megatron's parallel state on the current gloo world with the given sizes.
+    ``gloo_groups``: also Megatron's gloo copies of the data-parallel groups, which only its
+    distributed optimizer needs (0.19 asks for them); off by default, since the world is gloo
+    already and every group keeps threads alive."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
@@ -65,6 +71,7 @@ def init_parallel(ep: int = 1, tp: int = 1, etp: int = 1) -> None:
             ps.get_expert_model_parallel_world_size() == ep
             and ps.get_tensor_model_parallel_world_size() == tp
             and ps.get_expert_tensor_parallel_world_size() == etp
+            and _GLOO_GROUPS[0] == gloo_groups
         )
         if same:
             return
@@ -73,8 +80,9 @@ def init_parallel(ep: int = 1, tp: int = 1, etp: int = 1) -> None:
         tensor_model_parallel_size=tp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
-        create_gloo_process_groups=False,  # the world is gloo; the copies only add threads
+        create_gloo_process_groups=gloo_groups,
     )
+    _GLOO_GROUPS[0] = gloo_groups
 
 
 def moe_config(**overrides):

@@ -32,6 +32,7 @@ that still holds checkpoints, since its saves would mix with them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -45,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_c2r.cpu.job_config import run_identity
+from megatron_c2r.files import disk_full
 
 CKPT_DIR = "checkpoint"
 META_FILE = "meta.json"
@@ -83,14 +85,31 @@ def _fsync_dir(path: str) -> None:
 
 @contextlib.contextmanager
 def _durable_file(path: str, mode: str):
-    """Write through ``path.tmp``: flush + fsync, rename onto ``path``, fsync the directory."""
+    """Write through ``path.tmp``: flush + fsync, rename onto ``path``, fsync the directory. A
+    full disk removes the temp file and raises ``files.DiskFullError`` (one line naming the path;
+    the previous checkpoint is untouched, since the marker is written last)."""
     tmp = f"{path}.tmp"
-    with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports ENOSPC as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if _caused_by_enospc(exc):
+            raise disk_full(path) from None
+        raise
     _fsync_dir(os.path.dirname(path))
+
+
+def _caused_by_enospc(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def write_torch(obj, path: str) -> int:

@@ -18,15 +18,19 @@ function of the seed and sample index only, which is what makes ``--resume`` rep
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import sysconfig
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from megatron_c2r.files import disk_full
 
 EOD_ID = 256
 PAD_ID = 257
@@ -129,6 +133,17 @@ def corpus_files(max_bytes: int, corpus: str = "reference",
     return chosen, note
 
 
+def remove_interrupted_builds(data_dir: str) -> List[str]:
+    """Remove the temp files an interrupted corpus build leaves (``*.tmp<pid>.bin/.idx``,
+    ``*.json.tmp``); only while no other run uses ``data_dir``. Returns the removed paths."""
+    removed = []
+    for name in os.listdir(data_dir) if os.path.isdir(data_dir) else ():
+        if re.search(r"\.tmp\d*(\.bin|\.idx)?$", name):
+            os.remove(os.path.join(data_dir, name))
+            removed.append(os.path.join(data_dir, name))
+    return removed
+
+
 def corpus_fingerprint(files: List[str], base: str) -> str:
     """sha256 over (path relative to ``base``, bytes) of every document, first 16 hex digits:
     what the summary reports, and the dataset cache's key."""
@@ -166,23 +181,30 @@ def build_corpus(data_dir: str, max_bytes: int, root: Optional[str] = None,
         return Corpus(prefix, meta["num_documents"], meta["num_tokens"], fingerprint, note)
 
     os.makedirs(data_dir, exist_ok=True)
+    remove_interrupted_builds(data_dir)  # the caller holds the output directory's lock
     tmp = f"{prefix}.tmp{os.getpid()}"
-    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=np.uint16)
-    num_tokens = 0
-    for path in files:
-        with open(path, "rb") as f:
-            ids = np.frombuffer(f.read(), dtype=np.uint8).astype(np.uint16)
-        ids = np.append(ids, np.uint16(EOD_ID))
-        builder.add_document(torch.from_numpy(ids.astype(np.int64)), [len(ids)])
-        num_tokens += len(ids)
-    builder.finalize(tmp + ".idx")
-    os.replace(tmp + ".bin", prefix + ".bin")
-    os.replace(tmp + ".idx", prefix + ".idx")
-    meta = {"num_documents": len(files), "num_tokens": num_tokens, "fingerprint": fingerprint,
-            "files": [os.path.relpath(p, base) for p in files]}
-    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(meta, f)
-    os.replace(meta_path + ".tmp", meta_path)
+    try:
+        builder = IndexedDatasetBuilder(tmp + ".bin", dtype=np.uint16)
+        num_tokens = 0
+        for path in files:
+            with open(path, "rb") as f:
+                ids = np.frombuffer(f.read(), dtype=np.uint8).astype(np.uint16)
+            ids = np.append(ids, np.uint16(EOD_ID))
+            builder.add_document(torch.from_numpy(ids.astype(np.int64)), [len(ids)])
+            num_tokens += len(ids)
+        builder.finalize(tmp + ".idx")
+        os.replace(tmp + ".bin", prefix + ".bin")
+        os.replace(tmp + ".idx", prefix + ".idx")
+        meta = {"num_documents": len(files), "num_tokens": num_tokens, "fingerprint": fingerprint,
+                "files": [os.path.relpath(p, base) for p in files]}
+        with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+        os.replace(meta_path + ".tmp", meta_path)
+    except OSError as exc:
+        remove_interrupted_builds(data_dir)
+        if exc.errno == errno.ENOSPC:
+            raise disk_full(prefix + ".bin") from None
+        raise
     return Corpus(prefix, len(files), num_tokens, fingerprint, note)
 
 

@@ -71,7 +71,7 @@ def _trained(seed: int, steps: int):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    init_parallel(ep=EP)
+    init_parallel(ep=EP, gloo_groups=True)  # Megatron's distributed optimizer uses them
     config = moe_config(num_layers=LAYERS, hidden_size=H, num_moe_experts=E,
                         expert_model_parallel_size=EP, moe_router_score_function="sigmoid",
                         moe_router_enable_expert_bias=True)
