@@ -12,8 +12,10 @@ Rules:
       with PyYAML's safe loader (libyaml's when installed): plain data only, never objects.
     * Files must exist, be regular files ending in ``.yaml``/``.yml``; the top level is a mapping.
     * ``extends: base.yaml`` (or a list, applied left to right) names base files relative to the
-      extending file. Bases are merged first, then the file itself on top. Cycles and chains
-      deeper than ``MAX_EXTENDS_DEPTH`` files are errors.
+      extending file. Bases are merged first, then the file itself on top. Cycles, chains
+      deeper than ``MAX_EXTENDS_DEPTH`` files, and trees that read more than
+      ``MAX_EXTENDS_FILES`` files or ``MAX_EXTENDS_BYTES`` bytes in all (a file listing the same
+      base many times, each listing it again, grows exponentially in breadth) are errors.
     * Merging: mappings merge key by key, recursively; any other value (lists included) replaces.
       A ``null`` value deletes the key it lands on, so a C2R variant can drop a flag its baseline
       sets (``--moe-router-num-groups: null``).
@@ -42,6 +44,8 @@ MAX_FILE_BYTES = 1 << 20
 MAX_YAML_NODES = 50_000  # a 20k-file --data-path blend fits; parsing 50k values takes ~0.2 s
 MAX_YAML_DEPTH = 32
 MAX_EXTENDS_DEPTH = 8
+MAX_EXTENDS_FILES = 64  # files read for one config, counting repeats
+MAX_EXTENDS_BYTES = 4 << 20
 YAML_SUFFIXES = (".yaml", ".yml")
 # libyaml's parser and constructor when PyYAML was built with it (10x faster), else pure Python.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -162,14 +166,24 @@ def _drop_nulls(value: Any) -> Any:
     return value
 
 
-def load_tree(path: str, _chain: tuple = ()) -> dict:
-    """The file at ``path`` with its ``extends`` chain merged in (the ``extends`` key removed)."""
+def load_tree(path: str, _chain: tuple = (), _read: Optional[list] = None) -> dict:
+    """The file at ``path`` with its ``extends`` chain merged in (the ``extends`` key removed).
+    ``_read``: [files, bytes] read so far for this config (the breadth bound)."""
+    _read = [0, 0] if _read is None else _read
     real = os.path.realpath(path)
     if real in _chain:
         cycle = " -> ".join(os.path.basename(p) for p in (*_chain, real))
         raise ConfigError(f"{path}: extends: cycle {cycle}: remove one of the links")
     if len(_chain) >= MAX_EXTENDS_DEPTH:
         raise ConfigError(f"{path}: extends: chain deeper than {MAX_EXTENDS_DEPTH} files")
+    _read[0] += 1
+    _read[1] += os.path.getsize(real) if os.path.isfile(real) else 0
+    if _read[0] > MAX_EXTENDS_FILES or _read[1] > MAX_EXTENDS_BYTES:
+        root = os.path.basename(_chain[0]) if _chain else os.path.basename(path)
+        raise ConfigError(
+            f"{path}: extends: {root} reads more than {MAX_EXTENDS_FILES} files or "
+            f"{MAX_EXTENDS_BYTES >> 20} MiB in all (bases listed again and again): list each base "
+            "once")
     data = read_yaml_file(path)
     if isinstance(data.get("megatron"), dict):
         data["megatron"] = _normalized_megatron(data["megatron"], path)
@@ -184,7 +198,7 @@ def load_tree(path: str, _chain: tuple = ()) -> dict:
     here = os.path.dirname(os.path.abspath(path))
     for base in bases:
         base_path = base if os.path.isabs(base) else os.path.join(here, base)
-        merged = merge(merged, load_tree(base_path, (*_chain, real)))
+        merged = merge(merged, load_tree(base_path, (*_chain, real), _read))
     return merge(merged, data)
 
 

@@ -31,6 +31,11 @@ def _param(default: float, help: str, *, zero_ok: bool = False):
     return dataclasses.field(default=default, metadata=dict(help=help, zero_ok=zero_ok))
 
 
+
+# What `estimate` samples per GPU at most: memory and time grow with tokens x GPUs x experts
+# (200k tokens per GPU on 64 GPUs x 256 experts took 8 minutes and gigabytes).
+MAX_TOKENS_PER_GPU = 32768
+
 @dataclass(frozen=True, kw_only=True)
 class LinkParams:
     """Hardware parameters (defaults: a DGX H100 cluster; sources in docs/cost_model.md).
@@ -266,6 +271,11 @@ def shape_from_config(
         tokens_per_gpu = micro * seq // mega("context-parallel-size", 1)
     else:
         parallel.require_positive(tokens_per_gpu, "--tokens-per-gpu")
+    if tokens_per_gpu > MAX_TOKENS_PER_GPU:
+        raise ValueError(
+            f"--tokens-per-gpu={tokens_per_gpu} (or micro-batch x seq-length): the model routes "
+            f"every token of every GPU, so at most {MAX_TOKENS_PER_GPU} (row counts per token "
+            f"are stable from a few thousand): pass --tokens-per-gpu {MAX_TOKENS_PER_GPU} or less")
     shape = MoEShape(
         num_experts=num_experts, topk=mega("moe-router-topk", 2), hidden=hidden, ffn_hidden=ffn,
         swiglu=bool(mega("swiglu", False)), ep_size=ep, gpus_per_node=gpus,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -135,6 +136,24 @@ class CPUTrainConfig:
         for name in ("train_iters", "micro_batch_size", "seq_length", "log_interval", "threads",
                      "corpus_bytes"):  # fmt: skip
             parallel.require_positive(getattr(self, name), yaml_name(name))
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad", "aux_loss_coeff",
+                     "init_method_std", "adam_beta1", "adam_beta2"):  # fmt: skip
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{yaml_name(name)}={value!r} must be a finite number >= 0")
+        if self.min_lr > self.lr:
+            raise ValueError(f"megatron.--min-lr={self.min_lr} is above megatron.--lr={self.lr}: "
+                             "the schedule decays from lr to min-lr; lower min-lr")
+        if self.grouped_gemm:
+            raise ValueError(
+                "megatron.--moe-grouped-gemm=true needs the grouped_gemm CUDA kernels (GroupedMLP) "
+                "or Transformer Engine: the CPU runner runs SequentialMLP experts; remove it (the "
+                "cluster path keeps it)")
+        if self.c2r.enabled and self.c2r.dispatcher == "megatron":
+            raise ValueError(
+                "c2r.dispatcher=megatron builds Megatron's alltoall dispatcher, which needs CUDA "
+                "streams: on CPU use c2r.dispatcher: dedup (tested equal to it, outputs and "
+                "gradients), or c2r.enabled: false for the top-k baseline")
         if self.corpus not in ("reference", "stdlib"):
             raise ValueError(f"cpu.corpus={self.corpus!r}: use reference (the same bytes on every "
                              "supported Python) or stdlib (this Python's own files)")

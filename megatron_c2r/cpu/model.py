@@ -49,6 +49,17 @@ def transformer_config(cfg: CPUTrainConfig):
     )
 
 
+def cpu_options(cfg: CPUTrainConfig):
+    """The C2R options the CPU model is built with: the config's, except for the baseline
+    (``c2r.enabled: false``), which routes plain top-k (``trainer.BASELINE_LINE`` says why)."""
+    from megatron_c2r.moe.options import C2ROptions
+    from megatron_c2r.routing.config import C2RRouterConfig
+
+    if cfg.c2r.enabled:
+        return cfg.c2r
+    return C2ROptions(router=C2RRouterConfig(mode="topk", warmup_steps=0), dispatcher="dedup")
+
+
 def build_model(cfg: CPUTrainConfig, seed: int):
     """GPTModel with C2R MoE layers on CPU. Dense weights are identical on every rank (same
     seed); each expert is then re-initialised from a seed of its *global* id, so expert e starts
@@ -61,7 +72,7 @@ def build_model(cfg: CPUTrainConfig, seed: int):
     config = transformer_config(cfg)
     torch.manual_seed(seed)
     spec = get_c2r_decoder_block_spec(
-        config, cfg.c2r, use_transformer_engine=False, normalization=cfg.normalization
+        config, cpu_options(cfg), use_transformer_engine=False, normalization=cfg.normalization
     )
     model = GPTModel(
         config=config,

@@ -54,6 +54,10 @@ ERROR_KEY = "megatron_c2r/input_error/"  # + rank: that worker's one-line messag
 CPU_PATH_LINE = ("CPU runner: {n} gloo processes; Megatron-core's local layers with torch norms, "
                  "torch.optim.AdamW (no Transformer Engine, Apex or CUDA graphs needed)")
 
+BASELINE_LINE = ("CPU baseline (c2r.enabled: false): Megatron's top-k routing (our router in "
+                 "topk mode) through the dedup dispatcher; Megatron's alltoall dispatcher needs "
+                 "CUDA streams, and the two are tested equal (outputs and gradients)")
+
 
 class WorkerError(ValueError):
     """A worker's input error (``errors.USER_ERRORS``), re-raised in the launching process with
@@ -83,18 +87,37 @@ def run(cfg: CPUTrainConfig, *, resume: bool = False, exit_after: Optional[int] 
                 out, resume=resume, world_size=cfg.ep_size, num_experts=cfg.num_experts,
                 ep_size=cfg.ep_size, identity=run_identity(cfg), train_iters=cfg.train_iters,
                 log=_notice)
+            _check_corpus_splits(cfg)
         except ValueError:
             if created_out:  # ours alone: we created it and hold its lock (a run that comes
                 shutil.rmtree(out, ignore_errors=True)  # after finds no lock file and stops)
             raise
         created_data = not os.path.exists(os.path.join(out, "data"))
         print(CPU_PATH_LINE.format(n=cfg.ep_size), flush=True)
+        if not cfg.c2r.enabled:
+            print(BASELINE_LINE, flush=True)
         _spawn_workers(cfg, resume_from, exit_after, created_out, created_data)
         stopped_at = _preempted_at(out)
         if stopped_at is not None:
             raise Preempted(stopped_at, out)
     with open(os.path.join(out, SUMMARY_FILE), encoding="utf-8") as f:
         return json.load(f)
+
+
+# The 95/5 train/validation split by document needs this many documents for a non-empty
+# validation split (Megatron's dataset code waits for ever on an empty one).
+MIN_CORPUS_DOCUMENTS = 20
+
+
+def _check_corpus_splits(cfg: CPUTrainConfig) -> None:
+    from megatron_c2r.cpu.data import corpus_files  # torch and numpy only
+
+    files, _ = corpus_files(cfg.corpus_bytes, cfg.corpus)
+    if len(files) < MIN_CORPUS_DOCUMENTS:
+        raise ValueError(
+            f"cpu.corpus_bytes={cfg.corpus_bytes} gives {len(files)} documents, too few for the "
+            f"95/5 train/validation split (at least {MIN_CORPUS_DOCUMENTS}, one validation "
+            "document): raise cpu.corpus_bytes (e.g. 200000)")
 
 
 def _spawn_workers(cfg: CPUTrainConfig, resume_from, exit_after, created_out, created_data) -> None:

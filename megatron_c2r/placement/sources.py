@@ -142,10 +142,19 @@ def _layers_from_matrix(array, top_k: Optional[int], name: str) -> list[LayerCol
     raise ValueError(f"{name} has shape {tuple(arr.shape)}: expected [E, E] or [layers, E, E]")
 
 
+# No MoE model has more routed experts than this; an expert id past it is a damaged or hostile
+# file, refused before the [E, E] counts (E**2 values) are allocated.
+MAX_EXPERTS = 4096
+
+
 def _infer_num_experts(per_layer: list[np.ndarray], num_experts: Optional[int]) -> int:
     if num_experts is not None:
         return int(num_experts)
     highest = max((int(t.max()) for t in per_layer if t.size), default=-1)
+    if highest >= MAX_EXPERTS:
+        raise ValueError(
+            f"the routing data names expert id {highest}, beyond the {MAX_EXPERTS} experts any "
+            "model has: pass the model's --num-experts, or check the file")
     return highest + 1
 
 

@@ -228,3 +228,32 @@ def test_an_input_error_raised_in_a_worker_of_a_fresh_run_is_one_line_and_leaves
         run(cfg)
     assert "\n" not in str(info.value)
     assert not out.exists()
+
+
+def test_a_corpus_too_small_for_the_validation_split_is_refused_up_front_not_a_hang(tmp_path):
+    out = tmp_path / "run"
+    proc = megatron_c2r("train", "--out", str(out), "--no-progress", "--steps", "4",
+                        "--set", "c2r.warmup_steps=2", "--set", "cpu.corpus_bytes=2000", timeout=120)
+    _one_line_error(proc, "cpu.corpus_bytes=2000 gives 1 documents", "raise cpu.corpus_bytes")
+    assert not out.exists()
+
+
+def test_the_baseline_runs_on_cpu_and_says_how(tmp_path):
+    proc = train(tmp_path, "--steps", "4", "--set", "c2r.enabled=false", "--set", "cpu.plot=false")
+    assert "CPU baseline (c2r.enabled: false)" in proc.stdout
+    assert "Traceback" not in proc.stderr and "UserWarning" not in proc.stderr
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["mode"] == "megatron" and summary["iterations"] == 4
+    assert summary["ranks_per_token"] > 1.0  # plain top-k: no constraint
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("megatron.lr=.nan", "megatron.--lr=nan must be a finite number"),
+    ("megatron.moe-grouped-gemm=true", "needs the grouped_gemm CUDA kernels"),
+    ("c2r.dispatcher=megatron", "needs CUDA streams"),
+])
+def test_first_hour_settings_the_cpu_runner_cannot_run_are_one_line_before_anything(
+        tmp_path, setting, words):
+    out = tmp_path / "run"
+    _one_line_error(train(out, "--steps", "4", "--set", setting, expect=2), words)
+    assert not out.exists()

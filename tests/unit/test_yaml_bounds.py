@@ -135,3 +135,18 @@ def test_read_bounded_text_reads_at_most_the_limit_from_anything(tmp_path):
     (tmp_path / "bin.json").write_bytes(b"\xff\xfe")
     with pytest.raises(ValueError, match="not UTF-8 text"):
         read_bounded_text(str(tmp_path / "bin.json"), 100, "plan file")
+
+
+def test_extends_bounded_in_breadth_a_base_listed_again_and_again_is_refused_fast(tmp_path):
+    """Depth 8 and 20 bases per file would read 20**8 files; the total-files bound stops it."""
+    (tmp_path / "l0.yaml").write_text("cpu: {threads: 1}\n")
+    for level in range(1, 8):
+        bases = ", ".join([f"l{level - 1}.yaml"] * 20)
+        (tmp_path / f"l{level}.yaml").write_text(f"extends: [{bases}]\n")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path / "l7.yaml"))
+    assert time.perf_counter() - start < 1.0
+    assert "reads more than 64 files" in str(info.value) and "list each base once" in str(info.value)
+    (tmp_path / "ok.yaml").write_text("extends: [l0.yaml, l0.yaml]\n")  # a few repeats still load
+    assert load_config(str(tmp_path / "ok.yaml")) is not None

@@ -1,0 +1,33 @@
+"""Inputs that would cost without bound are refused in one line, fast, before any allocation."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from megatron_c2r.placement.sources import MAX_EXPERTS, load_collaboration
+from tests.unit.test_cli_errors import run_cli
+
+
+def test_a_trace_naming_an_expert_id_far_beyond_any_model_is_refused_before_allocating(tmp_path):
+    trace = tmp_path / "router_trace_rank0.jsonl"
+    trace.write_text(json.dumps({"layer": 0, "topk": 2, "top_indices": [[0, 10**9], [1, 2]]}) + "\n")
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        load_collaboration(str(trace))  # E**2 counts at E = 1e9 would be 8e18 bytes
+    assert time.perf_counter() - start < 2.0
+    assert f"expert id {10**9}" in str(info.value) and "--num-experts" in str(info.value)
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps({"layer": 0, "topk": 2, "top_indices": [[0, MAX_EXPERTS - 1]]}) + "\n")
+    assert load_collaboration(str(ok))[0].num_experts == MAX_EXPERTS
+
+
+def test_an_extreme_tokens_per_gpu_is_one_line_before_any_sampling():
+    start = time.perf_counter()
+    code, err, heavy, _ = run_cli("estimate", "configs/deepseek_v3_like.yaml",
+                                  "--tokens-per-gpu", "200000")
+    assert code == 2 and time.perf_counter() - start < 30
+    assert "--tokens-per-gpu=200000" in err and "32768 or less" in err
+    assert len(err.strip().splitlines()) == 1
