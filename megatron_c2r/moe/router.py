@@ -263,6 +263,20 @@ class C2RRouter(TopKRouter):
         permute_module_state_(self, order_E, ROUTER_STATE, optimizer)
         self._invalidate_caches()
 
+    # Buffers that must stay fp32 under --bf16/--fp16: Float16Module casts every floating buffer
+    # to half precision, where a 1e-3 bias step vanishes once |bias| >= 0.5 and integer counts
+    # above 256 round (and would be all-reduced rounded).
+    _FP32_BUFFERS = ("expert_bias", "local_tokens_per_expert", "group_bias", "local_tokens_per_group")
+
+    def _maintain_float32_expert_bias(self):
+        """Megatron's hook (called at the start of every forward, before a state-dict load and
+        save): puts the expert bias, the group bias and their load counts back in fp32 after
+        ``Float16Module``'s cast, as Megatron does for its expert bias alone."""
+        for name in self._FP32_BUFFERS:
+            buffer = getattr(self, name, None)
+            if buffer is not None and buffer.dtype != torch.float32:
+                buffer.data = buffer.data.to(torch.float32)
+
     # ------------------------------------------------------------------------------------------
     # Forward
     # ------------------------------------------------------------------------------------------
