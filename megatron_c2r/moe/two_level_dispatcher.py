@@ -120,25 +120,35 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
     # Dispatch
     # ---------------------------------------------------------------------------------------
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
-        """Steps 0-1: the count exchange (the forward's one host sync) and the node rows.
+        """Step 0a: the count table and its exchange, on the device; no host sync.
 
         Args:
             hidden_states: ``[S, B, H]`` (or ``[T, H]``), any float dtype.
             routing_map: ``[T, E]`` bool. probs: ``[T, E]`` float (routed entries read).
 
         Returns:
-            ``x_BH`` and ``meta_BA``: own-node rows first, then hop-1 rows grouped by
-            destination rank. Side effects: one count all-to-all on the EP group, one host sync,
-            records ``comm_stats``.
+            ``x_TH`` and ``probs`` (unchanged); the routing map and both count tables wait on
+            ``self`` for :meth:`token_dispatch`, which makes the forward's one host copy at the
+            EP all-to-all, as Megatron's alltoall does (see the flat dispatcher). Side effect:
+            one count all-to-all on the EP group.
         """
         x_TH = self._flat_tokens(hidden_states, routing_map, probs)
-        T, topo, P = x_TH.shape[0], self.topology, self.ep_size
-        # 0. Count table (with the router's deferred finite-logits flag) -> exchange -> the one
-        #    device->host copy of the forward pass. Every rank sees every source's flag and
-        #    worst row, so bad input raises on all ranks together, before any row moves.
+        # 0. Count table (with the router's deferred finite-logits flag) -> exchange. Every rank
+        #    sees every source's flag and worst row, so bad input raises on all ranks together,
+        #    before any row moves.
         finite = getattr(self.finite_check_router, "logits_finite", None)
-        table = build_count_table(routing_map, topo, finite)
+        table = build_count_table(routing_map, self.topology, finite)
         recv_PC = exchange_counts(table.counts_PC, self.ep_group)
+        self._pending = (routing_map, table, recv_PC)
+        return x_TH, probs
+
+    def _node_rows(self, x_TH, probs):
+        """Steps 0b-1: the one device->host copy of the forward (both count tables), the hop
+        plan and its checks, then the node rows: own node first (they skip hop 1), then by
+        destination node. Records ``comm_stats``."""
+        routing_map, table, recv_PC = self._pending
+        self._pending = None
+        T, topo, P = x_TH.shape[0], self.topology, self.ep_size
         C = table.counts_PC.shape[1]
         host = torch.cat(
             [table.counts_PC.flatten(), recv_PC.flatten(), table.routed_tokens.view(1)]
@@ -148,7 +158,6 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
         plan = plan_hops(send_table, recv_table, topo)
         self._raise_on_bad_sources(plan)
         self.plan, self._recv_PC = plan, recv_PC
-        # 1. Node rows: own node first (they skip hop 1), then by destination node.
         node_rows = [row[0] for row in send_table[:: topo.ranks_per_node]]
         rows = build_node_rows(routing_map, probs, topo, self.num_slots[0], node_rows)
         self.token_idx_B = rows.token_idx_B
@@ -171,12 +180,16 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
                 f"most moe_router_topk experts per token"
             )
 
-    def token_dispatch(self, x_BH, meta_BA):
-        """Steps 2-4a: hop 1, the relay's rank rows, hop 2.
+    def token_dispatch(self, x_TH, probs):
+        """Steps 0b-4a: the host copy of the count tables (the forward's one host sync, at the
+        EP all-to-all as in Megatron's alltoall), the node rows, hop 1, the relay's rank rows,
+        hop 2.
 
-        Returns ``x_QH`` and ``meta_QW``, the rank rows this rank's experts receive, grouped by
-        relay. Collective on the EP group (four all-to-alls).
+        Args: what :meth:`dispatch_preprocess` returned. Returns ``x_QH`` and ``meta_QW``, the
+        rank rows this rank's experts receive, grouped by relay. Collective on the EP group;
+        raises on every rank alike for non-finite logits or too many experts per token.
         """
+        x_BH, meta_BA = self._node_rows(x_TH, probs)
         plan, topo, P = self.plan, self.topology, self.ep_size
         own, device = plan.own_rows, x_BH.device
         # 2. Hop 1: everything after the own-node rows goes to the rail peers.
@@ -227,7 +240,7 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
     # ---------------------------------------------------------------------------------------
     def token_combine(self, y_QH):
         """Steps 5b-6a: hop 2 back, the relay sums each node row's rank rows, hop 1 back.
-        Returns ``[B, H]`` in the order :meth:`dispatch_preprocess` produced."""
+        Returns ``[B, H]`` in the order :meth:`token_dispatch` built the node rows."""
         plan = self.plan
         y_RH = self._hop(y_QH, plan.hop2_send, plan.hop2_recv)
         node_y_BH = precombine_rows(y_RH, self.node_row_idx_R, self.num_node_rows)

@@ -214,3 +214,34 @@ def test_nonfinite_router_logits_raise_the_routers_error_from_the_count_exchange
     message = str(err.value)
     assert "layer 1" in message and "NaN/Inf" in message and "c2r.check_finite_logits" in message
     assert "EP rank(s) [0]" in message and "\n" not in message
+
+
+STAGES = ("dispatch_preprocess", "token_dispatch", "dispatch_postprocess", "combine_preprocess",
+          "token_combine", "combine_postprocess")  # fmt: skip
+
+
+def test_the_one_sync_sits_in_token_dispatch_where_megatrons_alltoall_waits_not_in_preprocess():
+    """--overlap-moe-expert-parallel-comm runs dispatch_preprocess inside the attention node,
+    before the other micro-batch's MLP backward is queued: a wait there is a GPU bubble per
+    layer. Megatron's alltoall waits at the EP all-to-all (token_dispatch, the dispatch node)."""
+    layer = c2r_layer()
+    dispatcher, audit = layer.token_dispatcher, SyncAudit()
+
+    def in_phase(name):
+        stage = getattr(dispatcher, name)
+
+        def run(*args, **kwargs):
+            previous, audit.phase = audit.phase, name
+            try:
+                return stage(*args, **kwargs)
+            finally:
+                audit.phase = previous
+
+        return run
+
+    with contextlib.ExitStack() as stack:
+        for name in STAGES:
+            stack.enter_context(mock.patch.object(dispatcher, name, in_phase(name)))
+        audit_forward_backward(layer, audit)
+    assert [e for e in audit.events if e[0] in STAGES] == [("token_dispatch", "Tensor.cpu")], audit.summary()
+    assert audit.count("dispatch_preprocess") == 0
