@@ -19,7 +19,8 @@ Reduction (``compute(group)``): per layer, the sum of every rank's records over 
 counts; layers are slots of one table indexed by the global layer index, so over a group spanning
 data-parallel ranks and pipeline stages each layer is averaged over the DP ranks that hold it and
 the stages fill disjoint slots -- what Megatron's tracker does for its own losses (sum over PP,
-average over DP). ``penalty`` is the value Megatron's tracker logs as ``c2r_penalty``.
+average over DP). ``penalty`` is the value Megatron's tracker holds as ``c2r_penalty``,
+``device_balance_loss`` / ``comm_balance_loss`` those it holds under the same names.
 
 Busiest-over-mean loads (``LOAD_NAMES``, in the same buffer and collective): per layer, what each
 rank's tokens load onto every EP rank and node (``metrics.stats.routing_loads``), summed over the
@@ -37,6 +38,9 @@ Metrics (per MoE layer; local tokens of this rank, averaged over records and ran
     tokens_per_expert_max_over_mean, tokens_per_expert_cv   load balance across experts
     overload_factor            busiest EP rank's (token, expert) assignments / the balanced share
     groups_per_token, violation_rate, penalty, constraint_active   from C2RRouter (its last forward)
+    device_balance_loss, comm_balance_loss   from C2RRouter, with c2r.device_balance_coeff /
+                               comm_balance_coeff > 0 (unscaled, as Megatron's tracker holds them;
+                               Megatron-LM's training_log does not report those tracker names)
     dispatched_rows_per_token, remote_byte_reduction          measured by the dedup dispatcher
     nodes_per_token, group_load_max_over_mean, node_load_max_over_mean   from C2RRouter: this
                                rank's tokens only (node ones with node routing)
@@ -83,6 +87,8 @@ METRIC_NAMES = (
     "groups_per_token",
     "violation_rate",
     "penalty",
+    "device_balance_loss",
+    "comm_balance_loss",
     "constraint_active",
     "dispatched_rows_per_token",
     "remote_byte_reduction",
