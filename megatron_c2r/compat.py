@@ -361,6 +361,14 @@ def moe_cuda_graph_capture(config) -> Optional[str]:
     return None
 
 
+# --- activation recompute ---
+def in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread: where activation recompute
+    (Megatron's ``tensor_parallel.checkpoint``/``te_checkpoint`` under ``--recompute-modules
+    moe``, torch's reentrant checkpoint) re-runs a forward. Host-only (no device access)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 # --- model-build checks without a GPU (megatron_lm/build_check.py) ---
 def megatron_argument_parser():
     """Megatron-LM's own argument parser (every flag with its default), or None where the

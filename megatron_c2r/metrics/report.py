@@ -68,6 +68,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from megatron_c2r import compat
 from megatron_c2r.metrics.stats import LOAD_NAMES, busiest_over_mean, routing_loads, routing_stats
 from megatron_c2r.moe.layer import moe_layers
 
@@ -177,11 +178,24 @@ class C2RMetrics:
         self.prefix = prefix
         self.num_layers = num_layers
         self.ep_size = ep_size
-        self.recording = True
+        self._recording = True
+        self._routers: List = []
         self._sums: Dict[str, Dict[int, Value]] = {}
         self._counts: Dict[str, Dict[int, int]] = {}
         self._loads: Dict[int, torch.Tensor] = {}
         self._handles: List = []
+
+    @property
+    def recording(self) -> bool:
+        """Whether forwards are recorded now. Setting it also sets ``stats_wanted`` on every
+        attached C2R router, so a router skips its own statistics on iterations nobody logs."""
+        return self._recording
+
+    @recording.setter
+    def recording(self, value: bool) -> None:
+        self._recording = bool(value)
+        for router in self._routers:
+            router.stats_wanted = self._recording
 
     # ---- record ------------------------------------------------------------------------------
     def attach(self, model) -> "C2RMetrics":
@@ -195,6 +209,9 @@ class C2RMetrics:
         for layer in moe_layers(model):
             hook = self._router_hook(layer)
             self._handles.append(layer.router.register_forward_hook(hook, with_kwargs=True))
+            if hasattr(layer.router, "stats_wanted"):  # C2RRouter
+                self._routers.append(layer.router)
+                layer.router.stats_wanted = self._recording
         return self
 
     def detach(self) -> None:
@@ -202,6 +219,9 @@ class C2RMetrics:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for router in self._routers:
+            router.stats_wanted = True
+        self._routers.clear()
 
     def _router_hook(self, layer) -> Callable:
         ep_size = _layer_ep_size(layer)
@@ -210,8 +230,8 @@ class C2RMetrics:
 
         def hook(router, args, kwargs, output):
             index = _layer_index(layer)
-            if not self.recording or not router.training or index is None:
-                return
+            if not self.recording or not router.training or index is None or compat.in_backward():
+                return  # (in backward: activation recompute's second forward, recorded once)
             padding = args[1] if len(args) > 1 else kwargs.get("padding_mask")
             groups = getattr(router, "expert_to_group", None)
             c2r_cfg = getattr(router, "c2r_config", None)

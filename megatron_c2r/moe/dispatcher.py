@@ -307,7 +307,8 @@ class DedupAlltoAllTokenDispatcher(DedupDispatcherBase):
             meta_bytes_per_row=send.meta_RM.shape[1] * send.meta_RM.element_size(),
             prob_bytes=probs.element_size(),
         )
-        self.comm_stats.record(self.last_stats)
+        if not compat.in_backward():  # activation recompute's second forward: counted once
+            self.comm_stats.record(self.last_stats)
         return x_TH.index_select(0, send.token_idx_R), send.meta_RM
 
     def _raise_on_bad_sources(self, recv_host_PC: torch.Tensor) -> None:

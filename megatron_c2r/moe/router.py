@@ -131,6 +131,9 @@ class C2RRouter(TopKRouter):
         else:
             self.group_bias = self.local_tokens_per_group = None
 
+        # Whether this forward's statistics (``_last``) are used: the metrics owner sets it from
+        # its ``recording`` flag (the entry records only the iterations it logs).
+        self.stats_wanted = True
         self.defer_finite_check = False  # set True by C2RMoELayer (see the class docstring)
         self.logits_finite: Optional[torch.Tensor] = None  # 0-d bool, last forward (deferred)
         self._last: Dict[str, object] = {}  # statistics of the last forward (0-d tensors, floats)
@@ -305,7 +308,14 @@ class C2RRouter(TopKRouter):
                 "moe.lists.load_top_t_lists_) or set c2r.warmup_steps > 0 to derive them"
             )
         training = self.training and torch.is_grad_enabled()
-        counting = training and self.c2r_config.track_collaboration
+        # Statistics and co-activation counts once per micro-batch: in the first forward, never
+        # in the forward activation recompute re-runs inside backward (under --recompute-modules
+        # moe the first forward runs without grad, so `training` alone would count the
+        # recomputed one instead).
+        recomputed = compat.in_backward()
+        counting = (
+            self.training and self.c2r_config.track_collaboration and not recomputed
+        )
         constrained = self._active and self.rule.constrained
         if constrained:
             # Under the constraint the routing map only confirms the current groups: the tracker
@@ -317,12 +327,13 @@ class C2RRouter(TopKRouter):
         else:
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
             counted = routing_map  # plain top-k (warm-up, topk mode): its map is the preference
+        if counting and counted is not None:
+            self.tracker.record(counted, padding_T)
         if training:
-            if counting and counted is not None:
-                self.tracker.record(counted, padding_T)
             probs = attach_collaboration_penalty(self, probs, logits_TE, padding_T)
             probs = attach_group_balance_losses(self, probs, logits_TE, routing_map, padding_T)
-        self._record_stats(probs, routing_map, padding_T)
+        if self.stats_wanted and not recomputed:
+            self._record_stats(probs, routing_map, padding_T)
         return probs, routing_map
 
     def _check_finite_logits(self, logits_TE: torch.Tensor) -> None:

@@ -167,7 +167,8 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
             meta_bytes_per_column=rows.meta_BA.element_size(), num_slots=self.num_slots,
             prob_bytes=probs.element_size(),
         )  # fmt: skip
-        self.comm_stats.record(self.last_stats)
+        if not compat.in_backward():  # activation recompute's second forward: counted once
+            self.comm_stats.record(self.last_stats)
         return x_TH.index_select(0, rows.token_idx_B), rows.meta_BA
 
     def _raise_on_bad_sources(self, plan) -> None:
