@@ -40,6 +40,7 @@ from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 from megatron_c2r import compat
 from megatron_c2r.comm import (
     CommStats,
+    all_to_all_pair,
     all_to_all_single,
     build_send_rows,
     combine_rows,
@@ -227,8 +228,9 @@ class DedupAlltoAllTokenDispatcher(DedupDispatcherBase):
 
     Host syncs (``docs/hot_path.md``): one per forward, the copy of the exchanged count table
     (split sizes must be host ints, as in Megatron's alltoall); every other size is derived from
-    it. None in backward. Communication per forward: one count all-to-all on the EP group, two
-    for dispatch (hidden rows, metadata), one for combine. Activation recompute of the layer
+    it. None in backward. Communication per forward: one count all-to-all on the EP group, one
+    for dispatch (hidden rows and their metadata in one buffer, ``all_to_all_pair``), one for
+    combine: 3 EP-wide collectives forward, 2 backward. Activation recompute of the layer
     records a second forward.
     """
 
@@ -335,9 +337,8 @@ class DedupAlltoAllTokenDispatcher(DedupDispatcherBase):
         experts on one rank than ``moe_router_topk`` allows, before any row moves.
         """
         x_RH, meta_RM = self._rows_from_counts(x_TH, probs)
-        x_QH = all_to_all_single(x_RH, self.output_splits, self.input_splits, self.ep_group)
-        meta_QM = all_to_all_single(meta_RM, self.output_splits, self.input_splits, self.ep_group)
-        return x_QH, meta_QM
+        # Rows and their metadata side by side in one all-to-all (one collective each way).
+        return all_to_all_pair(x_RH, meta_RM, self.output_splits, self.input_splits, self.ep_group)
 
     def dispatch_postprocess(self, x_QH, meta_QM):
         """Step 4: expand each received row to its local experts, grouped by local expert.

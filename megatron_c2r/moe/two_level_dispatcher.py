@@ -47,7 +47,7 @@ from megatron.core import utils
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from megatron_c2r import compat
-from megatron_c2r.comm import all_to_all_single, combine_rows, exchange_counts, precombine_rows
+from megatron_c2r.comm import all_to_all_pair, all_to_all_single, combine_rows, exchange_counts, precombine_rows
 from megatron_c2r.comm.topology import NodeTopology, discover_topology
 from megatron_c2r.comm.two_level import (
     TwoLevelCommStats,
@@ -80,8 +80,10 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
         finite_check_router: as in the flat dispatcher: a router with ``defer_finite_check``
             whose ``logits_finite`` flag travels in the count exchange (set by the layer).
 
-    Per forward: one count all-to-all, one blocking host sync (the count table), then two
-    all-to-alls per hop for dispatch (hidden rows, metadata) and one per hop for combine.
+    Per forward: one count all-to-all, one blocking host sync (the count table), then one
+    all-to-all per hop for dispatch (hidden rows and their metadata in one buffer) and one per
+    hop for combine: 5 EP-wide collectives forward, 4 backward (two hops each way plus the
+    count table is the floor; the flat dispatcher: 3 and 2).
     """
 
     stats_class = TwoLevelCommStats
@@ -115,6 +117,11 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
         """One hop's all-to-all over the EP group (zero splits for peers off this hop).
         Differentiable; collective on the EP group."""
         return all_to_all_single(x, output_splits, input_splits, self.ep_group)
+
+    def _hop_pair(self, x, meta, output_splits: Sequence[int], input_splits: Sequence[int]):
+        """One hop's rows and their metadata in ONE all-to-all over the EP group (bytes side by
+        side, ``all_to_all_pair``). Differentiable in both; collective on the EP group."""
+        return all_to_all_pair(x, meta, output_splits, input_splits, self.ep_group)
 
     # ---------------------------------------------------------------------------------------
     # Dispatch
@@ -194,8 +201,7 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
         plan, topo, P = self.plan, self.topology, self.ep_size
         own, device = plan.own_rows, x_BH.device
         # 2. Hop 1: everything after the own-node rows goes to the rail peers.
-        x_Q1H = self._hop(x_BH[own:], plan.hop1_recv, plan.hop1_send)
-        meta_Q1A = self._hop(meta_BA[own:], plan.hop1_recv, plan.hop1_send)
+        x_Q1H, meta_Q1A = self._hop_pair(x_BH[own:], meta_BA[own:], plan.hop1_recv, plan.hop1_send)
         # 3. Relay. Source rank of every node row, from the device copy of the received table
         #    (repeat_interleave with a known output size does not sync).
         ranks_P = torch.arange(P, device=device)
@@ -217,8 +223,7 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
         self.node_row_idx_R, self.num_node_rows = rank_rows.node_row_idx_R, node_x_BH.shape[0]
         # 4a. Hop 2: rank rows inside the node.
         x_RH = node_x_BH.index_select(0, rank_rows.node_row_idx_R)
-        x_QH = self._hop(x_RH, plan.hop2_recv, plan.hop2_send)
-        meta_QW = self._hop(rank_rows.meta_RW, plan.hop2_recv, plan.hop2_send)
+        x_QH, meta_QW = self._hop_pair(x_RH, rank_rows.meta_RW, plan.hop2_recv, plan.hop2_send)
         return x_QH, meta_QW
 
     def dispatch_postprocess(self, x_QH, meta_QW):
