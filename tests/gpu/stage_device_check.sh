@@ -16,6 +16,8 @@
 # What lands there:
 #   $STAGE/wheels/megatron_core-*-cp312-*.whl   pip download --no-deps (binary only: its
 #                             dataset helpers are prebuilt, so nothing compiles on the GPU machine)
+#   $STAGE/wheels/pytest-*.whl, pluggy, iniconfig, packaging   for the CUDA tests in tests/gpu
+#                             (packaging: megatron-core needs it too)
 #   $STAGE/Megatron-LM/       the training files the entry path imports: pretrain_gpt.py,
 #                             gpt_builders.py, model_provider.py (those the tag has), and
 #                             megatron/training + megatron/legacy when the wheel lacks them
@@ -40,13 +42,7 @@ fi
 rm -rf "$STAGE"
 mkdir -p "$STAGE/wheels" "$STAGE/Megatron-LM"
 
-# 1. The megatron-core wheel for CPython 3.12 on x86-64 Linux (binary only, no dependencies:
-#    the GPU machine's torch, numpy and packaging are used as they are).
-"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-  -d "$STAGE/wheels" "megatron-core==$VERSION"
-
-# 2. The source tree at the tag (a work tree as is; a git directory through git archive).
+# 1. The source tree at the tag (a work tree as is; a git directory through git archive).
 tree="$SRC"
 if [[ ! -f "$SRC/pretrain_gpt.py" ]]; then
   tree="$(mktemp -d "${TMPDIR:-/tmp}/c2r_mlm.XXXXXX")"
@@ -63,10 +59,21 @@ if [[ -n "$tag_version" && "$tag_version" != "$VERSION" ]]; then
   exit 2
 fi
 
+# 2. The megatron-core wheel for CPython 3.12 on x86-64 Linux (binary only, no dependencies:
+#    the GPU machine's torch and numpy are used as they are).
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+  -d "$STAGE/wheels" "megatron-core==$VERSION"
+
+#    And pytest (pure-Python wheels) for the CUDA tests in tests/gpu, which device_check.sh runs.
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$STAGE/wheels" \
+  "pytest>=8,<9" "pluggy>=1.5,<2" "iniconfig>=2,<3" "packaging>=24"
+
 # 3. The training files: top-level Python modules the entry imports, and megatron/training and
 #    megatron/legacy only if this wheel does not ship them (0.17+ wheels ship megatron.training).
 for f in pretrain_gpt.py gpt_builders.py model_provider.py; do
-  [[ -f "$tree/$f" ]] && cp "$tree/$f" "$STAGE/Megatron-LM/"
+  if [[ -f "$tree/$f" ]]; then cp "$tree/$f" "$STAGE/Megatron-LM/"; fi
 done
 wheel="$(ls "$STAGE"/wheels/megatron_core-*.whl | head -1)"
 listing="$("$PY" -m zipfile -l "$wheel")"
