@@ -73,6 +73,11 @@ class C2RRouter(TopKRouter):
                                      expert_bias); its non-persistent load counts are
                                      ``local_tokens_per_group`` fp32 [G]
 
+    Statistics (``_last``, read by ``c2r_metrics`` and ``metrics.report``) are computed only while
+    ``stats_wanted`` (the metrics owner sets it from its ``recording`` flag), and the statistics
+    and co-activation counts only in a micro-batch's first forward, never in the one activation
+    recompute re-runs inside backward.
+
     Derived state (never saved): ``rule`` (built once from the config), the host mirror
     ``_active`` of ``constraint_active`` and the cached ``RoutingTables``; all reset by
     ``_invalidate_caches`` (after a load, a relabelling, new lists, activation).
