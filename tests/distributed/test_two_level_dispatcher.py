@@ -265,8 +265,9 @@ def _uniform_volume(E, k, T, gpus_per_node):
     g = torch.Generator().manual_seed(rank)
     chosen = torch.rand(T, E, generator=g).topk(k, dim=1).indices
     routing_map = torch.zeros(T, E, dtype=torch.bool).scatter(1, chosen, True)
-    x_BH, meta_BA = d.dispatch_preprocess(torch.randn(T, 1, 8), routing_map, routing_map.float())
-    x_QH, _ = d.token_dispatch(x_BH, meta_BA)
+    x_QH, _ = d.token_dispatch(
+        *d.dispatch_preprocess(torch.randn(T, 1, 8), routing_map, routing_map.float())
+    )
     s = d.last_stats
     totals = torch.tensor(
         [s.inter_node_rows_sent, s.inter_node_rows_received, s.routed_tokens,
