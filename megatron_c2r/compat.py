@@ -425,6 +425,16 @@ def apply_megatron_arg_defaults(args) -> None:
 _TE_ONLY_FUSIONS = ("apply_rope_fusion", "moe_permute_fusion")
 
 
+def _list_only(hint) -> bool:
+    """True for a field typed ``List[...]`` / ``Optional[list[...]]`` (no scalar alternative)."""
+    import typing
+
+    options = [hint]
+    if typing.get_origin(hint) is typing.Union:
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+    return bool(options) and all(a is list or typing.get_origin(a) is list for a in options)
+
+
 def transformer_config_from_args(args):
     """Megatron's ``TransformerConfig`` (or ``MLATransformerConfig`` with
     --multi-latent-attention) from parsed args, as Megatron-LM's
@@ -437,8 +447,14 @@ def transformer_config_from_args(args):
     config_class = TransformerConfig
     if getattr(args, "multi_latent_attention", False):
         from megatron.core.transformer import MLATransformerConfig as config_class
-    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
-              if hasattr(args, f.name)}  # fmt: skip
+    kwargs = {}
+    for f in dataclasses.fields(config_class):
+        if hasattr(args, f.name):
+            value = getattr(args, f.name)
+            # A list-only field given one value without Megatron's parser (nargs='*' there)
+            if _list_only(f.type) and value is not None and not isinstance(value, (list, tuple)):
+                value = [value]
+            kwargs[f.name] = value
     kwargs["num_moe_experts"] = getattr(args, "num_experts", None)
     kwargs["pipeline_dtype"] = args.params_dtype
     if getattr(args, "swiglu", False):
