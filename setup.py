@@ -20,7 +20,9 @@ setup(
         # 0.16 made the router pluggable through MoESubmodules.router; 0.16.1 is the newest wheel
         # for Python 3.11. Newer releases (0.17-0.20, NGC images) are handled in megatron_c2r.compat.
         "megatron-core>=0.16.1",
-        "torch>=2.4",
+        # torch.nonzero_static on CUDA (the dispatchers' sync-free row search) exists from 2.6;
+        # an empty CUDA input crashes it before pytorch#162473, which comm/rows.py avoids.
+        "torch>=2.6",
         "numpy>=1.24",
         "pyyaml>=6.0",
         "tqdm>=4.64",

@@ -323,8 +323,8 @@ def measure_jobs(jobs_path: str, hidden: int = 8, progress: bool = False) -> lis
                 probs_TE = routing_map_TE.float() / k  # sums to 1 per token -> combine = identity
                 x_TH = torch.randn(T, 1, hidden, generator=gen)
                 # 1. dispatch: one row per (token, destination rank) -> all-to-all -> expand
-                x_RH, meta_RM = dispatcher.dispatch_preprocess(x_TH, routing_map_TE, probs_TE)
-                x_QH, meta_QM = dispatcher.token_dispatch(x_RH, meta_RM)
+                tokens, probs = dispatcher.dispatch_preprocess(x_TH, routing_map_TE, probs_TE)
+                x_QH, meta_QM = dispatcher.token_dispatch(tokens, probs)
                 x_NH, _, probs_N = dispatcher.dispatch_postprocess(x_QH, meta_QM)
                 # 2. "experts" = identity weighted by probs; pre-combine -> all-to-all back -> sum
                 y_QH = dispatcher.combine_preprocess(x_NH * probs_N.unsqueeze(1))

@@ -302,8 +302,7 @@ def measure_node_jobs(jobs_path: str, gpus: int, hidden: int = 8) -> list[dict]:
                 probs_TE = map_TE.float() / k  # sums to 1 per token -> combine = identity
                 x_TH = torch.randn(T, 1, hidden, generator=gen)
                 for d in (two, flat):
-                    x_BH, meta = d.dispatch_preprocess(x_TH, map_TE, probs_TE)
-                    x_QH, meta = d.token_dispatch(x_BH, meta)
+                    x_QH, meta = d.token_dispatch(*d.dispatch_preprocess(x_TH, map_TE, probs_TE))
                     x_NH, tokens_per_expert, probs_N = d.dispatch_postprocess(x_QH, meta)
                     y_QH = d.combine_preprocess(x_NH * probs_N.unsqueeze(1))
                     y_TH = d.combine_postprocess(d.token_combine(y_QH))

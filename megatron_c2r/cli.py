@@ -163,6 +163,7 @@ def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.sets)
     cfg.check_megatron_lm()
+    _check_model_build(cfg)
     if args.dry_run:
         sys.stdout.write(render(cfg, "shell"))
         return 0
@@ -187,9 +188,22 @@ def _render_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{CONFIG_DOC}")
 
 
+def _check_model_build(cfg) -> None:
+    """Megatron's argument defaults and every model-build check that needs no GPU
+    (``megatron_lm.build_check``), as a ConfigError blamed on the config. Imports megatron.core;
+    where it is missing (a batch host) the command exits 1 and the SLURM scripts render inside
+    the container instead."""
+    from megatron_c2r.megatron_lm.build_check import model_build_problem
+
+    problem = model_build_problem(cfg.program_argv()[3:])
+    if problem:
+        raise cfg.error(f"model build: {problem}")
+
+
 def _run_render(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.sets)
     cfg.check_megatron_lm()
+    _check_model_build(cfg)
     sys.stdout.write(render(cfg, args.format))
     return 0
 

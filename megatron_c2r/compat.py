@@ -17,6 +17,8 @@ What differs, and where we handle it:
     transformer layer spec shape   layer_submodules(), replace_layer_submodules()
     torch_dist save on CPU         save_dist_checkpoint(): 0.16's strategy is async-only (CUDA
                                    sync, psutil); offline tools write through torch DCP directly
+    argument parsing and defaults  megatron_argument_parser() (megatron.training from 0.17),
+                                   apply_megatron_arg_defaults(), transformer_config_from_args()
 """
 
 from __future__ import annotations
@@ -357,6 +359,117 @@ def moe_cuda_graph_capture(config) -> Optional[str]:
     if getattr(inference, "name", inference) == "block":
         return f"{setting} with inference_cuda_graph_scope=block"
     return None
+
+
+# --- activation recompute ---
+def in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread: where activation recompute
+    (Megatron's ``tensor_parallel.checkpoint``/``te_checkpoint`` under ``--recompute-modules
+    moe``, torch's reentrant checkpoint) re-runs a forward. Host-only (no device access)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+# --- model-build checks without a GPU (megatron_lm/build_check.py) ---
+def megatron_argument_parser():
+    """Megatron-LM's own argument parser (every flag with its default), or None where the
+    installed Megatron has none: ``megatron.training`` is in the wheel from 0.17; on 0.16 only a
+    Megatron-LM checkout on ``sys.path`` provides it."""
+    arguments = _optional_import("megatron.training.arguments")
+    add = getattr(arguments, "add_megatron_arguments", None)
+    if add is None:
+        return None
+    import argparse
+
+    return add(argparse.ArgumentParser(add_help=False, allow_abbrev=False))
+
+
+# Megatron-LM flags whose dest is another config field, for args parsed without its parser (0.16
+# without a checkout): flag attribute -> (TransformerConfig field, value when the flag is given).
+_RENAMED_FLAGS = {
+    "disable_bias_linear": ("add_bias_linear", False),
+    "no_bias_swiglu_fusion": ("bias_swiglu_fusion", False),
+    "no_bias_gelu_fusion": ("bias_activation_fusion", False),
+    "no_bias_dropout_fusion": ("bias_dropout_fusion", False),
+    "no_masked_softmax_fusion": ("masked_softmax_fusion", False),
+    "no_rope_fusion": ("apply_rope_fusion", False),
+    "no_gradient_accumulation_fusion": ("gradient_accumulation_fusion", False),
+    "apply_layernorm_1p": ("layernorm_zero_centered_gamma", True),
+}
+
+
+def apply_megatron_arg_defaults(args) -> None:
+    """The part of Megatron-LM's ``validate_args`` that decides how the MoE layers are built
+    and needs no GPU (``validate_args`` itself reads the device): expert TP defaults to TP, the
+    parameter dtype follows --bf16/--fp16, and the parallel sizes default to 1 where the flags
+    were given without Megatron's parser (whose renamed flags, ``_RENAMED_FLAGS``, are then
+    mapped here). In place."""
+    for flag, (field, value) in _RENAMED_FLAGS.items():
+        if getattr(args, flag, None) is True and not hasattr(args, field):
+            setattr(args, field, value)
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "context_parallel_size", "expert_model_parallel_size"):  # fmt: skip
+        if getattr(args, name, None) is None:
+            setattr(args, name, 1)
+    if getattr(args, "expert_tensor_parallel_size", None) is None:
+        args.expert_tensor_parallel_size = args.tensor_model_parallel_size
+    if getattr(args, "bf16", False):
+        args.params_dtype = torch.bfloat16
+    elif getattr(args, "fp16", False):
+        args.params_dtype = torch.half
+    else:
+        args.params_dtype = torch.float32
+
+
+# Fusions whose TransformerConfig check is "is transformer-engine installed": off when checking a
+# command line on a machine without TE (its cluster image has TE; Megatron checks them there).
+_TE_ONLY_FUSIONS = ("apply_rope_fusion", "moe_permute_fusion")
+
+
+def _list_only(hint) -> bool:
+    """True for a field typed ``List[...]`` / ``Optional[list[...]]`` (no scalar alternative)."""
+    import typing
+
+    options = [hint]
+    if typing.get_origin(hint) is typing.Union:
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+    return bool(options) and all(a is list or typing.get_origin(a) is list for a in options)
+
+
+def transformer_config_from_args(args):
+    """Megatron's ``TransformerConfig`` (or ``MLATransformerConfig`` with
+    --multi-latent-attention) from parsed args, as Megatron-LM's
+    ``core_transformer_config_from_args`` maps them (same-named fields, ``num_experts`` ->
+    ``num_moe_experts``, --swiglu -> gated SiLU, query groups only with
+    --group-query-attention); its ``__post_init__`` runs Megatron's config checks. Needs no GPU;
+    without transformer-engine the TE-only fusions are off (``_TE_ONLY_FUSIONS``)."""
+    from megatron.core.transformer import TransformerConfig
+
+    config_class = TransformerConfig
+    if getattr(args, "multi_latent_attention", False):
+        from megatron.core.transformer import MLATransformerConfig as config_class
+    kwargs = {}
+    for f in dataclasses.fields(config_class):
+        if hasattr(args, f.name):
+            value = getattr(args, f.name)
+            # A list-only field given one value without Megatron's parser (nargs='*' there)
+            if _list_only(f.type) and value is not None and not isinstance(value, (list, tuple)):
+                value = [value]
+            kwargs[f.name] = value
+    kwargs["num_moe_experts"] = getattr(args, "num_experts", None)
+    kwargs["pipeline_dtype"] = args.params_dtype
+    if getattr(args, "swiglu", False):
+        kwargs["activation_func"] = torch.nn.functional.silu
+        kwargs["gated_linear_unit"] = True
+    if not getattr(args, "group_query_attention", False):
+        kwargs["num_query_groups"] = None
+    if isinstance(kwargs.get("cp_comm_type"), list) and len(kwargs["cp_comm_type"]) == 1:
+        kwargs["cp_comm_type"] = kwargs["cp_comm_type"][0]
+    if kwargs.get("rope_type", "") is None:
+        kwargs.pop("rope_type")
+    if not HAVE_TE:  # checked where TE is installed (the cluster image), not here
+        for name in _TE_ONLY_FUSIONS:
+            kwargs[name] = False
+    return config_class(**kwargs)
 
 
 # --- streaming torch_dist I/O (offline convert, tensor by tensor) ---

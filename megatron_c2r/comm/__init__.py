@@ -33,7 +33,12 @@ from megatron_c2r.comm.accounting import (
     expected_ranks_per_token_uniform,
     stats_from_counts,
 )
-from megatron_c2r.comm.all_to_all import all_to_all_single, exchange_counts, reference_all_to_all
+from megatron_c2r.comm.all_to_all import (
+    all_to_all_pair,
+    all_to_all_single,
+    exchange_counts,
+    reference_all_to_all,
+)
 from megatron_c2r.comm.rows import (
     ExpandedRows,
     SendCounts,
@@ -51,6 +56,7 @@ __all__ = [
     "ExpandedRows",
     "SendCounts",
     "SendRows",
+    "all_to_all_pair",
     "all_to_all_single",
     "build_send_rows",
     "combine_rows",

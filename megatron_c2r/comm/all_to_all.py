@@ -12,6 +12,7 @@ Shape suffixes: see the legend in ``megatron_c2r/comm/__init__.py``.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -91,6 +92,72 @@ def all_to_all_single(
     if world == 1:
         return x_R
     return _AllToAllSingle.apply(x_R, list(output_splits), list(input_splits), group)
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """``[R, ...]`` -> ``[R, bytes per row]`` uint8 view (a copy only if ``t`` is not contiguous)."""
+    return t.contiguous().view(t.shape[0], math.prod(t.shape[1:])).view(torch.uint8)
+
+
+def _from_bytes(b_QB: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_as_bytes` for rows shaped and typed like ``like``."""
+    fresh = b_QB.clone(memory_format=torch.contiguous_format)  # aligned for any dtype
+    return fresh.view(like.dtype).view((b_QB.shape[0],) + tuple(like.shape[1:]))
+
+
+def _pair_no_grad(a, b, output_splits, input_splits, group):
+    """One all-to-all carrying two row-aligned tensors: their bytes side by side."""
+    width = math.prod(a.shape[1:]) * a.element_size()  # bytes of one ``a`` row
+    a_RB, b_RB = _as_bytes(a), _as_bytes(b)
+    packed_QB = _all_to_all_no_grad(torch.cat([a_RB, b_RB], dim=1), output_splits, input_splits, group)
+    return _from_bytes(packed_QB[:, :width], a), _from_bytes(packed_QB[:, width:], b)
+
+
+class _AllToAllPair(torch.autograd.Function):
+    """Two row-aligned tensors in one collective each way: forward ships both with
+    (output_splits, input_splits), backward ships both gradients with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, a, b, output_splits, input_splits, group):  # noqa: D401
+        ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
+        ctx.shapes = (a.shape, a.dtype, b.shape, b.dtype)
+        return _pair_no_grad(a, b, output_splits, input_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_b):
+        q = sum(ctx.output_splits)
+        a_shape, a_dtype, b_shape, b_dtype = ctx.shapes
+        if grad_a is None:
+            grad_a = torch.zeros((q,) + tuple(a_shape[1:]), dtype=a_dtype, device=grad_b.device)
+        if grad_b is None:
+            grad_b = torch.zeros((q,) + tuple(b_shape[1:]), dtype=b_dtype, device=grad_a.device)
+        ga, gb = _pair_no_grad(grad_a, grad_b, ctx.input_splits, ctx.output_splits, ctx.group)
+        return ga, gb, None, None, None
+
+
+def all_to_all_pair(
+    a_R: torch.Tensor,
+    b_R: torch.Tensor,
+    output_splits: Sequence[int],
+    input_splits: Sequence[int],
+    group: Optional[dist.ProcessGroup] = None,
+):
+    """:func:`all_to_all_single` of two row-aligned tensors (e.g. hidden rows and their
+    metadata) in ONE collective each way: their bytes travel side by side in one uint8 buffer
+    ``[R, bytes(a row) + bytes(b row)]``, unpacked on arrival (one copy per side; no host sync).
+    Dtypes may differ. Returns ``(a_Q, b_Q)``; differentiable in both (backward: one collective
+    with the splits swapped). One-rank group: returns the inputs themselves."""
+    if a_R.shape[0] != b_R.shape[0]:
+        raise ValueError(
+            f"all_to_all_pair needs row-aligned tensors, got {a_R.shape[0]} and {b_R.shape[0]} "
+            "rows; pass one metadata row per hidden row"
+        )
+    world = _group_size(group)
+    _check_splits("input_splits", input_splits, world, a_R.shape[0])
+    _check_splits("output_splits", output_splits, world, sum(output_splits))
+    if world == 1:
+        return a_R, b_R
+    return _AllToAllPair.apply(a_R, b_R, list(output_splits), list(input_splits), group)
 
 
 def exchange_counts(

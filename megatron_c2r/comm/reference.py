@@ -262,8 +262,11 @@ def simulate_two_level_moe(x_per_rank: PerRank, routing_maps: PerRank, probs_per
     # 3. Relays: own node rows + received node rows -> rank rows; hop 2.
     relay_x, relay_rows = [], []
     for r, plan in enumerate(plans):
-        hop1_src = torch.arange(P).repeat_interleave(torch.tensor(plan.hop1_recv))
-        src_B = torch.cat([torch.full((own[r],), r), hop1_src])
+        device = x_per_rank[r].device  # the oracle runs on the inputs' device (CUDA checks)
+        hop1_src = torch.arange(P, device=device).repeat_interleave(
+            torch.tensor(plan.hop1_recv, device=device), output_size=sum(plan.hop1_recv)
+        )
+        src_B = torch.cat([torch.full((own[r],), r, device=device), hop1_src])
         meta_B = torch.cat([nodes[r].meta_BA[: own[r]], recv1_m[r]])
         relay_rows.append(two_level.build_rank_rows(meta_B, src_B, L, G, S, sum(plan.hop2_send)))
         relay_x.append(torch.cat([x_B[r][: own[r]], recv1_x[r]]))

@@ -37,10 +37,14 @@ def _true_positions(mask: torch.Tensor, count: Optional[int]) -> torch.Tensor:
 
     ``count`` is the host-known number of True entries (from the exchanged count table): then
     ``nonzero_static`` allocates the output without reading the device (no host sync). ``None``
-    falls back to ``nonzero``, which syncs on CUDA to learn the output size.
+    falls back to ``nonzero``, which syncs on CUDA to learn the output size. A zero ``count``
+    (a rank that receives no rows, T = 0) returns the empty result without calling
+    ``nonzero_static``, which crashes on an empty CUDA input in torch before pytorch#162473.
     """
     if count is None:
         return mask.nonzero()
+    if count == 0:
+        return torch.empty((0, mask.dim()), dtype=torch.int64, device=mask.device)
     return torch.nonzero_static(mask, size=count)
 
 

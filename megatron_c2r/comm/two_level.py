@@ -53,8 +53,10 @@ def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
     Args:
         mask: 1-D bool. count: the number of True entries (the caller's promise).
     Returns:
-        ``[count]`` int64 on the mask's device.
+        ``[count]`` int64 on the mask's device (no kernel at all when ``count`` is 0).
     """
+    if count == 0:
+        return torch.empty(0, dtype=torch.int64, device=mask.device)
     running = mask.cumsum(0)
     wanted = torch.arange(1, count + 1, device=mask.device, dtype=running.dtype)
     return torch.searchsorted(running, wanted)

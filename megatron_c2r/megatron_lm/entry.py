@@ -13,7 +13,10 @@ Before anything starts, in this order, each a one-line error and exit status 2:
        ``--spec``, ...; ``preflight.refusal``),
     2. a missing Megatron-LM checkout (``$MEGATRON_LM_PATH``, or ``pretrain_gpt`` importable)
        or CUDA,
-    3. ``--load`` of a stock checkpoint without a ``--dist-ckpt-strictness`` that lets our new
+    3. Megatron's argument defaults and every model-build check that needs no GPU
+       (``preflight.model_build_problem``: e.g. expert TP defaulting to TP = 2 under the dedup
+       dispatcher), so no rank dies building the model after the nodes are allocated,
+    4. ``--load`` of a stock checkpoint without a ``--dist-ckpt-strictness`` that lets our new
        router buffers start fresh (``preflight.resume_from_stock``).
 """
 
@@ -81,6 +84,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if problem:
             raise preflight.UnsupportedSetting(problem)
         ensure_requirements()
+        problem = preflight.model_build_problem(sys.argv[1:])
+        if problem:
+            raise preflight.UnsupportedSetting(problem)
         stock = preflight.resume_from_stock(sys.argv[1:])
     except (MissingRequirement, preflight.UnsupportedSetting) as exc:
         print(f"megatron_c2r.megatron_lm: error: {exc}", file=sys.stderr)

@@ -1,8 +1,9 @@
 """What our Megatron-LM entry refuses, and how it resumes a stock checkpoint, decided before
 Megatron parses the command line (so a refusal is one line, before any process group or GPU).
 
-Two questions, each a pure function of the argv (plus, for the second, the checkpoint's
-metadata on disk):
+Three questions, each a function of the argv (plus, for the last, the checkpoint's metadata on
+disk); ``model_build_problem(argv)`` runs Megatron's argument defaults and every model-build check
+that needs no GPU (``build_check``), the other two are pure:
 
 ``refusal(settings)``: settings under which Megatron-LM would not build our model. Checked on
 the argv up front (``refusal_in_argv``) and again on the parsed args when the model is built
@@ -69,6 +70,15 @@ _REFUSED = (
 TOLERANT_STRICTNESS = ("log_unexpected", "log_all", "ignore_all")
 _STOCK_FIX = "log_unexpected"
 _MODE_FLAG, _WARMUP_FLAG = C2R_FLAGS["mode"][0], C2R_FLAGS["warmup_steps"][0]  # --c2r-mode, ...
+
+
+def model_build_problem(argv: Sequence[str]) -> Optional[str]:
+    """Why our model would not build from ``argv`` (one line), or None: Megatron's argument
+    defaults, its ``TransformerConfig`` checks and ours, no GPU (``build_check``; imports
+    megatron.core)."""
+    from megatron_c2r.megatron_lm.build_check import model_build_problem as problem
+
+    return problem(argv)
 
 
 class UnsupportedSetting(ValueError):

@@ -19,7 +19,8 @@ Reduction (``compute(group)``): per layer, the sum of every rank's records over 
 counts; layers are slots of one table indexed by the global layer index, so over a group spanning
 data-parallel ranks and pipeline stages each layer is averaged over the DP ranks that hold it and
 the stages fill disjoint slots -- what Megatron's tracker does for its own losses (sum over PP,
-average over DP). ``penalty`` is the value Megatron's tracker logs as ``c2r_penalty``.
+average over DP). ``penalty`` is the value Megatron's tracker holds as ``c2r_penalty``,
+``device_balance_loss`` / ``comm_balance_loss`` those it holds under the same names.
 
 Busiest-over-mean loads (``LOAD_NAMES``, in the same buffer and collective): per layer, what each
 rank's tokens load onto every EP rank and node (``metrics.stats.routing_loads``), summed over the
@@ -37,6 +38,9 @@ Metrics (per MoE layer; local tokens of this rank, averaged over records and ran
     tokens_per_expert_max_over_mean, tokens_per_expert_cv   load balance across experts
     overload_factor            busiest EP rank's (token, expert) assignments / the balanced share
     groups_per_token, violation_rate, penalty, constraint_active   from C2RRouter (its last forward)
+    device_balance_loss, comm_balance_loss   from C2RRouter, with c2r.device_balance_coeff /
+                               comm_balance_coeff > 0 (unscaled, as Megatron's tracker holds them;
+                               Megatron-LM's training_log does not report those tracker names)
     dispatched_rows_per_token, remote_byte_reduction          measured by the dedup dispatcher
     nodes_per_token, group_load_max_over_mean, node_load_max_over_mean   from C2RRouter: this
                                rank's tokens only (node ones with node routing)
@@ -64,6 +68,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from megatron_c2r import compat
 from megatron_c2r.metrics.stats import LOAD_NAMES, busiest_over_mean, routing_loads, routing_stats
 from megatron_c2r.moe.layer import moe_layers
 
@@ -83,6 +88,8 @@ METRIC_NAMES = (
     "groups_per_token",
     "violation_rate",
     "penalty",
+    "device_balance_loss",
+    "comm_balance_loss",
     "constraint_active",
     "dispatched_rows_per_token",
     "remote_byte_reduction",
@@ -171,11 +178,24 @@ class C2RMetrics:
         self.prefix = prefix
         self.num_layers = num_layers
         self.ep_size = ep_size
-        self.recording = True
+        self._recording = True
+        self._routers: List = []
         self._sums: Dict[str, Dict[int, Value]] = {}
         self._counts: Dict[str, Dict[int, int]] = {}
         self._loads: Dict[int, torch.Tensor] = {}
         self._handles: List = []
+
+    @property
+    def recording(self) -> bool:
+        """Whether forwards are recorded now. Setting it also sets ``stats_wanted`` on every
+        attached C2R router, so a router skips its own statistics on iterations nobody logs."""
+        return self._recording
+
+    @recording.setter
+    def recording(self, value: bool) -> None:
+        self._recording = bool(value)
+        for router in self._routers:
+            router.stats_wanted = self._recording
 
     # ---- record ------------------------------------------------------------------------------
     def attach(self, model) -> "C2RMetrics":
@@ -189,6 +209,9 @@ class C2RMetrics:
         for layer in moe_layers(model):
             hook = self._router_hook(layer)
             self._handles.append(layer.router.register_forward_hook(hook, with_kwargs=True))
+            if hasattr(layer.router, "stats_wanted"):  # C2RRouter
+                self._routers.append(layer.router)
+                layer.router.stats_wanted = self._recording
         return self
 
     def detach(self) -> None:
@@ -196,6 +219,9 @@ class C2RMetrics:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for router in self._routers:
+            router.stats_wanted = True
+        self._routers.clear()
 
     def _router_hook(self, layer) -> Callable:
         ep_size = _layer_ep_size(layer)
@@ -204,8 +230,8 @@ class C2RMetrics:
 
         def hook(router, args, kwargs, output):
             index = _layer_index(layer)
-            if not self.recording or not router.training or index is None:
-                return
+            if not self.recording or not router.training or index is None or compat.in_backward():
+                return  # (in backward: activation recompute's second forward, recorded once)
             padding = args[1] if len(args) > 1 else kwargs.get("padding_mask")
             groups = getattr(router, "expert_to_group", None)
             c2r_cfg = getattr(router, "c2r_config", None)

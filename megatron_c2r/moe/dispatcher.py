@@ -20,7 +20,8 @@ The experts receive exactly what Megatron's alltoall hands them (rows grouped by
 source-rank-then-token order inside an expert, ``tokens_per_expert`` on the host, permuted probs
 in the probs dtype), so SequentialMLP, GroupedMLP and TEGroupedMLP work unchanged.
 
-Host syncs: one per forward (the copy of the exchanged count table in step 3), none in backward;
+Host syncs: one per forward (the copy of the exchanged count table, in ``token_dispatch`` at the
+EP all-to-all as in Megatron's alltoall, not in ``dispatch_preprocess``), none in backward;
 see ``docs/hot_path.md`` for the budget and the test that counts them.
 
 Shape suffixes: the ``comm/`` legend (``megatron_c2r/comm/__init__.py``): T tokens, H hidden,
@@ -39,6 +40,7 @@ from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 from megatron_c2r import compat
 from megatron_c2r.comm import (
     CommStats,
+    all_to_all_pair,
     all_to_all_single,
     build_send_rows,
     combine_rows,
@@ -226,8 +228,9 @@ class DedupAlltoAllTokenDispatcher(DedupDispatcherBase):
 
     Host syncs (``docs/hot_path.md``): one per forward, the copy of the exchanged count table
     (split sizes must be host ints, as in Megatron's alltoall); every other size is derived from
-    it. None in backward. Communication per forward: one count all-to-all on the EP group, two
-    for dispatch (hidden rows, metadata), one for combine. Activation recompute of the layer
+    it. None in backward. Communication per forward: one count all-to-all on the EP group, one
+    for dispatch (hidden rows and their metadata in one buffer, ``all_to_all_pair``), one for
+    combine: 3 EP-wide collectives forward, 2 backward. Activation recompute of the layer
     records a second forward.
     """
 
@@ -240,7 +243,7 @@ class DedupAlltoAllTokenDispatcher(DedupDispatcherBase):
     # Dispatch
     # ---------------------------------------------------------------------------------------
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
-        """Steps 1-3a: count table, its exchange and one host copy, then rows and metadata.
+        """Steps 1 and 3a: the count table and its exchange, on the device; no host sync.
 
         Args:
             hidden_states: ``[seq, batch, H]`` (or ``[T, H]``) any float dtype.
@@ -248,14 +251,16 @@ class DedupAlltoAllTokenDispatcher(DedupDispatcherBase):
             probs: ``[T, E]`` float (dense; only routed entries are read).
 
         Returns:
-            ``x_RH`` (rows grouped by destination rank, hidden dtype) and ``meta_RM`` (slot probs
-            and slot local expert ids, :func:`meta_dtype` of probs). Side effects: one count
-            all-to-all on the EP group, one host sync, records ``comm_stats``; raises (on every
-            EP rank alike) if any rank's router logits were not finite or a routing map gives a
-            token more experts on one rank than ``moe_router_topk`` allows.
+            ``x_TH`` (the tokens, ``[T, H]``) and ``probs`` (unchanged); the routing map and the
+            sent and received count tables wait on ``self`` for :meth:`token_dispatch`. Side
+            effect: one count all-to-all on the EP group (issued, not waited for). The host copy
+            of the table comes in :meth:`token_dispatch`, where Megatron's alltoall waits for its
+            split sizes too: under ``--overlap-moe-expert-parallel-comm`` this stage runs in the
+            attention node, and a wait here would stall the queue before the other micro-batch's
+            MLP backward is issued.
         """
         x_TH = self._flat_tokens(hidden_states, routing_map, probs)
-        T, P, L = x_TH.shape[0], self.ep_size, self.num_local_experts
+        P = self.ep_size
         # 1. Destination ranks per token and the count table, on the device.
         counts = count_send_rows(routing_map, P)
         # 3a. Exchange [rows, tokens per local expert..., max experts per row, logits finite]
@@ -269,6 +274,15 @@ class DedupAlltoAllTokenDispatcher(DedupDispatcherBase):
             dim=1,
         )
         recv_PC = exchange_counts(send_PC, self.ep_group)
+        self._pending = (routing_map, counts, send_PC, recv_PC)
+        return x_TH, probs
+
+    def _rows_from_counts(self, x_TH, probs):
+        """Step 3b's host half: the one device->host copy of the forward (the exchanged count
+        table), the checks on it, every split size, and step 2's rows sized from it."""
+        routing_map, counts, send_PC, recv_PC = self._pending
+        self._pending = None
+        T, P, L = x_TH.shape[0], self.ep_size, self.num_local_experts
         # The one device->host sync of the layer: every size below comes from this copy.
         host = torch.cat([send_PC.flatten(), recv_PC.flatten(), counts.routed_tokens.view(1)])
         host = host.cpu()
@@ -295,9 +309,9 @@ class DedupAlltoAllTokenDispatcher(DedupDispatcherBase):
             meta_bytes_per_row=send.meta_RM.shape[1] * send.meta_RM.element_size(),
             prob_bytes=probs.element_size(),
         )
-        self.comm_stats.record(self.last_stats)
-        x_RH = x_TH.index_select(0, send.token_idx_R)
-        return x_RH, send.meta_RM
+        if not compat.in_backward():  # activation recompute's second forward: counted once
+            self.comm_stats.record(self.last_stats)
+        return x_TH.index_select(0, send.token_idx_R), send.meta_RM
 
     def _raise_on_bad_sources(self, recv_host_PC: torch.Tensor) -> None:
         """One-line errors from the host copy of the received table (the same on every rank)."""
@@ -311,15 +325,20 @@ class DedupAlltoAllTokenDispatcher(DedupDispatcherBase):
                 f"the router must select at most moe_router_topk experts per token"
             )
 
-    def token_dispatch(self, x_RH, meta_RM):
-        """Step 3b: ship rows and metadata to their destination ranks (EP all-to-all).
+    def token_dispatch(self, x_TH, probs):
+        """Steps 2 and 3b: the host copy of the exchanged count table (the forward's one host
+        sync, here at the EP all-to-all as in Megatron's alltoall), the rows and metadata sized
+        from it, shipped to their destination ranks (EP all-to-all).
 
-        Returns ``x_QH`` and ``meta_QM``, grouped by source rank. Collective on the EP group;
-        no host sync (the splits are host ints from ``dispatch_preprocess``).
+        Args: what :meth:`dispatch_preprocess` returned. Returns ``x_QH`` and ``meta_QM``
+        (slot probs and slot local expert ids, :func:`meta_dtype` of probs), grouped by source
+        rank. Collective on the EP group; records ``comm_stats``; raises (on every EP rank
+        alike) if any rank's router logits were not finite or a routing map gives a token more
+        experts on one rank than ``moe_router_topk`` allows, before any row moves.
         """
-        x_QH = all_to_all_single(x_RH, self.output_splits, self.input_splits, self.ep_group)
-        meta_QM = all_to_all_single(meta_RM, self.output_splits, self.input_splits, self.ep_group)
-        return x_QH, meta_QM
+        x_RH, meta_RM = self._rows_from_counts(x_TH, probs)
+        # Rows and their metadata side by side in one all-to-all (one collective each way).
+        return all_to_all_pair(x_RH, meta_RM, self.output_splits, self.input_splits, self.ep_group)
 
     def dispatch_postprocess(self, x_QH, meta_QM):
         """Step 4: expand each received row to its local experts, grouped by local expert.

@@ -73,6 +73,11 @@ class C2RRouter(TopKRouter):
                                      expert_bias); its non-persistent load counts are
                                      ``local_tokens_per_group`` fp32 [G]
 
+    Statistics (``_last``, read by ``c2r_metrics`` and ``metrics.report``) are computed only while
+    ``stats_wanted`` (the metrics owner sets it from its ``recording`` flag), and the statistics
+    and co-activation counts only in a micro-batch's first forward, never in the one activation
+    recompute re-runs inside backward.
+
     Derived state (never saved): ``rule`` (built once from the config), the host mirror
     ``_active`` of ``constraint_active`` and the cached ``RoutingTables``; all reset by
     ``_invalidate_caches`` (after a load, a relabelling, new lists, activation).
@@ -131,6 +136,9 @@ class C2RRouter(TopKRouter):
         else:
             self.group_bias = self.local_tokens_per_group = None
 
+        # Whether this forward's statistics (``_last``) are used: the metrics owner sets it from
+        # its ``recording`` flag (the entry records only the iterations it logs).
+        self.stats_wanted = True
         self.defer_finite_check = False  # set True by C2RMoELayer (see the class docstring)
         self.logits_finite: Optional[torch.Tensor] = None  # 0-d bool, last forward (deferred)
         self._last: Dict[str, object] = {}  # statistics of the last forward (0-d tensors, floats)
@@ -263,6 +271,20 @@ class C2RRouter(TopKRouter):
         permute_module_state_(self, order_E, ROUTER_STATE, optimizer)
         self._invalidate_caches()
 
+    # Buffers that must stay fp32 under --bf16/--fp16: Float16Module casts every floating buffer
+    # to half precision, where a 1e-3 bias step vanishes once |bias| >= 0.5 and integer counts
+    # above 256 round (and would be all-reduced rounded).
+    _FP32_BUFFERS = ("expert_bias", "local_tokens_per_expert", "group_bias", "local_tokens_per_group")
+
+    def _maintain_float32_expert_bias(self):
+        """Megatron's hook (called at the start of every forward, before a state-dict load and
+        save): puts the expert bias, the group bias and their load counts back in fp32 after
+        ``Float16Module``'s cast, as Megatron does for its expert bias alone."""
+        for name in self._FP32_BUFFERS:
+            buffer = getattr(self, name, None)
+            if buffer is not None and buffer.dtype != torch.float32:
+                buffer.data = buffer.data.to(torch.float32)
+
     # ------------------------------------------------------------------------------------------
     # Forward
     # ------------------------------------------------------------------------------------------
@@ -291,7 +313,14 @@ class C2RRouter(TopKRouter):
                 "moe.lists.load_top_t_lists_) or set c2r.warmup_steps > 0 to derive them"
             )
         training = self.training and torch.is_grad_enabled()
-        counting = training and self.c2r_config.track_collaboration
+        # Statistics and co-activation counts once per micro-batch: in the first forward, never
+        # in the forward activation recompute re-runs inside backward (under --recompute-modules
+        # moe the first forward runs without grad, so `training` alone would count the
+        # recomputed one instead).
+        recomputed = compat.in_backward()
+        counting = (
+            self.training and self.c2r_config.track_collaboration and not recomputed
+        )
         constrained = self._active and self.rule.constrained
         if constrained:
             # Under the constraint the routing map only confirms the current groups: the tracker
@@ -303,12 +332,13 @@ class C2RRouter(TopKRouter):
         else:
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
             counted = routing_map  # plain top-k (warm-up, topk mode): its map is the preference
+        if counting and counted is not None:
+            self.tracker.record(counted, padding_T)
         if training:
-            if counting and counted is not None:
-                self.tracker.record(counted, padding_T)
             probs = attach_collaboration_penalty(self, probs, logits_TE, padding_T)
             probs = attach_group_balance_losses(self, probs, logits_TE, routing_map, padding_T)
-        self._record_stats(probs, routing_map, padding_T)
+        if self.stats_wanted and not recomputed:
+            self._record_stats(probs, routing_map, padding_T)
         return probs, routing_map
 
     def _check_finite_logits(self, logits_TE: torch.Tensor) -> None:

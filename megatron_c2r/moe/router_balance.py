@@ -8,9 +8,13 @@
 
 Every loss goes through Megatron's aux-loss path (``attach_and_log_load_balancing_loss``: the
 gradient rides ``MoEAuxLossAutoScaler`` on the probs, the value goes to Megatron's layer-wise
-tracker, which Megatron-LM's ``training_log`` sums over the reduce group given here (TP x CP)
-and averages over DP, as for its own aux loss), so they compose with Megatron's aux / seq /
-global aux losses and z-loss. The math is pure (``routing.penalty``, ``routing.balance``).
+tracker), so they compose with Megatron's aux / seq / global aux losses and z-loss. Megatron-LM's
+``training_log`` reports only the tracker names it lists itself (load_balancing_loss,
+seq_/global_load_balancing_loss, z_loss), so ``c2r_penalty``, ``device_balance_loss`` and
+``comm_balance_loss`` do not reach its log through the tracker: each value of the last forward
+is also kept in ``router._last`` and reaches TensorBoard/W&B/CSV as ``moe/c2r/penalty``,
+``moe/c2r/device_balance_loss`` and ``moe/c2r/comm_balance_loss`` through our metrics
+(``metrics/report.py``, reported by the entry's hooks; averaged over DP, summed over PP). The math is pure (``routing.penalty``, ``routing.balance``).
 No host syncs; collectives only where a docstring says so. Shape suffixes: the legend of
 ``megatron_c2r/routing/__init__.py``, plus V: a packed vector of counts (one collective).
 """
@@ -92,6 +96,7 @@ def attach_group_balance_losses(
         if coeff == 0:
             continue
         loss = group_balance_loss(mass_TG, counts_G, counts_V[-1], per_token)
+        router._last[name] = loss.detach()  # -> moe/c2r/<name> (metrics/report.py)
         probs_TE = router.attach_and_log_load_balancing_loss(
             probs_TE, coeff, coeff * loss, name, router.tp_cp_group, valid_token_count=local_tokens
         )

@@ -47,7 +47,7 @@ from megatron.core import utils
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from megatron_c2r import compat
-from megatron_c2r.comm import all_to_all_single, combine_rows, exchange_counts, precombine_rows
+from megatron_c2r.comm import all_to_all_pair, all_to_all_single, combine_rows, exchange_counts, precombine_rows
 from megatron_c2r.comm.topology import NodeTopology, discover_topology
 from megatron_c2r.comm.two_level import (
     TwoLevelCommStats,
@@ -80,8 +80,10 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
         finite_check_router: as in the flat dispatcher: a router with ``defer_finite_check``
             whose ``logits_finite`` flag travels in the count exchange (set by the layer).
 
-    Per forward: one count all-to-all, one blocking host sync (the count table), then two
-    all-to-alls per hop for dispatch (hidden rows, metadata) and one per hop for combine.
+    Per forward: one count all-to-all, one blocking host sync (the count table), then one
+    all-to-all per hop for dispatch (hidden rows and their metadata in one buffer) and one per
+    hop for combine: 5 EP-wide collectives forward, 4 backward (two hops each way plus the
+    count table is the floor; the flat dispatcher: 3 and 2).
     """
 
     stats_class = TwoLevelCommStats
@@ -116,29 +118,44 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
         Differentiable; collective on the EP group."""
         return all_to_all_single(x, output_splits, input_splits, self.ep_group)
 
+    def _hop_pair(self, x, meta, output_splits: Sequence[int], input_splits: Sequence[int]):
+        """One hop's rows and their metadata in ONE all-to-all over the EP group (bytes side by
+        side, ``all_to_all_pair``). Differentiable in both; collective on the EP group."""
+        return all_to_all_pair(x, meta, output_splits, input_splits, self.ep_group)
+
     # ---------------------------------------------------------------------------------------
     # Dispatch
     # ---------------------------------------------------------------------------------------
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
-        """Steps 0-1: the count exchange (the forward's one host sync) and the node rows.
+        """Step 0a: the count table and its exchange, on the device; no host sync.
 
         Args:
             hidden_states: ``[S, B, H]`` (or ``[T, H]``), any float dtype.
             routing_map: ``[T, E]`` bool. probs: ``[T, E]`` float (routed entries read).
 
         Returns:
-            ``x_BH`` and ``meta_BA``: own-node rows first, then hop-1 rows grouped by
-            destination rank. Side effects: one count all-to-all on the EP group, one host sync,
-            records ``comm_stats``.
+            ``x_TH`` and ``probs`` (unchanged); the routing map and both count tables wait on
+            ``self`` for :meth:`token_dispatch`, which makes the forward's one host copy at the
+            EP all-to-all, as Megatron's alltoall does (see the flat dispatcher). Side effect:
+            one count all-to-all on the EP group.
         """
         x_TH = self._flat_tokens(hidden_states, routing_map, probs)
-        T, topo, P = x_TH.shape[0], self.topology, self.ep_size
-        # 0. Count table (with the router's deferred finite-logits flag) -> exchange -> the one
-        #    device->host copy of the forward pass. Every rank sees every source's flag and
-        #    worst row, so bad input raises on all ranks together, before any row moves.
+        # 0. Count table (with the router's deferred finite-logits flag) -> exchange. Every rank
+        #    sees every source's flag and worst row, so bad input raises on all ranks together,
+        #    before any row moves.
         finite = getattr(self.finite_check_router, "logits_finite", None)
-        table = build_count_table(routing_map, topo, finite)
+        table = build_count_table(routing_map, self.topology, finite)
         recv_PC = exchange_counts(table.counts_PC, self.ep_group)
+        self._pending = (routing_map, table, recv_PC)
+        return x_TH, probs
+
+    def _node_rows(self, x_TH, probs):
+        """Steps 0b-1: the one device->host copy of the forward (both count tables), the hop
+        plan and its checks, then the node rows: own node first (they skip hop 1), then by
+        destination node. Records ``comm_stats``."""
+        routing_map, table, recv_PC = self._pending
+        self._pending = None
+        T, topo, P = x_TH.shape[0], self.topology, self.ep_size
         C = table.counts_PC.shape[1]
         host = torch.cat(
             [table.counts_PC.flatten(), recv_PC.flatten(), table.routed_tokens.view(1)]
@@ -148,7 +165,6 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
         plan = plan_hops(send_table, recv_table, topo)
         self._raise_on_bad_sources(plan)
         self.plan, self._recv_PC = plan, recv_PC
-        # 1. Node rows: own node first (they skip hop 1), then by destination node.
         node_rows = [row[0] for row in send_table[:: topo.ranks_per_node]]
         rows = build_node_rows(routing_map, probs, topo, self.num_slots[0], node_rows)
         self.token_idx_B = rows.token_idx_B
@@ -158,7 +174,8 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
             meta_bytes_per_column=rows.meta_BA.element_size(), num_slots=self.num_slots,
             prob_bytes=probs.element_size(),
         )  # fmt: skip
-        self.comm_stats.record(self.last_stats)
+        if not compat.in_backward():  # activation recompute's second forward: counted once
+            self.comm_stats.record(self.last_stats)
         return x_TH.index_select(0, rows.token_idx_B), rows.meta_BA
 
     def _raise_on_bad_sources(self, plan) -> None:
@@ -171,17 +188,20 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
                 f"most moe_router_topk experts per token"
             )
 
-    def token_dispatch(self, x_BH, meta_BA):
-        """Steps 2-4a: hop 1, the relay's rank rows, hop 2.
+    def token_dispatch(self, x_TH, probs):
+        """Steps 0b-4a: the host copy of the count tables (the forward's one host sync, at the
+        EP all-to-all as in Megatron's alltoall), the node rows, hop 1, the relay's rank rows,
+        hop 2.
 
-        Returns ``x_QH`` and ``meta_QW``, the rank rows this rank's experts receive, grouped by
-        relay. Collective on the EP group (four all-to-alls).
+        Args: what :meth:`dispatch_preprocess` returned. Returns ``x_QH`` and ``meta_QW``, the
+        rank rows this rank's experts receive, grouped by relay. Collective on the EP group;
+        raises on every rank alike for non-finite logits or too many experts per token.
         """
+        x_BH, meta_BA = self._node_rows(x_TH, probs)
         plan, topo, P = self.plan, self.topology, self.ep_size
         own, device = plan.own_rows, x_BH.device
         # 2. Hop 1: everything after the own-node rows goes to the rail peers.
-        x_Q1H = self._hop(x_BH[own:], plan.hop1_recv, plan.hop1_send)
-        meta_Q1A = self._hop(meta_BA[own:], plan.hop1_recv, plan.hop1_send)
+        x_Q1H, meta_Q1A = self._hop_pair(x_BH[own:], meta_BA[own:], plan.hop1_recv, plan.hop1_send)
         # 3. Relay. Source rank of every node row, from the device copy of the received table
         #    (repeat_interleave with a known output size does not sync).
         ranks_P = torch.arange(P, device=device)
@@ -203,8 +223,7 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
         self.node_row_idx_R, self.num_node_rows = rank_rows.node_row_idx_R, node_x_BH.shape[0]
         # 4a. Hop 2: rank rows inside the node.
         x_RH = node_x_BH.index_select(0, rank_rows.node_row_idx_R)
-        x_QH = self._hop(x_RH, plan.hop2_recv, plan.hop2_send)
-        meta_QW = self._hop(rank_rows.meta_RW, plan.hop2_recv, plan.hop2_send)
+        x_QH, meta_QW = self._hop_pair(x_RH, rank_rows.meta_RW, plan.hop2_recv, plan.hop2_send)
         return x_QH, meta_QW
 
     def dispatch_postprocess(self, x_QH, meta_QW):
@@ -227,7 +246,7 @@ class TwoLevelDedupTokenDispatcher(DedupDispatcherBase):
     # ---------------------------------------------------------------------------------------
     def token_combine(self, y_QH):
         """Steps 5b-6a: hop 2 back, the relay sums each node row's rank rows, hop 1 back.
-        Returns ``[B, H]`` in the order :meth:`dispatch_preprocess` produced."""
+        Returns ``[B, H]`` in the order :meth:`token_dispatch` built the node rows."""
         plan = self.plan
         y_RH = self._hop(y_QH, plan.hop2_send, plan.hop2_recv)
         node_y_BH = precombine_rows(y_RH, self.node_row_idx_R, self.num_node_rows)

@@ -75,7 +75,9 @@ def _bad_routing_map_on_rank0():
     x = torch.randn(T, 1, 16)
     dispatcher = layer.token_dispatcher
     dtype_error = _error_of(lambda: dispatcher.dispatch_preprocess(x, probs, probs))
-    count_error = _error_of(lambda: dispatcher.dispatch_preprocess(x, routing_map, probs))
+    count_error = _error_of(  # raised at the count table's host copy, before any row moves
+        lambda: dispatcher.token_dispatch(*dispatcher.dispatch_preprocess(x, routing_map, probs))
+    )
     return dtype_error, count_error
 
 

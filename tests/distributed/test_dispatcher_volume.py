@@ -27,8 +27,9 @@ def _dispatch_volume(ep, E, k, tokens, routing):
         chosen = chosen.indices + block * L
     routing_map = torch.zeros(tokens, E, dtype=torch.bool).scatter(1, chosen, True)
     x = torch.randn(tokens, 1, 16)
-    x_RH, meta_RM = dispatcher.dispatch_preprocess(x, routing_map, routing_map.float())
-    x_QH, _ = dispatcher.token_dispatch(x_RH, meta_RM)
+    x_QH, _ = dispatcher.token_dispatch(
+        *dispatcher.dispatch_preprocess(x, routing_map, routing_map.float())
+    )
     s = dispatcher.last_stats
     totals = torch.tensor(
         [s.rows_dispatched, s.routed_tokens, s.megatron_rows_dispatched, x_QH.shape[0],

@@ -265,8 +265,9 @@ def _uniform_volume(E, k, T, gpus_per_node):
     g = torch.Generator().manual_seed(rank)
     chosen = torch.rand(T, E, generator=g).topk(k, dim=1).indices
     routing_map = torch.zeros(T, E, dtype=torch.bool).scatter(1, chosen, True)
-    x_BH, meta_BA = d.dispatch_preprocess(torch.randn(T, 1, 8), routing_map, routing_map.float())
-    x_QH, _ = d.token_dispatch(x_BH, meta_BA)
+    x_QH, _ = d.token_dispatch(
+        *d.dispatch_preprocess(torch.randn(T, 1, 8), routing_map, routing_map.float())
+    )
     s = d.last_stats
     totals = torch.tensor(
         [s.inter_node_rows_sent, s.inter_node_rows_received, s.routed_tokens,
@@ -413,3 +414,71 @@ def test_topology_from_the_real_all_gather_and_the_hierarchy_choice(dist_pool):
             two_level_one_node="TwoLevelDedupTokenDispatcher",
         )
         assert "c2r.hierarchy='deepep'" in bad and "auto, flat, two_level" in bad
+
+
+# ----------------------------------------------------------------------------------------------
+# EP-wide collectives per forward and backward (issue 22 item 5)
+# ----------------------------------------------------------------------------------------------
+def _collectives_per_pass():
+    """(forward, backward) EP-wide collectives of one layer pass, flat and two-level (2x2)."""
+    from unittest import mock
+
+    counts = {}
+    for name in ("flat", "two_level"):
+        layer = build_layer("dedup", 4, moe_router_topk=4)
+        if name == "two_level":
+            two_level(layer, gpus_per_node=2)
+        x, grad = inputs([6, 3, 5, 7], seed=3)
+        calls = []
+        real = dist.all_to_all_single
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        with megatron_cpu(), mock.patch.object(dist, "all_to_all_single", counted):
+            x = x.detach().requires_grad_()
+            out, _ = layer(x)
+            forward = len(calls)
+            (out * grad).sum().backward()
+        counts[name] = (forward, len(calls) - forward)
+    return counts
+
+
+@pytest.mark.world_size(4)
+def test_the_two_level_dispatcher_folds_metadata_into_its_hops(dist_pool):
+    """Before: two-level 7 forward / 6 backward, flat 4 / 3 (metadata in its own all-to-all).
+    Rows and metadata share one buffer: flat 3 / 2; two-level 5 / 4, the floor for a count
+    table plus two hops each way, and no more than the flat dispatcher used to issue backward."""
+    for counts in dist_pool(4).run(_collectives_per_pass):
+        assert counts == {"flat": (3, 2), "two_level": (5, 4)}, counts
+
+
+def _pair_against_single():
+    from megatron_c2r.comm import all_to_all_pair, all_to_all_single
+
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(rank)
+    send = [[1, 3], [0, 2]][rank]  # rank 1 sends nothing to rank 0
+    recv = [[1, 0], [3, 2]][rank]
+    results = []
+    for a_dtype in (torch.bfloat16, torch.float32):
+        a = torch.randn(sum(send), 5, generator=g).to(a_dtype).requires_grad_()
+        b = torch.randn(sum(send), 3, generator=g, dtype=torch.float64).requires_grad_()
+        a_q, b_q = all_to_all_pair(a, b, recv, send)
+        ga_q = torch.randn(a_q.shape, generator=g).to(a_dtype)
+        gb_q = torch.randn(b_q.shape, generator=g, dtype=torch.float64)
+        ((a_q.float() * ga_q.float()).sum() + (b_q * gb_q).sum()).backward()
+        a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        a2_q, b2_q = all_to_all_single(a2, recv, send), all_to_all_single(b2, recv, send)
+        ((a2_q.float() * ga_q.float()).sum() + (b2_q * gb_q).sum()).backward()
+        results.append(
+            torch.equal(a_q, a2_q) and torch.equal(b_q, b2_q) and a_q.dtype == a_dtype
+            and torch.equal(a.grad, a2.grad) and torch.equal(b.grad, b2.grad)
+        )  # fmt: skip
+    return results
+
+
+@pytest.mark.world_size(2)
+def test_all_to_all_pair_equals_two_all_to_alls_forward_and_backward(dist_pool):
+    assert dist_pool(2).run(_pair_against_single) == [[True, True], [True, True]]

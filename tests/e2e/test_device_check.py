@@ -116,3 +116,22 @@ def test_entry_argv_is_what_our_preflight_and_flag_parser_accept(use_te):
     result = device_entry.entry_arguments(use_te)
     assert all(result["checks"].values()), result["checks"]
     assert ("--transformer-impl" in result["argv"]) is not use_te
+
+
+def test_staging_refuses_a_missing_source_or_another_version_before_downloading(tmp_path):
+    """tests/gpu/stage_device_check.sh: one line and status 2, before pip runs (its download
+    needs the registry; CI checks the refusals, docs/device_check.md the staged run)."""
+    script = os.path.join(ROOT, "tests", "gpu", "stage_device_check.sh")
+    env = dict(os.environ, STAGE=str(tmp_path / "stage"), PYTHON="false")  # pip would fail
+    missing = subprocess.run(["bash", script, str(tmp_path / "nowhere")], env=env,
+                             capture_output=True, text=True)  # fmt: skip
+    assert missing.returncode == 2 and "must be a Megatron-LM checkout" in missing.stderr
+    tree = tmp_path / "mlm"
+    (tree / "megatron" / "core").mkdir(parents=True)
+    (tree / "pretrain_gpt.py").write_text("")
+    (tree / "megatron" / "core" / "package_info.py").write_text("MAJOR = 0\nMINOR = 15\nPATCH = 3\n")
+    other = subprocess.run(["bash", script, str(tree)], env=dict(env, MCORE_VERSION="0.16.1"),
+                           capture_output=True, text=True)  # fmt: skip
+    assert other.returncode == 2, other.stderr
+    assert "is megatron-core 0.15.3, not MCORE_VERSION=0.16.1" in other.stderr
+    assert other.stderr.count("\n") == 1

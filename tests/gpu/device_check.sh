@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The prepared device check: one call, at most 8 minutes on one GPU, no internet needed.
+# The prepared device check: one call, under 6 minutes on one GPU, no internet needed.
+# On a fresh GPU machine: stage first, where pip works (tests/gpu/stage_device_check.sh).
 # What it checks and how to read the report: docs/device_check.md.
 #
 #   bash tests/gpu/device_check.sh [--out DIR] [device_check.py flags ...]
@@ -11,14 +12,22 @@
 #                             check, and provides megatron.core when none is installed
 #   C2R_WHEEL_DIR=.whl        wheels (megatron-core and what it needs) installed offline into a
 #                             temporary directory when megatron.core does not import
-#   DEVICE_CHECK_TIMEOUT=480  seconds before the whole check is stopped
+#                             (default .gpu_stage/wheels when staged, with MEGATRON_LM_PATH
+#                             .gpu_stage/Megatron-LM unless set, even to empty)
+#   DEVICE_CHECK_TIMEOUT=340  seconds before the whole check is stopped
 # Without CUDA it runs the CPU parts and lists what it skipped (CI does this).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PY="${PYTHON:-python3}"
+# What tests/gpu/stage_device_check.sh staged (.gpu_stage/), unless told otherwise.
+STAGED="$ROOT/.gpu_stage"
+if [[ -z "${C2R_WHEEL_DIR:-}" && -d "$STAGED/wheels" ]]; then C2R_WHEEL_DIR="$STAGED/wheels"; fi
+if [[ -z "${MEGATRON_LM_PATH+set}" && -f "$STAGED/Megatron-LM/pretrain_gpt.py" ]]; then
+  export MEGATRON_LM_PATH="$STAGED/Megatron-LM"
+fi
 WHEELS="${C2R_WHEEL_DIR:-$ROOT/.whl}"
-TIMEOUT="${DEVICE_CHECK_TIMEOUT:-480}"
+TIMEOUT="${DEVICE_CHECK_TIMEOUT:-340}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
@@ -55,5 +64,17 @@ status=$?
 set -e
 if [[ $status -eq 124 ]]; then
   echo "device_check: error: stopped after DEVICE_CHECK_TIMEOUT=${TIMEOUT}s (lower --experts/--reps)" >&2
+fi
+
+# 3. The CUDA tests that need no NCCL (row paths at P = 4 and 8 with empty ranks and T = 0,
+#    BigMac's TE experts), when CUDA and pytest are there; the sync audit already ran above.
+if [[ " $* " != *" --cpu "* ]] && "$PY" -c "import torch, pytest, sys; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1; then
+  set +e
+  (cd "$ROOT" && timeout --kill-after=10 "${DEVICE_TESTS_TIMEOUT:-90}" "$PY" -m pytest -q -p no:cacheprovider \
+    tests/gpu/test_cuda_paths.py tests/gpu/test_bigmac_gpu.py -k "not sync_budget")
+  tests_status=$?
+  set -e
+  echo "device_check: CUDA tests exit status $tests_status"
+  if [[ $status -eq 0 && $tests_status -ne 0 ]]; then status=1; fi
 fi
 exit "$status"

@@ -69,6 +69,7 @@ def entry_arguments(use_te: bool) -> dict:
     checks = {
         "argv_accepted": preflight.refusal_in_argv(argv) is None,
         "fresh_run_needs_no_strictness": preflight.resume_from_stock(argv) is None,
+        "model_builds": preflight.model_build_problem(argv) is None,  # what the entry checks first
         "c2r_flags_parse": options.router.mode == "c2r" and options.router.warmup_steps == WARMUP,
         "modelopt_refused": bool(preflight.refusal_in_argv([*argv, "--modelopt-enabled"])),
         "spec_refused": bool(preflight.refusal_in_argv([*argv, "--spec", "megatron_c2r.specs", "x"])),

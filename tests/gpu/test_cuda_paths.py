@@ -48,3 +48,14 @@ def test_flat_dedup_layer_stays_within_the_sync_budget_on_cuda(tmp_path):
     )  # fmt: skip
     audit = json.loads((tmp_path / "device_check.json").read_text())["checks"]["sync_audit"]
     assert audit["status"] == "pass", (audit.get("layers"), result.stdout[-2000:])
+
+
+@pytest.mark.parametrize("case", ["random", "own_node", "last_node"])
+@pytest.mark.parametrize("P,G,E,k", [(4, 2, 8, 2), (8, 4, 16, 4), (8, 2, 16, 3)],
+                         ids=["P4-2x2", "P8-2x4", "P8-4x2"])  # fmt: skip
+def test_two_level_and_flat_row_paths_on_cuda_with_empty_ranks_and_no_tokens(P, G, E, k, case):
+    """The row functions and the two-level path at P = 4 and 8 on CUDA with the reference
+    all-to-all, a rank with T = 0 and nodes that receive nothing (CPU twin in tests/unit)."""
+    from tests.unit.test_two_level_rows import check_simulated_paths
+
+    check_simulated_paths(P, G, E, k, case, "cuda")

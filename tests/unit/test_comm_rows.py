@@ -167,3 +167,26 @@ def test_the_simulated_dedup_path_equals_the_dense_moe_and_passes_gradients(P, k
     dense_grads = torch.autograd.grad(sum(d.sum() for d in dense), xs + probs)
     for g, dg in zip(grads, dense_grads):
         torch.testing.assert_close(g, dg)
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("T", [0, 6], ids=["no_tokens", "nothing_routed"])
+def test_zero_host_sized_rows_skip_nonzero_static_which_crashes_on_empty_cuda_inputs(T):
+    """pytorch#162473: nonzero_static on an empty CUDA input crashes before torch 2.10; a rank
+    that receives nothing (or T = 0) must not call it."""
+    routing_map_TE = torch.zeros(T, 8, dtype=torch.bool)
+    with _OpLog() as log:
+        send = build_send_rows(routing_map_TE, torch.zeros(T, 8), ep_size=4, num_slots=2, num_rows=0)
+        expanded = expand_rows(send.meta_RM, num_local_experts=2, num_expert_rows=0)
+    assert "nonzero_static" not in log.ops and "nonzero" not in log.ops
+    assert send.token_idx_R.shape == (0,) and send.meta_RM.shape[0] == 0
+    assert expanded.row_idx_N.shape == (0,) and expanded.expert_N.shape == (0,)

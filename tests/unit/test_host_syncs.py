@@ -214,3 +214,85 @@ def test_nonfinite_router_logits_raise_the_routers_error_from_the_count_exchange
     message = str(err.value)
     assert "layer 1" in message and "NaN/Inf" in message and "c2r.check_finite_logits" in message
     assert "EP rank(s) [0]" in message and "\n" not in message
+
+
+STAGES = ("dispatch_preprocess", "token_dispatch", "dispatch_postprocess", "combine_preprocess",
+          "token_combine", "combine_postprocess")  # fmt: skip
+
+
+def test_the_one_sync_sits_in_token_dispatch_where_megatrons_alltoall_waits_not_in_preprocess():
+    """--overlap-moe-expert-parallel-comm runs dispatch_preprocess inside the attention node,
+    before the other micro-batch's MLP backward is queued: a wait there is a GPU bubble per
+    layer. Megatron's alltoall waits at the EP all-to-all (token_dispatch, the dispatch node)."""
+    layer = c2r_layer()
+    dispatcher, audit = layer.token_dispatcher, SyncAudit()
+
+    def in_phase(name):
+        stage = getattr(dispatcher, name)
+
+        def run(*args, **kwargs):
+            previous, audit.phase = audit.phase, name
+            try:
+                return stage(*args, **kwargs)
+            finally:
+                audit.phase = previous
+
+        return run
+
+    with contextlib.ExitStack() as stack:
+        for name in STAGES:
+            stack.enter_context(mock.patch.object(dispatcher, name, in_phase(name)))
+        audit_forward_backward(layer, audit)
+    assert [e for e in audit.events if e[0] in STAGES] == [("token_dispatch", "Tensor.cpu")], audit.summary()
+    assert audit.count("dispatch_preprocess") == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics only where they are used (issue 22 item 6)
+# ----------------------------------------------------------------------------------------------
+def _counting_calls(obj, name):
+    calls, original = [], getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    return calls, mock.patch.object(obj, name, counted)
+
+
+def test_router_statistics_run_only_on_iterations_the_metrics_record():
+    layer = c2r_layer()
+    metrics = C2RMetrics(num_layers=1).attach(layer)
+    calls, patch = _counting_calls(layer.router, "_record_stats")
+    x = torch.randn(8, 2, H)
+    with patch:
+        metrics.recording = False  # what the entry's hooks do between logged iterations
+        layer(x)
+        assert calls == [] and layer.router.stats_wanted is False
+        metrics.recording = True
+        layer(x)
+        assert calls == [1]
+    metrics.detach()
+    assert layer.router.stats_wanted is True
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recomputed"])
+def test_activation_recompute_records_statistics_counts_and_comm_stats_once(recompute):
+    """Under --recompute-modules moe the layer's forward runs twice: first without grad, then
+    again inside backward (torch's reentrant checkpoint has Megatron's checkpoint semantics)."""
+    layer = c2r_layer(mode="topk")  # warm-up-free tracker counting on every iteration
+    metrics = C2RMetrics(num_layers=1).attach(layer)
+    calls, patch = _counting_calls(layer.router, "_record_stats")
+    x = torch.randn(8, 2, H, requires_grad=True)
+    with patch:
+        if recompute:
+            out = torch.utils.checkpoint.checkpoint(lambda t: layer(t)[0], x, use_reentrant=True)
+        else:
+            out = layer(x)[0]
+        out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert calls == [1]
+    assert int(layer.router.tracker.pending_tokens) == 16  # counted once, not 0 or 32
+    assert layer.token_dispatcher.comm_stats.calls == 1
+    metrics.record(layer)
+    assert all(c == {0: 1} for c in metrics._counts.values()), metrics._counts

@@ -12,6 +12,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 
 from megatron_c2r.collaboration import coactivation_counts
+from megatron_c2r.metrics.report import METRIC_NAMES
 from megatron_c2r.moe.router import C2RRouter, step_routers
 from megatron_c2r.routing.balance import updated_group_bias
 from megatron_c2r.routing.config import C2RRouterConfig
@@ -79,6 +80,9 @@ def test_device_and_comm_losses_are_deepseeks_formulas_logged_and_differentiated
         want = _deepseek_losses(router.gating(x).view(-1, E), routing_map, unit_E, m, padding_T)[pick]
         tracker = get_moe_layer_wise_logging_tracker()
         torch.testing.assert_close(tracker[name]["values"][0], want.detach(), rtol=1e-5, atol=1e-7)
+        # training_log drops tracker names it does not list: the value reaches moe/c2r/<name>
+        torch.testing.assert_close(router._last[name], want.detach(), rtol=1e-5, atol=1e-7)
+        assert name in METRIC_NAMES
         other = "comm_balance_loss" if pick == 0 else "device_balance_loss"
         assert other not in tracker or tracker[other]["values"].abs().sum() == 0
         # Brute-force autograd of coeff x the formula, the routing map held fixed.
@@ -239,3 +243,28 @@ def test_router_forward_makes_no_host_sync_with_every_new_option_on():
     assert audit.events == [], audit.summary()
     assert router.tracker.pending.sum() > 0 and router.local_tokens_per_group.sum() == 13 * 2 * K
     clear_aux_losses_tracker()
+
+
+def test_group_bias_and_its_counts_stay_fp32_inside_megatrons_float16module():
+    """--bf16 wraps the model in Float16Module, which casts floating buffers to bf16: a 1e-3 step
+    is below bf16's spacing once |bias| >= 0.5 and integer counts above 256 round."""
+    from megatron.core.transformer.module import Float16Module
+
+    router = _router(dict(mode="group", num_groups=4, group_bias_rate=1e-3),
+                     bf16=True, moe_router_dtype="fp32")  # fmt: skip
+    wrapped = Float16Module(router.config, router)
+    router = wrapped.module
+    assert router.weight.dtype == torch.bfloat16  # the cast happened
+    with torch.no_grad():
+        router.group_bias.copy_(torch.tensor([0.0, 100.0, 0.0, 0.0]))
+    x = torch.randn(257, 1, H, generator=torch.Generator().manual_seed(3)).bfloat16()
+    router(x)  # every token to group 1: 257 tokens x K = 1028 loads (not a bf16 number)
+    assert router.group_bias.dtype == router.local_tokens_per_group.dtype == torch.float32
+    assert router.local_tokens_per_group.tolist() == [0.0, 257.0 * K, 0.0, 0.0]
+    with torch.no_grad():
+        router.group_bias.copy_(torch.tensor([0.5, 100.0, -0.75, 0.5]))
+    step_routers(router, 0)
+    torch.testing.assert_close(router.group_bias, torch.tensor([0.501, 99.999, -0.749, 0.501]),
+                               rtol=0, atol=1e-6)  # fmt: skip
+    state = router.state_dict()
+    assert state["group_bias"].dtype == torch.float32

@@ -128,21 +128,34 @@ def test_node_rank_and_expert_rows_equal_their_loop_oracles(P, G, E, k):
     assert list(zip(row_idx_N.tolist(), probs_N.tolist())) == want_pairs
 
 
-@pytest.mark.parametrize("case", ["random", "own_node", "last_node"])
+CASES = ["random", "own_node", "last_node"]
+
+
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("P,G,E,k", LAYOUTS, ids=LAYOUT_IDS)
 def test_simulated_two_level_path_equals_dense_and_flat_in_values_and_gradients(P, G, E, k, case):
+    check_simulated_paths(P, G, E, k, case, "cpu")
+
+
+def check_simulated_paths(P, G, E, k, case, device):
+    """Two-level and flat row paths (host-sized: ``nonzero_static``, the dispatchers' way) with
+    the single-process reference all-to-all, against the dense MoE, values and gradients, on
+    ``device``. Rank 2 has T = 0; in ``last_node`` every other node receives nothing. The CUDA
+    run is in ``tests/gpu/test_cuda_paths.py`` (it caught empty CUDA ``nonzero_static``)."""
     H = 6
     tokens = [5, 7, 0, 4, 6, 3, 8, 2][:P]
     topos, maps, probs = ranks_setup(P, G, E, k, tokens, case)
+    maps = [m.to(device) for m in maps]
     g = torch.Generator().manual_seed(3)
-    xs = [torch.randn(T, H, generator=g, dtype=torch.float64, requires_grad=True) for T in tokens]
-    ps = [p.clone().requires_grad_() for p in probs]
-    weights = [torch.randn(H, H, generator=g, dtype=torch.float64) for _ in range(E)]
+    xs = [torch.randn(T, H, generator=g, dtype=torch.float64).to(device).requires_grad_()
+          for T in tokens]  # fmt: skip
+    ps = [p.to(device).requires_grad_() for p in probs]
+    weights = [torch.randn(H, H, generator=g, dtype=torch.float64).to(device) for _ in range(E)]
     experts = [lambda h, w=w: torch.tanh(h @ w) for w in weights]
     got = simulate_two_level_moe(xs, maps, ps, experts, G, k)
     flat = simulate_dedup_moe(xs, maps, ps, experts, min(k, E // P))
     dense = [dense_moe_reference(x, m, p, experts) for x, m, p in zip(xs, maps, ps)]
-    grad_outs = [torch.randn(T, H, generator=g, dtype=torch.float64) for T in tokens]
+    grad_outs = [torch.randn(T, H, generator=g, dtype=torch.float64).to(device) for T in tokens]
     grads = []
     for outs in (got, flat, dense):
         loss = sum((o * w).sum() for o, w in zip(outs, grad_outs))

@@ -1,0 +1,100 @@
+"""The model-build checks that need no GPU, run on a command line before any node is allocated.
+
+``render``/``pretrain`` (on a config) and the entry (on its argv) call :func:`model_build_problem`,
+which does what Megatron-LM would do up to building our MoE layers, minus the GPU:
+
+    1. Megatron's argument defaults: its own parser where the installed Megatron has one
+       (``megatron.training`` is in the wheel from 0.17; a Megatron-LM checkout on the path
+       gives it for 0.16), else the flags as given; then the defaulting of ``validate_args``
+       that decides what the MoE layer is built with (``compat.apply_megatron_arg_defaults``:
+       expert TP = TP when unset, the parameter dtype from --bf16/--fp16);
+    2. Megatron's ``TransformerConfig`` from those args (its ``__post_init__`` checks);
+    3. our ``--c2r-*`` options (``C2RRouterConfig.resolve`` against the experts, top-k and EP);
+    4. with C2R on and ``c2r.dispatcher: dedup``: ``validate_dedup_config`` on that config
+       (expert TP 1, no pad-to-capacity, no shared-expert overlap, no MoE CUDA graphs),
+       exactly what ``C2RMoELayer`` raises at build on every rank.
+
+Imports torch and megatron.core (lazily: importing this module is light).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional, Sequence
+
+
+def _scalar(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _flags_as_given(argv: Sequence[str]) -> argparse.Namespace:
+    """``--a-b v`` -> ``a_b=v`` (bare -> True, several values -> list); no Megatron defaults."""
+    args, name = {}, None
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].replace("-", "_")
+            args[name] = True
+        elif name is not None:
+            value = _scalar(token)
+            current = args[name]
+            args[name] = value if current is True else (
+                current + [value] if isinstance(current, list) else [current, value]
+            )  # fmt: skip
+    return argparse.Namespace(**args)
+
+
+def megatron_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Megatron's parsed and defaulted args for ``argv`` (Megatron and ``--c2r-*`` flags)."""
+    from megatron_c2r import compat
+    from megatron_c2r.megatron_lm.arguments import add_c2r_args
+
+    ours, rest = add_c2r_args(argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+                              ).parse_known_args(list(argv))  # fmt: skip
+    parser = compat.megatron_argument_parser()
+    if parser is not None:
+        args, _ = parser.parse_known_args(rest)
+    else:
+        args = _flags_as_given(rest)
+    vars(args).update(vars(ours))
+    compat.apply_megatron_arg_defaults(args)
+    return args
+
+
+def model_build_problem(argv: Sequence[str]) -> Optional[str]:
+    """The one-line reason our model would not build from ``argv``, or None (see module doc)."""
+    from megatron_c2r import compat
+    from megatron_c2r.megatron_lm.arguments import c2r_options_from_args
+
+    try:
+        args = megatron_args(argv)
+    except SystemExit:  # Megatron's parser already printed its own message
+        return "Megatron-LM's argument parser refused the command line (message above)"
+    try:
+        config = compat.transformer_config_from_args(args)
+    except (AssertionError, ValueError, TypeError) as exc:
+        return f"Megatron's TransformerConfig refuses these flags: {_one_line(exc)}"
+    if not getattr(config, "num_moe_experts", None):
+        return None
+    try:
+        options = c2r_options_from_args(args)
+        if not options.enabled:
+            return None
+        ep = int(args.expert_model_parallel_size or 1)
+        options.router.resolve(num_experts=config.num_moe_experts, topk=config.moe_router_topk,
+                               ep_size=ep)  # fmt: skip
+        if options.dispatcher == "dedup":
+            from megatron_c2r.moe.dispatcher import validate_dedup_config
+
+            validate_dedup_config(config, ep, int(args.expert_tensor_parallel_size))
+    except ValueError as exc:
+        return _one_line(exc)
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
