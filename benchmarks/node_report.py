@@ -2,7 +2,7 @@
 ``benchmarks/node_volume.py``, whose docstring defines every column).
 
 Writes ``<out>/comm_volume_nodes.md``, ``<out>/comm_volume_nodes.json`` and
-``<out>/internode_volume.png``; ``--docs DIR`` also writes the tables into the ``nodes`` section of
+``<out>/internode_volume.png``; ``--docs DIR`` also writes a short form (``doc_section``) into the ``nodes`` section of
 ``DIR/comm_volume.md`` and the plot to ``DIR/internode_volume.png``; ``--json PATH`` copies the
 JSON. Exit 1 when a check fails (dispatcher output != input, counters != the analytic counter or
 ``count_two_level_rows``, uniform routing off the formula by > 2%, two-level above DeepEP-style
@@ -20,6 +20,8 @@ import time
 from benchmarks.node_volume import METHOD_LABELS, METHODS, PLACEMENT_LABELS, goal_lines, measure
 from benchmarks.node_volume import uniform_checks
 from benchmarks.volume_lib import SHAPES, write_doc_section, write_json
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PLACEMENT_ORDER = ("megatron", "planned", "hierarchical", "balanced")
 
@@ -189,6 +191,21 @@ def render(payload: dict) -> tuple[str, int]:
     return "\n".join(md) + "\n", int(bool(failures))
 
 
+def doc_section(full: str, out_dir: str) -> str:
+    """The short form of ``render``'s markdown that goes into docs/comm_volume.md: the command
+    and settings, the uniform-routing and counter checks, and where the full tables are (every
+    routing x placement, balance and per-topology goals: ``<out>/comm_volume_nodes.md``, rebuilt
+    by the same command or by ``--render-json`` from its JSON)."""
+    head = full.split("\n\n")[0]
+    checks = full[full.index("Uniform-routing checks"):]
+    where = (f"Full output (every routing x placement with its intra-node rows, the balance table, "
+             f"the goals per topology): `{out_dir}/comm_volume_nodes.md`, written by the command "
+             f"above, or rebuilt from its JSON with `python benchmarks/comm_volume.py --nodes 2 "
+             f"--gpus-per-node 2 --render-json {out_dir}/comm_volume_nodes.json`. The key rows are "
+             "in the table at the top of this page.")
+    return "\n\n".join([head, where, checks.rstrip()]) + "\n"
+
+
 def main_nodes(args, argv=None) -> int:
     """The node mode of ``comm_volume.py`` (``--nodes``/``--gpus-per-node`` given). With
     ``--render-json PATH`` the tables and plot are rebuilt from a saved JSON (its own command
@@ -226,7 +243,8 @@ def main_nodes(args, argv=None) -> int:
     if args.docs:
         os.makedirs(args.docs, exist_ok=True)
         shutil.copy(png, os.path.join(args.docs, "internode_volume.png"))
-        write_doc_section(os.path.join(args.docs, "comm_volume.md"), "nodes", text)
+        write_doc_section(os.path.join(args.docs, "comm_volume.md"), "nodes",
+                          doc_section(text, os.path.relpath(args.out, ROOT)))
     print(f"wrote {args.out}/comm_volume_nodes.md, internode_volume.png in "
           f"{time.perf_counter() - t0:.0f} s")
     return status

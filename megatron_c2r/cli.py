@@ -48,8 +48,8 @@ PROG = "megatron-c2r"
 DEFAULT_TRAIN_CONFIG = "configs/tiny_cpu.yaml"
 # Where --help sends readers (docs/ pages and README sections).
 CONFIG_DOC = "docs/config.md"
-TRAIN_DOC = "README: 'The main job on any machine'"
-PLACEMENT_DOC = "README: 'Collaboration-aware placement'"
+TRAIN_DOC = "docs/cpu_job.md; README: the first command"
+PLACEMENT_DOC = "docs/guide.md: 'Collaboration-aware placement'"
 COST_DOC = "docs/cost_model.md"
 
 

@@ -71,7 +71,7 @@ def add_c2r_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for key, (flag, kind) in C2R_FLAGS.items():
         dest = f"c2r_{key}"
         default = getattr(defaults, key) if key in ROUTER_FIELDS else getattr(C2ROptions(), key)
-        help_text = _HELP.get(key, "a C2RRouterConfig field (README: Collaboration-constrained routing)")
+        help_text = _HELP.get(key, "a C2RRouterConfig field (docs/guide.md: Collaboration-constrained routing)")
         if kind in ("bool_on", "bool_off"):
             action = "store_true" if kind == "bool_on" else "store_false"
             group.add_argument(flag, dest=dest, action=action, help=help_text)
