@@ -54,20 +54,21 @@ def test_every_rule_has_a_config_here():
     assert set(RULE_CONFIGS) == set(RULES)
 
 
-def routed(rule_key, score, capacity, seed=0):
-    """(probs_TE, routing_map_TE) of a real C2RRouter forward (training mode, constraint on)."""
+def routed(rule_key, score, capacity, seed=0, device="cpu"):
+    """(probs_TE, routing_map_TE) of a real C2RRouter forward (training mode, constraint on),
+    on ``device`` (tests/gpu runs the same on CUDA)."""
     torch.manual_seed(seed)
     config = moe_config(num_moe_experts=E, moe_router_topk=K, hidden_size=H,
                         **SCORES[score], **CAPACITY[capacity])  # fmt: skip
     cfg = C2RRouterConfig(warmup_steps=0, **RULE_CONFIGS[rule_key])
-    router = C2RRouter(config, c2r_config=cfg)
+    router = C2RRouter(config, c2r_config=cfg).to(device)
     router.set_layer_number(1)
     if router.rule.needs_lists:
         router.set_top_t_lists(random_lists(E, 5, torch.Generator().manual_seed(seed)))
     if router.enable_expert_bias:  # a bias that changes the selection, as after training
         router.expert_bias.copy_(torch.randn(E) * 0.5)
     assert router._active == router.rule.constrained
-    probs, routing_map = router(torch.randn(64, 2, H))
+    probs, routing_map = router(torch.randn(64, 2, H).to(device))
     return probs.detach(), routing_map
 
 
@@ -83,7 +84,7 @@ def folded(routing_map, probs, tp):
 def rebuilt_map(indices_TK, width):
     """The routing map a backend's (indices, -1 = not sent) stands for."""
     sent = indices_TK >= 0
-    out = torch.zeros(indices_TK.shape[0], width + 1, dtype=torch.bool)
+    out = torch.zeros(indices_TK.shape[0], width + 1, dtype=torch.bool, device=indices_TK.device)
     out.scatter_(1, torch.where(sent, indices_TK, width), True)
     return out[:, :width]
 
@@ -91,8 +92,12 @@ def rebuilt_map(indices_TK, width):
 @pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("rule_key", RULE_CONFIGS, ids=lambda k: "/".join(filter(None, k)))
 def test_probs_are_positive_exactly_on_the_routing_map_so_flex_topk_recovers_it(rule_key, score):
+    check_flex_invariant(rule_key, score, "cpu")
+
+
+def check_flex_invariant(rule_key, score, device):
     for capacity in CAPACITY:
-        probs, routing_map = routed(rule_key, score, capacity)
+        probs, routing_map = routed(rule_key, score, capacity, device=device)
         per_token = routing_map.sum(dim=1)
         # 1. The invariant itself: probs > 0 exactly on the map; k experts per token, fewer only
         #    where capacity dropped a (token, expert) slot (dropping zeroes probs and map together).
