@@ -81,6 +81,21 @@ def folded(routing_map, probs, tp):
     return map_TRL.reshape(len(map_TRL), -1), probs_TRL.reshape(len(probs_TRL), -1)
 
 
+def hybridep_metadata(map_TX, probs_TX, capacity_factor):
+    """(routing_map, probs) as Megatron's ``_HybridEPManager.setup_metadata`` keeps them for its
+    kernel (dropless, no pad-to-capacity; constructor bypassed: it needs DeepEP's hybrid-ep)."""
+    from megatron.core.transformer.moe.token_dispatcher import _HybridEPManager
+
+    manager = object.__new__(_HybridEPManager)
+    manager.config = moe_config(num_moe_experts=E, moe_router_topk=K, hidden_size=H,
+                                moe_expert_capacity_factor=capacity_factor)  # fmt: skip
+    manager.num_experts, manager.num_local_experts = map_TX.shape[1], E // EP
+    manager.capacity_factor, manager.drop_and_pad = capacity_factor, False
+    manager.moe_expert_rank_capacity_factor = None  # 0.19: no per-rank budget
+    manager.setup_metadata(map_TX, probs_TX)
+    return manager.routing_map, manager.token_probs
+
+
 def rebuilt_map(indices_TK, width):
     """The routing map a backend's (indices, -1 = not sent) stands for."""
     sent = indices_TK >= 0
@@ -112,7 +127,9 @@ def check_flex_invariant(rule_key, score, device):
             for backend in compat.flex_backends():
                 out = compat.flex_token_indices(backend, map_TX, probs_TX, topk=tp * K,
                                                 capacity_factor=cf)  # fmt: skip
-                if out is None:  # hybridep: ships the folded map and probs as they are
+                if out is None:  # hybridep: its own setup_metadata keeps the map and probs
+                    kept_map, kept_probs = hybridep_metadata(map_TX, probs_TX, cf)
+                    assert torch.equal(kept_map, map_TX) and torch.equal(kept_probs, probs_TX)
                     continue
                 indices_TK, probs_TK = out
                 recovered = rebuilt_map(indices_TK, map_TX.shape[1])
@@ -171,3 +188,14 @@ def test_the_router_refuses_at_build_what_flex_would_refuse_or_mis_route_before_
     assert "\n" not in str(info.value)
     C2RRouter(moe_config(num_moe_experts=E, moe_router_topk=K, hidden_size=H),
               c2r_config=C2RRouterConfig(mode="group", num_groups=4))  # alltoall: no flex check
+
+
+def test_render_refuses_a_flex_backend_problem_of_a_shipped_flex_config_in_one_line(monkeypatch, capsys):
+    from megatron_c2r.cli import main as cli_main
+    from tests.unit.test_config_render import ROOT
+
+    monkeypatch.chdir(ROOT)
+    code = cli_main(["render", "configs/deepseek_v3_like_flex_c2r.yaml", "--set",
+                     "megatron.moe-flex-dispatcher-backend=ncclep"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "model build: moe_flex_dispatcher_backend='ncclep'" in err
