@@ -174,6 +174,9 @@ def test_the_model_build_check_refuses_what_the_installed_flex_cannot_build_in_o
         assert "does not mask the dropped ones" in problem(ep4 + rank_capacity + drop)
     else:
         assert problem(ep4 + drop) is None
+    pad = problem(ep4 + rank_capacity + drop + ["--moe-pad-expert-input-to-capacity"])
+    if backend == "deepep":  # Megatron's own refusal, reported as is
+        assert "TransformerConfig refuses" in pad and "moe_pad_expert_input_to_capacity" in pad
     for text in filter(None, [problem(dedup), problem(base)]):
         assert "\n" not in text
 
