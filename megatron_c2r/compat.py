@@ -19,6 +19,9 @@ What differs, and where we handle it:
                                    sync, psutil); offline tools write through torch DCP directly
     argument parsing and defaults  megatron_argument_parser() (megatron.training from 0.17),
                                    apply_megatron_arg_defaults(), transformer_config_from_args()
+    flex token dispatcher          flex_backends() (ncclep from 0.19), flex_problem() (what the
+                                   installed flex refuses at build), flex_token_indices()
+                                   (its own (routing_map, probs) -> per-token expert ids)
 """
 
 from __future__ import annotations
@@ -580,3 +583,105 @@ def dist_checkpoint_tensor_keys(checkpoint_dir: str) -> list:
     metadata = mtorch._get_filesystem_reader(checkpoint_dir).read_metadata()
     return [k for k, m in metadata.state_dict_metadata.items()
             if isinstance(m, TensorStorageMetadata)]  # fmt: skip
+
+
+# --- the flex token dispatcher (moe_token_dispatcher_type='flex') ---
+# Megatron's flex dispatcher hands (routing_map, probs) to a backend manager in
+# ``token_dispatcher``: deepep and ncclep rebuild each token's experts with ``torch.topk(probs,
+# k)`` in ``setup_metadata`` (so a router must give probs > 0 to exactly its selected experts);
+# hybridep ships the routing map itself. The kernels are CUDA-only, the metadata step is not.
+_FLEX_MANAGERS = {"deepep": "_DeepepManager", "hybridep": "_HybridEPManager",
+                  "ncclep": "_NCCLEPManager"}  # fmt: skip
+
+
+def flex_backends() -> tuple:
+    """The ``moe_flex_dispatcher_backend`` values this megatron-core declares (its
+    ``TransformerConfig`` Literal, which the dataclass itself does not enforce): deepep and
+    hybridep (0.16-0.18), plus ncclep (0.19)."""
+    import re
+    import typing
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    field = {f.name: f for f in dataclasses.fields(TransformerConfig)}["moe_flex_dispatcher_backend"]
+    hint = field.type
+    if isinstance(hint, str):  # postponed annotations: "Literal['deepep', 'hybridep']"
+        return tuple(re.findall(r"['\"](\w+)['\"]", hint))
+    return tuple(typing.get_args(hint))
+
+
+def _flex_manager_class(backend: str):
+    from megatron.core.transformer.moe import token_dispatcher
+
+    return getattr(token_dispatcher, _FLEX_MANAGERS.get(backend, ""), None)
+
+
+def flex_token_indices(backend: str, routing_map_TE: torch.Tensor, probs_TE: torch.Tensor, *,
+                       topk: int, capacity_factor: Optional[float] = None):
+    """What Megatron's flex ``backend`` makes of one rank's (routing_map, probs) [T, E] before
+    its CUDA kernel: ``(indices_TK, probs_TK)`` from the backend manager's own
+    ``setup_metadata`` (``torch.topk(probs, topk)``, dropped slots -1 where the backend masks
+    them), or ``None`` for a backend that ships the routing map as is (hybridep). E and k are
+    already TP-folded by the caller where TP > 1 (``MoEFlexTokenDispatcher`` passes
+    ``tp * num_moe_experts`` and ``tp * topk``). The manager's constructor (which needs DeepEP
+    or TE's NCCL EP and a CUDA device) is not run: only the attributes ``setup_metadata`` reads
+    are set. Pure tensor work on the inputs' device."""
+    cls = _flex_manager_class(backend)
+    if cls is None:
+        raise ValueError(f"megatron-core {MCORE_VERSION} has no flex backend {backend!r}")
+    if backend == "hybridep":
+        return None
+    manager = object.__new__(cls)
+    manager.num_experts, manager.router_topk = routing_map_TE.shape[-1], topk
+    manager.capacity_factor = capacity_factor
+    manager.setup_metadata(routing_map_TE, probs_TE)
+    return manager.token_indices, manager.token_probs
+
+
+def _flex_masks_dropped(backend: str) -> bool:
+    """Whether ``backend``'s metadata marks a capacity-dropped (token, expert) slot as -1 (not
+    sent), probed on one token with k = 2 and one slot dropped."""
+    routing_map = torch.tensor([[True, False, False]])
+    probs = torch.tensor([[1.0, 0.0, 0.0]])
+    out = flex_token_indices(backend, routing_map, probs, topk=2, capacity_factor=1.0)
+    return out is None or int(out[0][0, 1]) == -1
+
+
+def flex_problem(config, tp_size: int, ep_size: int) -> Optional[str]:
+    """The one-line reason Megatron's flex dispatcher of this megatron-core would refuse (at
+    build, on every rank) or silently mis-route ``config``, or None. For
+    ``moe_token_dispatcher_type='flex'`` only; what ``TransformerConfig`` already refuses
+    (deepep with pad-to-capacity, ...) is left to it."""
+    if getattr(config, "moe_token_dispatcher_type", None) != "flex":
+        return None
+    backend = config.moe_flex_dispatcher_backend
+    backends = flex_backends()
+    if backend not in backends or _flex_manager_class(backend) is None:
+        return (f"moe_flex_dispatcher_backend={backend!r} is not a flex backend of megatron-core "
+                f"{MCORE_VERSION} ({', '.join(backends)}): use one of those"
+                + (" or megatron-core >= 0.19" if backend == "ncclep" else ""))
+    # 0.16-0.18 assert TP x EP > 1 for every backend; 0.19 (the release that added ncclep)
+    # only for deepep and ncclep.
+    if tp_size * ep_size == 1 and (backend != "hybridep" or "ncclep" not in backends):
+        return (f"moe_token_dispatcher_type='flex' with moe_flex_dispatcher_backend={backend!r} "
+                f"needs tensor x expert parallel > 1 (megatron-core {MCORE_VERSION} asserts it), "
+                "got TP=1 x EP=1: raise --expert-model-parallel-size or use alltoall")
+    if backend == "ncclep" and getattr(config, "moe_expert_rank_capacity_factor", None) is None:
+        return ("moe_flex_dispatcher_backend='ncclep' needs moe_expert_rank_capacity_factor (it "
+                "sizes the per-rank receive buffer; Megatron refuses at build): set "
+                "--moe-expert-rank-capacity-factor, e.g. 2.0")
+    if config.moe_expert_capacity_factor is not None and not _flex_masks_dropped(backend):
+        return (f"moe_expert_capacity_factor={config.moe_expert_capacity_factor} with "
+                f"moe_flex_dispatcher_backend={backend!r}: megatron-core {MCORE_VERSION}'s "
+                "backend rebuilds k experts per token with torch.topk and does not mask the "
+                "dropped ones, so dropped tokens are sent anyway: unset the capacity factor "
+                "(dropless) or use deepep/hybridep")
+    from megatron.core.transformer.moe import token_dispatcher as td
+
+    flex, base = td.MoEFlexTokenDispatcher, td.MoETokenDispatcher
+    overrides = flex.set_shared_experts is not getattr(base, "set_shared_experts", None)
+    if getattr(config, "moe_shared_expert_overlap", False) and overrides:  # raises on 0.16
+        return (f"moe_shared_expert_overlap=True with moe_token_dispatcher_type='flex': "
+                f"megatron-core {MCORE_VERSION}'s flex dispatcher does not support it: unset "
+                "--moe-shared-expert-overlap or use alltoall")
+    return None

@@ -12,7 +12,13 @@ which does what Megatron-LM would do up to building our MoE layers, minus the GP
     3. our ``--c2r-*`` options (``C2RRouterConfig.resolve`` against the experts, top-k and EP);
     4. with C2R on and ``c2r.dispatcher: dedup``: ``validate_dedup_config`` on that config
        (expert TP 1, no pad-to-capacity, no shared-expert overlap, no MoE CUDA graphs),
-       exactly what ``C2RMoELayer`` raises at build on every rank.
+       exactly what ``C2RMoELayer`` raises at build on every rank;
+    5. with ``--moe-token-dispatcher-type flex``: our dedup dispatcher would replace it
+       (``c2r.dispatcher: megatron`` is how flex composes with our router), and what the
+       installed flex refuses at build or would mis-route (``compat.flex_problem``: a backend
+       this megatron-core lacks, TP x EP = 1, ncclep without a rank capacity or with a capacity
+       factor it does not mask, shared-expert overlap on 0.16). With C2R off too: the
+       baseline runs the same flex dispatcher.
 
 Imports torch and megatron.core (lazily: importing this module is light).
 """
@@ -80,11 +86,19 @@ def model_build_problem(argv: Sequence[str]) -> Optional[str]:
         return f"Megatron's TransformerConfig refuses these flags: {_one_line(exc)}"
     if not getattr(config, "num_moe_experts", None):
         return None
+    tp, ep = int(args.tensor_model_parallel_size or 1), int(args.expert_model_parallel_size or 1)
     try:
         options = c2r_options_from_args(args)
+        flex = config.moe_token_dispatcher_type == "flex"
+        if flex and options.enabled and options.dispatcher == "dedup":
+            return ("c2r.dispatcher='dedup' replaces Megatron's dispatcher but "
+                    "moe_token_dispatcher_type='flex': set c2r.dispatcher: megatron "
+                    "(--c2r-dispatcher megatron) to run our router with flex, or use alltoall")
+        problem = compat.flex_problem(config, tp, ep)
+        if problem is not None:
+            return problem
         if not options.enabled:
             return None
-        ep = int(args.expert_model_parallel_size or 1)
         options.router.resolve(num_experts=config.num_moe_experts, topk=config.moe_router_topk,
                                ep_size=ep)  # fmt: skip
         if options.dispatcher == "dedup":

@@ -107,6 +107,10 @@ class C2RRouter(TopKRouter):
         init_topk_router(self, config, pg_collection, compat.topk_router_kwargs(router_kwargs))
         c2r_config = c2r_config if c2r_config is not None else C2RRouterConfig()
         ep_size = pg_collection.ep.size() if getattr(pg_collection, "ep", None) is not None else 1
+        tp_size = pg_collection.tp.size() if getattr(pg_collection, "tp", None) is not None else 1
+        flex_problem = compat.flex_problem(config, tp_size, ep_size)  # before the dispatcher
+        if flex_problem is not None:
+            raise ValueError(flex_problem)
         self.c2r_config = cfg = c2r_config.resolve(
             num_experts=config.num_moe_experts, topk=config.moe_router_topk, ep_size=ep_size
         )

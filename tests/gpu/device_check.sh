@@ -67,11 +67,12 @@ if [[ $status -eq 124 ]]; then
 fi
 
 # 3. The CUDA tests that need no NCCL (row paths at P = 4 and 8 with empty ranks and T = 0,
-#    BigMac's TE experts), when CUDA and pytest are there; the sync audit already ran above.
+#    BigMac's TE experts, the flex invariant on CUDA), when CUDA and pytest are there; the sync
+#    audit already ran above.
 if [[ " $* " != *" --cpu "* ]] && "$PY" -c "import torch, pytest, sys; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1; then
   set +e
   (cd "$ROOT" && timeout --kill-after=10 "${DEVICE_TESTS_TIMEOUT:-90}" "$PY" -m pytest -q -p no:cacheprovider \
-    tests/gpu/test_cuda_paths.py tests/gpu/test_bigmac_gpu.py -k "not sync_budget")
+    tests/gpu/test_cuda_paths.py tests/gpu/test_bigmac_gpu.py tests/gpu/test_flex_gpu.py -k "not sync_budget")
   tests_status=$?
   set -e
   echo "device_check: CUDA tests exit status $tests_status"
