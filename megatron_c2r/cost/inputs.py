@@ -60,6 +60,14 @@ class LinkParams:
     meta_bytes: float = _param(
         4.0, "bytes per metadata column (a prob or an expert id)", zero_ok=True
     )
+    hybridep_dispatch_efficiency: float = _param(
+        0.81, "HybridEP dispatch: achieved fraction of the model's overlapped two-hop bound "
+        "(set from its EP16 H100 point, docs/cost_model.md)"
+    )
+    hybridep_combine_efficiency: float = _param(
+        0.717, "HybridEP combine: achieved fraction of the model's overlapped two-hop bound "
+        "(set from its EP16 H100 point, docs/cost_model.md)"
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
