@@ -37,11 +37,15 @@ import io
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from megatron_c2r.files import check_file
+
+if TYPE_CHECKING:  # annotations only: the CLI imports this module before torch
+    from megatron_c2r.cost.inputs import RoutingRule
+    from megatron_c2r.cost.model import RoutingCounts
 
 # Kaplan et al. (arXiv 2001.08361): late in pretraining loss falls as compute^-0.05, so a run
 # whose loss is (1 + d) times higher needs (1 + d)^(1/0.05) = (1 + d)^20 times the steps.
@@ -541,3 +545,120 @@ def measured_step_ratio(a2a_share: float, comm_ratio: float) -> float:
         raise ValueError(f"--a2a-share={a2a_share} must be in [0, 1): the exposed all-to-all "
                          "time over the whole step time, e.g. 0.3")
     return (1 - a2a_share) + a2a_share * comm_ratio
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations: routing x transport, ranked by modeled time to quality
+# --------------------------------------------------------------------------------------------
+# What a configuration's routing is called in the study (benchmarks/quality.py) and who offers it.
+ROUTINGS = {  # key: (label, study routing whose loss gap it takes, Megatron offers it)
+    "topk": ("top-k", "topk", True),
+    "topk_hier": ("top-k + our hierarchical placement", "topk", False),
+    "megatron_nl_1": ("Megatron node-limited M=1", "megatron_nl_1", True),
+    "megatron_nl_2": ("Megatron node-limited M=2", "megatron_nl_2", True),
+    "node_M1_warmup120": ("ours node-anchored M=1 (120-step warm-up)", "node_M1_warmup120", False),
+    "node_M2": ("ours node-anchored M=2", "node_M2", False),
+}
+TRANSPORTS = ("alltoall", "deepep", "hybridep", "two_level")
+MEGATRON_TRANSPORTS = ("alltoall", "deepep", "hybridep")
+
+
+def is_megatron(routing: str, transport: str) -> bool:
+    """Megatron ships it today: its routing (top-k, node-limited) on its transports."""
+    return ROUTINGS[routing][2] and transport in MEGATRON_TRANSPORTS
+
+
+def rank_configurations(times: Dict[Tuple[str, str], StepTime], rho: Dict[str, float],
+                        overlap: bool = False) -> List[Dict]:
+    """Every (routing, transport) with a modeled step time and a token efficiency, as rows with
+    the step time (serial or ideal-overlap), time to quality per step of the baseline's steps
+    (step / rho) and the speedup over Megatron's best (the fastest Megatron configuration to the
+    same loss) and over flex + DeepEP top-k; best first."""
+    rows = []
+    for (routing, transport), t in times.items():
+        if routing not in rho:
+            continue
+        step = t.overlap if overlap else t.serial
+        rows.append(dict(routing=routing, transport=transport, label=ROUTINGS[routing][0],
+                         megatron=is_megatron(routing, transport), rho=rho[routing], step_s=step,
+                         compute_s=t.compute, time_to_quality_s=step / rho[routing]))  # fmt: skip
+    if not rows:
+        return rows
+    megatron = [r for r in rows if r["megatron"]]
+    best_megatron = min(megatron, key=lambda r: r["time_to_quality_s"]) if megatron else None
+    deepep_topk = next((r for r in rows if (r["routing"], r["transport"]) == ("topk", "deepep")), None)
+    for r in rows:
+        if best_megatron:
+            r["speedup_vs_megatron_best"] = best_megatron["time_to_quality_s"] / r["time_to_quality_s"]
+        if deepep_topk:
+            r["speedup_vs_deepep_topk"] = deepep_topk["time_to_quality_s"] / r["time_to_quality_s"]
+    rows.sort(key=lambda r: r["time_to_quality_s"])
+    return rows
+
+
+def study_rho(study: Dict, shape: str, routing: str, late: bool) -> Optional[float]:
+    """rho of a study routing at a study shape: 1 for top-k (the reference), else from its
+    documented loss gap on that shape's baseline fit (``late``: Kaplan's slope instead)."""
+    entry = study["shapes"][shape]
+    if routing == "topk":
+        return 1.0
+    gap = entry["gaps"].get(routing)
+    if gap is None:
+        return None
+    if late:
+        return late_slope_rho(gap["mean"] / 100)
+    fit = entry.get("fit")
+    if fit is None:
+        return None
+    return rho_from_gap(PowerLawFit(**fit), entry["steps"], gap["mean"] / 100)[0]
+
+
+def nearest_study_shape(study: Dict, nodes: int) -> str:
+    """The study shape whose virtual node count is nearest ``nodes`` (ties: the larger)."""
+    return min(study["shapes"], key=lambda s: (abs(study["shapes"][s]["nodes"] - nodes),
+                                               -study["shapes"][s]["nodes"]))  # fmt: skip
+
+
+def load_study(path: Optional[str] = None) -> Dict:
+    """The study's per-shape baseline fits and documented loss gaps (``study_quality.json``,
+    written by ``benchmarks/time_to_quality.py``)."""
+    from megatron_c2r.files import read_json_file
+
+    path = path or os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_quality.json")
+    return read_json_file(path, "time-to-quality study data")
+
+
+def routing_rules(nodes: int) -> Dict[str, "RoutingRule"]:
+    """The cost model's rule for each configuration routing on an EP group of ``nodes`` nodes
+    (rules that equal top-k there, M >= nodes, are left out; ``topk_hier`` routes as top-k:
+    under uniform router scores a placement changes nothing)."""
+    from megatron_c2r.cost.inputs import RoutingRule, node_anchored
+
+    rules = {"topk": RoutingRule("top-k")}
+    for m in (1, 2):
+        if m < nodes:
+            rules[f"megatron_nl_{m}"] = RoutingRule(f"Megatron node-limited {m} of {nodes}", nodes, m,
+                                                    anchored=False, limit_name="M")  # fmt: skip
+    if nodes > 1:
+        rules["node_M1_warmup120"] = node_anchored(nodes, 1)
+    if nodes > 2:
+        rules["node_M2"] = node_anchored(nodes, 2)
+    return rules
+
+
+def configuration_times(counts: Dict[str, "RoutingCounts"], params, flops: StepFlops,
+                        tokens_per_gpu: int, dense_tflops: float) -> Dict[Tuple[str, str], StepTime]:
+    """StepTime of every (routing, transport) from ``counts`` (keyed like ``routing_rules``;
+    ``topk_hier`` reuses top-k's counts)."""
+    from megatron_c2r.cost.model import layer_time
+
+    out = {}
+    for routing in ROUTINGS:
+        source = "topk" if routing == "topk_hier" else routing
+        if source not in counts:
+            continue
+        for transport in TRANSPORTS:
+            t = layer_time(counts[source], transport, params, routing)
+            out[routing, transport] = step_time(t.comm_s, t.compute_s, flops, tokens_per_gpu,
+                                                dense_tflops)  # fmt: skip
+    return out
