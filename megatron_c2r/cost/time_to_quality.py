@@ -314,15 +314,18 @@ def fit_power_law(curves: Sequence[LossCurve], end: Optional[float] = None,
     err, E, B = solve(beta)
     total = float(np.sum((y - y.mean()) ** 2))
     r2 = 1 - err / total if total > 0 else 0.0
-    problems = []
+    problems, remarks = [], []
     if r2 < POOR_FIT_R2:
         problems.append(f"R^2 {r2:.2f} < {POOR_FIT_R2}")
     if B <= 0:
         problems.append("the loss does not fall over the fit range (B <= 0)")
-    if beta >= 2.99 or beta <= 0.0051:
-        problems.append(f"beta {beta:.3g} at the edge of the search range")
+    if beta >= 2.99:
+        problems.append(f"beta {beta:.3g} at the top of the search range")
+    elif beta <= 0.0051 or E < 0:  # E + B s^-beta -> E + B - B beta ln s as beta -> 0
+        remarks.append(f"log-linear over the fit range (beta {beta:.3g}, E {E:.3g} < 0: no "
+                       "asymptote identified): rho rests on the local slope")
     return PowerLawFit(E=E, B=B, beta=beta, r2=r2, fit_from=start, fit_to=S, points=len(x),
-                       poor=bool(problems), note="; ".join(problems))  # fmt: skip
+                       poor=bool(problems), note="; ".join(problems + remarks))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,6 +397,8 @@ def token_efficiency(baseline: Sequence[LossCurve], candidate: Sequence[LossCurv
     notes = []
     if fit.poor:
         notes.append(f"poor baseline fit ({fit.note}): read rho with care")
+    elif fit.note:
+        notes.append(f"baseline fit: {fit.note}")
     if any(c.last_step > S for c in candidate):
         notes.append(f"candidates compared at step {S:g} (the shortest baseline run)")
     pairs = min(len(baseline), len(candidate))

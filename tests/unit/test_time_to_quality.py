@@ -50,6 +50,22 @@ def test_a_candidate_needing_m_times_the_steps_gets_rho_one_over_m_within_3_perc
         assert te.rho_late_slope < te.rho
 
 
+@pytest.mark.parametrize("m", [1.2, 1.5])
+def test_log_linear_curves_like_the_tiny_runs_recover_rho_from_the_local_slope(m):
+    """The tiny CPU runs fall as a straight line in log steps over [S/10, S] (beta -> 0): no
+    asymptote, but rho still comes from the local slope."""
+    s = np.arange(1, 601, dtype=float)
+
+    def run(factor, seed, side):
+        rng = np.random.default_rng(seed * 1000 + (side == "c"))
+        loss = 5.0 - 0.34 * np.log(s / factor) + rng.normal(0, 0.05, len(s))
+        return LossCurve(path=f"{side}{seed}", kind="synthetic", steps_N=s, loss_N=loss)
+
+    te = token_efficiency([run(1.0, k, "b") for k in range(3)], [run(m, k, "c") for k in range(3)])
+    assert te.rho == pytest.approx(1 / m, rel=0.03)
+    assert not te.fit.poor and "log-linear" in te.fit.note
+
+
 def real_losses() -> np.ndarray:
     with open(REAL_RUN, encoding="utf-8") as f:
         return np.array(json.load(f)["loss"])
