@@ -34,21 +34,15 @@ from typing import Callable, Dict, NoReturn, Optional, Sequence, Tuple
 
 from megatron_c2r import __version__, parallel
 from megatron_c2r.cost.inputs import (
+    DENSE_TFLOPS,
     PARAM_HELP,
+    TRANSPORTS,
     LinkParams,
     RoutingRule,
     config_rule,
     node_anchored,
     parse_routing,
     shape_from_config,
-)
-from megatron_c2r.cost.quality_report import DENSE_TFLOPS, TRANSPORTS, quality_report, recommend
-from megatron_c2r.cost.time_to_quality import (
-    measured_step_ratio,
-    read_loss_curve,
-    routing_rules,
-    step_flops,
-    token_efficiency,
 )
 from megatron_c2r.cpu.job_config import load_train_job
 from megatron_c2r.errors import USER_ERRORS, one_line
@@ -436,8 +430,9 @@ def _check_quality_args(args: argparse.Namespace, source) -> None:
         raise ValueError(f"--step-time-ms={args.step_time_ms} must be > 0")
     if not (math.isfinite(args.dense_tflops) and args.dense_tflops > 0):
         raise ValueError(f"--dense-tflops={args.dense_tflops} must be > 0")
-    if args.a2a_share is not None:
-        measured_step_ratio(args.a2a_share, 1.0)  # range check
+    if args.a2a_share is not None and not 0 <= args.a2a_share < 1:
+        raise ValueError(f"--a2a-share={args.a2a_share} must be in [0, 1): the exposed all-to-all "
+                         "time over the whole step time, e.g. 0.3")
     wants = args.baseline_loss is not None or args.recommend
     if wants and source.kind == "file":
         raise ValueError("--baseline-loss/--recommend compare routings on synthetic scores: drop "
@@ -456,6 +451,9 @@ def _run_estimate(args: argparse.Namespace) -> int:
     if args.layer is not None and (source.kind != "file" or args.layer < 0):
         raise ValueError(f"--layer {args.layer}: only a routing file has layers, numbered from 0")
     _check_quality_args(args, source)
+    # numpy (loss curves); torch only below
+    from megatron_c2r.cost.time_to_quality import read_loss_curve, routing_rules, step_flops, token_efficiency
+
     efficiency = None
     if args.baseline_loss is not None:  # every loss file is read and checked before any work
         baseline_curves = [read_loss_curve(p, "--baseline-loss file") for p in args.baseline_loss]
@@ -468,6 +466,7 @@ def _run_estimate(args: argparse.Namespace) -> int:
         print(f"{PROG} estimate: {note}", file=sys.stderr)
     # Heavy: torch (the counting code of the dispatchers; no Megatron).
     from megatron_c2r.cost.model import METHOD_LABELS, estimate, format_table, write_json
+    from megatron_c2r.cost.quality_report import quality_report, recommend
     from megatron_c2r.cost.routing import mean_rows, sample_counts, sample_routings
 
     score_function = cfg.megatron_value("moe-router-score-function", "softmax")

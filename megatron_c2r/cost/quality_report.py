@@ -28,11 +28,6 @@ from megatron_c2r.cost.time_to_quality import (
     study_rho,
 )
 
-# Megatron-core's published H100 throughput for large models (~47% MFU, 390-400 TFLOP/s per GPU;
-# the cost model's --gemm-tflops default has the same source, docs/cost_model.md).
-DENSE_TFLOPS = 400.0
-TRANSPORTS = ("alltoall", "deepep", "hybridep", "flat_dedup", "two_level")  # cost.model.METHODS
-
 
 def _fmt_ci(ci) -> str:
     return "no interval (1 pair)" if any(math.isnan(v) for v in ci) else f"95% CI [{ci[0]:.3f}, {ci[1]:.3f}]"

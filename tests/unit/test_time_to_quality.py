@@ -238,3 +238,10 @@ def test_a_short_candidate_and_unpaired_flags_are_refused(tmp_path):
                               "--candidate-loss", *base)  # fmt: skip
     assert code == 2 and "tb_tag" in err and "'lm loss'" in err, err
     assert not out.exists()
+
+
+def test_the_cli_transport_choices_are_the_cost_models_methods():
+    from megatron_c2r.cost.inputs import TRANSPORTS
+    from megatron_c2r.cost.model import METHODS
+
+    assert TRANSPORTS == METHODS
