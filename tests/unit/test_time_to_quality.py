@@ -245,3 +245,42 @@ def test_the_cli_transport_choices_are_the_cost_models_methods():
     from megatron_c2r.cost.model import METHODS
 
     assert TRANSPORTS == METHODS
+
+
+def test_recommend_ranks_every_configuration_against_megatrons_best(tmp_path):
+    out = tmp_path / "rec.json"
+    code, err, _, _ = run_cli("estimate", QWEN, "--nodes", "2", "--tokens-per-gpu", "64",
+                              "--recommend", "--json", str(out))  # fmt: skip
+    assert code == 0, err
+    rec = json.loads(out.read_text())["recommendation"]
+    ranked = rec["ranked_late"]
+    assert rec["study_shape"] == "64e8n4"  # nearest to 2 nodes
+    assert {(r["routing"], r["transport"]) for r in ranked} >= {("topk", "alltoall"), ("topk", "deepep"),
+                                                                 ("node_M1_warmup120", "two_level")}
+    times = [r["time_to_quality_s"] for r in ranked]
+    assert times == sorted(times)
+    best_megatron = min(r["time_to_quality_s"] for r in ranked if r["megatron"])
+    for r in ranked:
+        assert r["speedup_vs_megatron_best"] == pytest.approx(best_megatron / r["time_to_quality_s"])
+        assert r["rho"] == 1.0 if r["routing"] in ("topk", "topk_hier") else r["rho"] < 1.0
+
+
+def test_the_benchmark_on_the_committed_curves_has_the_zero_loss_row_and_the_physical_limit(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ttq_bench", os.path.join(ROOT, "benchmarks", "time_to_quality.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0  # 2 and 8 nodes, 512 tokens
+    result = json.loads((tmp_path / "time_to_quality.json").read_text())
+    table = result["tables"]["True_False"]  # late slope, no overlap
+    assert set(table) == {f"{m}_{n}" for m in bench.MODELS for n in (2, 8)}
+    for cell in table.values():
+        assert cell["deepep_topk"]["speedup"] == pytest.approx(1.0)
+        # Zero-loss placement: rho = 1; under uniform scores it routes exactly as top-k.
+        assert cell["hier_deepep"]["rho"] == 1.0 and cell["hier_deepep"]["speedup"] == pytest.approx(1.0)
+        assert cell["hier_two_level"]["rho"] == 1.0
+        assert all(r["routing_stats"] == "uniform" for r in cell.values())
+        # Nothing at rho = 1 beats the same step with no all-to-all at all.
+        at_one = [r["speedup"] for r in cell.values() if r["rho"] == 1.0 and r is not cell["limit"]]
+        assert cell["limit"]["speedup"] >= max(at_one) - 1e-9
