@@ -131,20 +131,22 @@ def recommend(keyed_counts, args, params, flops, shape, efficiency: Optional[Tok
     by_config = {(r["routing"], r["transport"]): r for r in ranked[False]}
     from megatron_c2r.cost.model import METHOD_LABELS
 
-    head = (f"{'configuration':<44} {'transport':<19} {'rho late':>8} {'rho fit':>8} {'step ms':>8} "
-            f"{'vs Megatron best (late / fit)':>30}")  # fmt: skip
+    head = (f"{'routing':<42} {'transport':<19} {'who':<8} {'rho late':>8} {'rho fit':>8} "
+            f"{'step ms':>8}  {'vs Megatron best (late / fit)'}")  # fmt: skip
     lines = [f"recommendation on {shape.nodes} node(s) x {shape.gpus_per_node} GPUs (EP "
              f"{shape.ep_size}), modeled, uniform router scores, "
              f"{'ideal overlap' if args.overlap else 'no overlap'}; loss gaps: study shape "
              f"{shape_name} ({entry['label']}) unless marked", head, "-" * len(head)]
+    def num(value, spec):
+        return "—" if value is None or math.isnan(value) else format(value, spec)
+
     for r in ranked[True]:
-        fit = by_config.get((r["routing"], r["transport"]))
-        mark = "*" if source[r["routing"]].startswith("your") else (" M" if r["megatron"] else "  ")
+        fit = by_config.get((r["routing"], r["transport"]), {})
+        who = "yours" if source[r["routing"]].startswith("your") else ("Megatron" if r["megatron"] else "ours")
         lines.append(
-            f"{r['label'][:42] + mark:<44} {METHOD_LABELS[r['transport']]:<19} {r['rho']:8.3f} "
-            f"{fit['rho'] if fit else math.nan:8.3f} {1e3 * r['step_s']:8.1f} "
-            f"{r['speedup_vs_megatron_best']:>13.2f}x / "
-            f"{fit['speedup_vs_megatron_best'] if fit else math.nan:.2f}x"
+            f"{r['label'][:42]:<42} {METHOD_LABELS[r['transport']]:<19} {who:<8} {r['rho']:8.3f} "
+            f"{num(fit.get('rho'), '8.3f'):>8} {1e3 * r['step_s']:8.1f}  "
+            f"{r['speedup_vs_megatron_best']:.2f}x / {num(fit.get('speedup_vs_megatron_best'), '.2f')}x"
         )
     out = dict(study_shape=shape_name, overlap=args.overlap, rho_sources=source, ranked_late=ranked[True],
                ranked_fit=ranked[False])  # fmt: skip
@@ -159,8 +161,11 @@ def recommend(keyed_counts, args, params, flops, shape, efficiency: Optional[Tok
             f"{METHOD_LABELS[megatron_best['transport']]}), "
             f"{best.get('speedup_vs_deepep_topk', math.nan):.2f}x flex+DeepEP top-k")
         out[f"best_{'late' if late else 'fit'}"] = dict(best=best, megatron_best=megatron_best)
-    lines.append("(M = Megatron offers it today; * = your curves; rho late = Kaplan's slope "
-                 f"{LATE_SLOPE}, rho fit = the tiny study's fitted curve; step = one micro-batch per "
-                 "GPU, modeled; placement gains nothing under uniform scores)")
+    lines.append("(who: Megatron = its routing on its transport, offered today; ours = our routing, "
+                 "placement or dispatcher; yours = your curves' gap. rho late = Kaplan's slope "
+                 f"{LATE_SLOPE}, rho fit = the tiny study's fitted top-k curve (— where the study has "
+                 "no curve for that shape); step = one micro-batch through every layer on one GPU, "
+                 "modeled (pipeline stages divide it, ratios unchanged); a placement gains nothing "
+                 "under uniform scores)")
     print("\n".join(lines))
     return out
