@@ -52,6 +52,9 @@ def quality_report(efficiency: TokenEfficiency, base_counts, cand_counts, args, 
                         modeled_comm_ratio=comm_ratio,
                         formula="(1 - a2a_share) + a2a_share x modeled comm ratio")  # fmt: skip
         tau_text = f"measured step, all-to-all share {args.a2a_share:g} x modeled comm ratio {comm_ratio:.3f}"
+        if args.step_time_ms is not None:
+            tau_from["candidate_step_time_ms"] = tau * args.step_time_ms
+            tau_text += f": {args.step_time_ms:g} -> {tau * args.step_time_ms:.1f} ms per step"
     else:
         tau = tau_overlap if args.overlap else tau_serial
         tau_from = dict(source="cost model", overlap=args.overlap, tau_no_overlap=tau_serial,
@@ -62,9 +65,9 @@ def quality_report(efficiency: TokenEfficiency, base_counts, cand_counts, args, 
                         baseline_moe_comm_ms=1e3 * tb.moe_comm, candidate_moe_comm_ms=1e3 * tc.moe_comm,
                         expert_ms=1e3 * tb.moe_expert, rest_ms=1e3 * tb.rest,
                         no_all_to_all_ms=1e3 * tb.compute)  # fmt: skip
-        tau_text = (f"modeled, {flops.moe_layers} MoE layers (comm {1e3 * tb.moe_comm:.0f} -> "
-                    f"{1e3 * tc.moe_comm:.0f} ms, experts {1e3 * tb.moe_expert:.0f} ms) + rest "
-                    f"{1e3 * tb.rest:.0f} ms at {args.dense_tflops:g} TFLOP/s; "
+        tau_text = (f"modeled, {flops.moe_layers} MoE layers (comm {1e3 * tb.moe_comm:.1f} -> "
+                    f"{1e3 * tc.moe_comm:.1f} ms, experts {1e3 * tb.moe_expert:.1f} ms) + rest "
+                    f"{1e3 * tb.rest:.1f} ms at {args.dense_tflops:g} TFLOP/s per micro-batch; "
                     f"{'ideal overlap' if args.overlap else 'no overlap'} "
                     f"(other: {tau_serial if args.overlap else tau_overlap:.3f})")  # fmt: skip
     e, fit = efficiency, efficiency.fit

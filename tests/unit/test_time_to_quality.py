@@ -160,11 +160,13 @@ def test_estimate_reports_rho_tau_and_their_ratio_in_the_json(tmp_path):
     # A measured step: tau = (1 - share) + share x the modeled comm ratio.
     code, err, _, _ = run_cli("estimate", QWEN, "--nodes", "2", "--tokens-per-gpu", "64",
                               "--baseline-loss", *base, "--candidate-loss", *cand, "--a2a-share",
-                              "0.4", "--json", str(out))  # fmt: skip
+                              "0.4", "--step-time-ms", "1000", "--json", str(out))  # fmt: skip
     assert code == 0, err
     measured = json.loads(out.read_text())
-    ratio = measured["inputs"]["step_time_ratio"]["modeled_comm_ratio"]
-    assert measured["step_time_ratio"] == pytest.approx(0.6 + 0.4 * ratio)
+    tau = measured["inputs"]["step_time_ratio"]
+    assert tau["source"] == "measured"
+    assert measured["step_time_ratio"] == pytest.approx(0.6 + 0.4 * tau["modeled_comm_ratio"])
+    assert tau["candidate_step_time_ms"] == pytest.approx(1000 * measured["step_time_ratio"])
 
 
 def bad_files(tmp_path) -> dict:
