@@ -225,6 +225,14 @@ def table_rows(case: dict, study: dict, late: bool, overlap: bool) -> dict:
     return out
 
 
+def assumes(key: str) -> str:
+    """What a table row's two numbers rest on (never mixed silently)."""
+    routing = dict((k, r) for k, r, _, _ in ROWS)[key]
+    if routing in (None, "topk", "topk_hier"):
+        return "step: uniform scores; rho = 1 (top-k's own loss)"
+    return "step: uniform scores; rho: the tiny model's trained routing (study gap)"
+
+
 def markdown(cases: list, study: dict, params: LinkParams, tokens: int) -> str:
     lines = [TABLE_BEGIN]
     for late, overlap in ((True, False), (True, True), (False, False)):
@@ -240,8 +248,9 @@ def markdown(cases: list, study: dict, params: LinkParams, tokens: int) -> str:
             "nodes, 128e8n8 at 8-16), loss gaps from docs/quality.md (3 seeds). > 1: reaches "
             "top-k's final loss sooner. Best M of Megatron's node-limited routing chosen per cell.",
             "",
-            "| configuration | " + " | ".join(f"{MODELS[m][0]} {n}n" for m in MODELS for n in NODES) + " |",
-            "|---|" + "---|" * (len(MODELS) * len(NODES)),
+            "| configuration | routing statistics it assumes | "
+            + " | ".join(f"{MODELS[m][0]} {n}n" for m in MODELS for n in NODES) + " |",
+            "|---|---|" + "---|" * (len(MODELS) * len(NODES)),
         ]
         rows = {(c["model"], c["nodes"]): table_rows(c, study, late, overlap) for c in cases}
         for key, _, _, label in ROWS:
@@ -254,7 +263,7 @@ def markdown(cases: list, study: dict, params: LinkParams, tokens: int) -> str:
                     else:
                         extra = f" (M={r['routing'][-1]})" if key.endswith("nl_best") else ""
                         cells.append(f"{r['speedup']:.2f}{extra}")
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | {assumes(key)} | " + " | ".join(cells) + " |")
         lines += ["", "Ours (our routing, placement or dispatcher) at its best in each cell against "
                   "the three Megatron baselines (time-to-quality ratio; > 1: ours is sooner):", "",
                   "| model | nodes | our best configuration | vs alltoall top-k | vs flex+DeepEP top-k | "
