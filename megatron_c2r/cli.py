@@ -535,7 +535,9 @@ SUBCOMMANDS: Dict[str, _Subcommand] = {
                 "experts, offline)", _convert_arguments, _run_convert),
     "estimate": ("model one MoE layer's forward+backward time on a GPU cluster: Megatron "
                  "alltoall, DeepEP-style, our flat and two-level dispatchers, with the config's "
-                 "routing and with node-anchored routing", _estimate_arguments, _run_estimate),
+                 "routing and with node-anchored routing; with loss curves (--baseline-loss, "
+                 "--candidate-loss) or --recommend, time to quality", _estimate_arguments,
+                 _run_estimate),
 }
 
 
