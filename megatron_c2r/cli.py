@@ -534,8 +534,8 @@ SUBCOMMANDS: Dict[str, _Subcommand] = {
     "convert": ("apply a placement plan to a Megatron-LM torch_dist checkpoint (relabel "
                 "experts, offline)", _convert_arguments, _run_convert),
     "estimate": ("model one MoE layer's forward+backward time on a GPU cluster: Megatron "
-                 "alltoall, DeepEP-style, our flat and two-level dispatchers, with the config's "
-                 "routing and with node-anchored routing; with loss curves (--baseline-loss, "
+                 "alltoall, DeepEP-style, HybridEP, our flat and two-level dispatchers, with "
+                 "the config's routing and with node-anchored routing; with loss curves (--baseline-loss, "
                  "--candidate-loss) or --recommend, time to quality", _estimate_arguments,
                  _run_estimate),
 }
