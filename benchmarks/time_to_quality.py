@@ -160,9 +160,10 @@ def build_study(data: str = DATA) -> dict:
             cand = committed_curves(shape, routing, data)
             if base and cand:
                 te = token_efficiency(base, cand)
+                paired = len(te.rho_pairs) > 1  # one pair: no SEM, no interval (null, not NaN)
                 entry["gaps"][routing]["measured"] = dict(
-                    mean=100 * te.relative_gap, sem=100 * (te.relative_gap_sem or math.nan),
-                    seeds=len(te.rho_pairs), rho=te.rho, rho_ci=list(te.rho_ci),
+                    mean=100 * te.relative_gap, sem=100 * te.relative_gap_sem if paired else None,
+                    seeds=len(te.rho_pairs), rho=te.rho, rho_ci=list(te.rho_ci) if paired else None,
                     rho_late_slope=te.rho_late_slope,
                     source="committed curves (benchmarks/data/time_to_quality), paired by seed")  # fmt: skip
         study["shapes"][shape] = entry
