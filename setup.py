@@ -16,6 +16,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_c2r", "megatron_c2r.*"]),
     include_package_data=True,
+    # The time-to-quality study (benchmarks/time_to_quality.py) that `estimate --recommend` reads.
+    package_data={"megatron_c2r.cost": ["study_quality.json"]},
     install_requires=[
         # 0.16 made the router pluggable through MoESubmodules.router; 0.16.1 is the newest wheel
         # for Python 3.11. Newer releases (0.17-0.20, NGC images) are handled in megatron_c2r.compat.

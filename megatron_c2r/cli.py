@@ -7,6 +7,7 @@
                           [--max-load-imbalance X] [--nodes N | --gpus-per-node G]
     megatron-c2r convert  --load CKPT --plan plan.json --save OUT
     megatron-c2r estimate CONFIG.yaml [--routing SRC] [--nodes N]  modeled MoE-layer time
+                          [--baseline-loss F.. --candidate-loss F..] [--recommend]  time to quality
 
 ``python -m megatron_c2r ...`` is the same command; ``python -m megatron_c2r.pretrain CONFIG``
 is ``pretrain`` for ``torchrun -m`` / ``srun``. Each subcommand is an argument builder and a
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import socket
 import sys
@@ -32,8 +34,11 @@ from typing import Callable, Dict, NoReturn, Optional, Sequence, Tuple
 
 from megatron_c2r import __version__, parallel
 from megatron_c2r.cost.inputs import (
+    DENSE_TFLOPS,
     PARAM_HELP,
+    TRANSPORTS,
     LinkParams,
+    RoutingRule,
     config_rule,
     node_anchored,
     parse_routing,
@@ -396,10 +401,64 @@ def _estimate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one layer of a routing file (default: the mean over its layers)")
     parser.add_argument("--seed", type=int, default=0, help="token sampling seed (deterministic)")
     parser.add_argument("--json", metavar="PATH", help="also write every row as JSON (atomically)")
+    ttq = parser.add_argument_group(
+        "time to quality (docs/time_to_quality.md)",
+        "token efficiency rho from loss curves x step-time ratio tau from the model: speedup rho/tau")
+    ttq.add_argument("--baseline-loss", nargs="+", metavar="F",
+                     help="the baseline's loss curves, one per seed: the CPU job's history.csv, a "
+                          "CSV with iteration,loss columns, or a Megatron-LM TensorBoard directory "
+                          "(scalar 'lm loss')")
+    ttq.add_argument("--candidate-loss", nargs="+", metavar="F",
+                     help="the candidate's loss curves, as many seeds, paired in order, at least as "
+                          "long as the baseline")
+    ttq.add_argument("--candidate-routing", choices=("node-anchored", "megatron-node-limited", "config"),
+                     default="node-anchored",
+                     help="what the candidate runs route with: ours node-anchored (default) or "
+                          "Megatron's node-limited routing, both M = --max-nodes, or the config's")
+    ttq.add_argument("--baseline-transport", choices=TRANSPORTS, default="deepep",
+                     help="the baseline's all-to-all (default deepep: flex + DeepEP-style)")
+    ttq.add_argument("--candidate-transport", choices=TRANSPORTS, default="two_level",
+                     help="the candidate's all-to-all (default two_level: ours)")
+    ttq.add_argument("--overlap", action="store_true",
+                     help="headline tau with Megatron's --overlap-moe-expert-parallel-comm (ideal); "
+                          "default: without (Megatron's default); both are printed")
+    ttq.add_argument("--dense-tflops", type=float, default=DENSE_TFLOPS, metavar="X",
+                     help="achieved TFLOP/s of attention and dense parts (default "
+                          f"{DENSE_TFLOPS:g}: Megatron-core's published H100 throughput)")
+    ttq.add_argument("--a2a-share", type=float, metavar="F",
+                     help="your measured baseline step's exposed all-to-all share (0-1): tau = "
+                          "(1 - F) + F x modeled comm ratio, instead of the modeled step")
+    ttq.add_argument("--step-time-ms", type=float, metavar="MS",
+                     help="your measured baseline step time (with --a2a-share): printed as times")
+    ttq.add_argument("--recommend", action="store_true",
+                     help="rank every routing x transport on this cluster by modeled time to "
+                          "quality (the study's loss gaps, or your curves for the candidate)")
     for f in dataclasses.fields(LinkParams):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=f.default,
                             metavar="X", help=f"{PARAM_HELP[f.name]} (default {f.default:g})")
     parser.epilog = f"Model, parameters and their sources, calibration: {COST_DOC}."
+
+
+def _check_quality_args(args: argparse.Namespace, source) -> None:
+    """Time-to-quality flags that only make sense together (one line each, exit 2)."""
+    if (args.baseline_loss is None) != (args.candidate_loss is None):
+        given = "--baseline-loss" if args.baseline_loss is not None else "--candidate-loss"
+        missing = "--candidate-loss" if given == "--baseline-loss" else "--baseline-loss"
+        raise ValueError(f"{given} needs {missing}: pass the loss curves of both sides")
+    if args.step_time_ms is not None and args.a2a_share is None:
+        raise ValueError("--step-time-ms needs --a2a-share: the share of that step spent in "
+                         "exposed all-to-alls (e.g. 0.3)")
+    if args.step_time_ms is not None and not (math.isfinite(args.step_time_ms) and args.step_time_ms > 0):
+        raise ValueError(f"--step-time-ms={args.step_time_ms} must be > 0")
+    if not (math.isfinite(args.dense_tflops) and args.dense_tflops > 0):
+        raise ValueError(f"--dense-tflops={args.dense_tflops} must be > 0")
+    if args.a2a_share is not None and not 0 <= args.a2a_share < 1:
+        raise ValueError(f"--a2a-share={args.a2a_share} must be in [0, 1): the exposed all-to-all "
+                         "time over the whole step time, e.g. 0.3")
+    wants = args.baseline_loss is not None or args.recommend
+    if wants and source.kind == "file":
+        raise ValueError("--baseline-loss/--recommend compare routings on synthetic scores: drop "
+                         "--routing FILE (or run estimate on it without them)")
 
 
 def _run_estimate(args: argparse.Namespace) -> int:
@@ -413,18 +472,42 @@ def _run_estimate(args: argparse.Namespace) -> int:
     source = parse_routing(args.routing)
     if args.layer is not None and (source.kind != "file" or args.layer < 0):
         raise ValueError(f"--layer {args.layer}: only a routing file has layers, numbered from 0")
+    _check_quality_args(args, source)
+    # numpy (loss curves); torch only below
+    from megatron_c2r.cost.time_to_quality import read_loss_curve, routing_rules, step_flops, token_efficiency
+
+    efficiency = None
+    if args.baseline_loss is not None:  # every loss file is read and checked before any work
+        baseline_curves = [read_loss_curve(p, "--baseline-loss file") for p in args.baseline_loss]
+        candidate_curves = [read_loss_curve(p, "--candidate-loss file") for p in args.candidate_loss]
+        efficiency = token_efficiency(baseline_curves, candidate_curves)
+    flops = step_flops(cfg) if efficiency is not None or args.recommend else None
     if args.json is not None:
         check_output_file(args.json, "--json")
     for note in notes:
         print(f"{PROG} estimate: {note}", file=sys.stderr)
     # Heavy: torch (the counting code of the dispatchers; no Megatron).
-    from megatron_c2r.cost.model import estimate, format_table, write_json
-    from megatron_c2r.cost.routing import mean_rows, sample_routings
+    from megatron_c2r.cost.model import METHOD_LABELS, estimate, format_table, write_json
+    from megatron_c2r.cost.quality_report import quality_report, recommend
+    from megatron_c2r.cost.routing import mean_rows, sample_counts, sample_routings
 
-    counts, baseline = sample_routings(
-        source, shape, config, ours, seed=args.seed, layer_index=args.layer,
-        score_function=cfg.megatron_value("moe-router-score-function", "softmax"),
-    )  # fmt: skip
+    score_function = cfg.megatron_value("moe-router-score-function", "softmax")
+    if flops is None:
+        counts, baseline = sample_routings(source, shape, config, ours, seed=args.seed,
+                                           layer_index=args.layer, score_function=score_function)  # fmt: skip
+        extra = {}
+    else:  # the config's and ours, plus every routing the time-to-quality comparison needs
+        rules = {config.label: config, ours.label: ours}
+        more = routing_rules(shape.nodes)
+        rules.update({rule.label: rule for rule in more.values()})
+        if args.candidate_routing == "megatron-node-limited":
+            nl = RoutingRule(f"Megatron node-limited {args.max_nodes} of {shape.nodes}", shape.nodes,
+                             args.max_nodes, anchored=False, limit_name="--max-nodes")  # fmt: skip
+            nl.check(shape.num_experts, shape.topk)
+            rules[nl.label] = nl
+        by_label = sample_counts(source, shape, rules, seed=args.seed, score_function=score_function)
+        counts, baseline = [{k: by_label[k] for k in (config.label, ours.label)}], config.label
+        extra = dict(by_label=by_label, keyed={key: by_label[rule.label] for key, rule in more.items()})
     rows = mean_rows([estimate(c, params, baseline) for c in counts])
     layers = f", mean of {len(counts)} layers" if len(counts) > 1 else ""
     print(f"{args.config}: {shape.num_experts} experts top-{shape.topk}, hidden {shape.hidden}, "
@@ -436,9 +519,22 @@ def _run_estimate(args: argparse.Namespace) -> int:
           f"{params.gemm_tflops:g} TFLOP/s, {params.bytes_per_element:g} bytes per element "
           f"({COST_DOC})")  # fmt: skip
     print(format_table(rows))
+    out = dict(config=args.config, routing=source.label, rows=rows,
+               shape=dataclasses.asdict(shape), params=dataclasses.asdict(params))  # fmt: skip
+    if efficiency is not None:
+        candidate_label = {"node-anchored": ours.label, "config": config.label}.get(
+            args.candidate_routing, f"Megatron node-limited {args.max_nodes} of {shape.nodes}")
+        result = quality_report(
+            efficiency, extra["by_label"][config.label], extra["by_label"][candidate_label],
+            args, params, flops, shape.tokens_per_gpu,
+            baseline=f"{config.label} on {METHOD_LABELS[args.baseline_transport]}",
+            candidate=f"{candidate_label} on {METHOD_LABELS[args.candidate_transport]}",
+        )  # fmt: skip
+        out.update(result)
+    if args.recommend:
+        out["recommendation"] = recommend(extra["keyed"], args, params, flops, shape, efficiency)
     if args.json is not None:
-        write_json(args.json, dict(config=args.config, routing=source.label, rows=rows,
-                                   shape=dataclasses.asdict(shape), params=dataclasses.asdict(params)))  # fmt: skip
+        write_json(args.json, out)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
@@ -460,8 +556,10 @@ SUBCOMMANDS: Dict[str, _Subcommand] = {
     "convert": ("apply a placement plan to a Megatron-LM torch_dist checkpoint (relabel "
                 "experts, offline)", _convert_arguments, _run_convert),
     "estimate": ("model one MoE layer's forward+backward time on a GPU cluster: Megatron "
-                 "alltoall, DeepEP-style, our flat and two-level dispatchers, with the config's "
-                 "routing and with node-anchored routing", _estimate_arguments, _run_estimate),
+                 "alltoall, DeepEP-style, HybridEP, our flat and two-level dispatchers, with "
+                 "the config's routing and with node-anchored routing; with loss curves (--baseline-loss, "
+                 "--candidate-loss) or --recommend, time to quality", _estimate_arguments,
+                 _run_estimate),
 }
 
 

@@ -17,11 +17,23 @@ counting code, and compares. Sources (docs/cost_model.md has the links):
         4 x H100 (one node, NVLink), 500 MiB: 334.9 GB/s (NVIDIA/nccl issue 2169, the run
         without the slowdown that issue is about).
 
+    HybridEP (DeepEP's hybrid-ep branch, docs/Hybrid-EP_Implementation.md; our shared reference
+    notes section 11): H100, 4096 tokens per GPU, hidden 7168, top-8, EP16 (2 nodes): dispatch
+    76.8 GB/s, combine 68.0 GB/s (kernel), BF16. Its bandwidth is taken in DeepEP's definition
+    (its test harness derives from DeepEP's: one copy per (token, destination node), own node
+    included, over the kernel time) on 256 experts routed as DeepEP's test routes them; both
+    are assumptions the published figure does not state. Above the NIC's 48 GB/s because the
+    token's own-node copy never crosses InfiniBand.
+
 Two points set a parameter (``role`` 'sets ...'), the others check the model (``role`` 'check'):
     * H800 NVLink: DeepEP states "~160 GB/s NVLink maximum"; its intranode EP8 measurement
       (153 GB/s logical, of which the GPU's own 1/8 never crosses a link) implies ~136 GB/s
       achieved per direction, and the model at 160 overshoots the NVLink-bound EP16 point by
       27%: the H800 parameters use 136 GB/s, the same CX7 NIC as H100 (48 GB/s).
+    * HybridEP's dispatch and combine efficiencies (``LinkParams.hybridep_*_efficiency``): its
+      published EP16 H100 bandwidth over the model's bound for the same setting at efficiency 1
+      (H100 links: IB-bound there). The defaults are these two ratios; a unit test recomputes
+      them.
     * InfiniBand per-peer latency (3.1 us, the default): the NCCL 8 MiB point, the only
       latency-bound one (128 KiB per peer); from bandwidth alone the model says 54 GB/s.
 """
@@ -42,6 +54,7 @@ H800 = dataclasses.replace(H100, nvlink_gbps=136.0)  # set from DeepEP's intrano
 FP8_BYTES = 1 + 4 / 128  # DeepEP's FP8 dispatch: e4m3 values + one fp32 scale per 128 (its fp8_factor)
 DEEPEP_PUBLISHED = {8: 153.0, 16: 43.0, 32: 58.0, 64: 51.0}  # GB/s, dispatch, legacy.md table
 DEEPEP_ROLE = {8: "sets H800 nvlink_gbps"}
+HYBRIDEP_PUBLISHED = {"dispatch": 76.8, "combine": 68.0}  # GB/s, EP16 H100, BF16, kernel
 NCCL_PUBLISHED = [  # (label, nodes, GPUs per node, bytes, published busBw GB/s, params, role)
     ("NCCL alltoall 64 x H800 (8 nodes), 8 MiB", 8, 8, 8 << 20, 24.44, "H800", "sets ib_latency_us"),
     ("NCCL alltoall 4 x H100 (1 node), 500 MiB", 1, 4, 524_288_000, 334.9, "H100", "check"),
@@ -71,16 +84,20 @@ def deepep_routing_maps(shape: MoEShape, seed: int = 0) -> Iterator[torch.Tensor
         yield routing_map(masked_TE.topk(shape.topk, dim=-1).indices, E)
 
 
-def deepep_dispatch_gbps(ep: int, params: LinkParams = H800, tokens: int = 4096) -> float:
+def deepep_dispatch_gbps(ep: int, params: LinkParams = H800, tokens: int = 4096, *,
+                         method: str = "deepep", row_bytes_per_element: float = FP8_BYTES,
+                         kernel: str = "dispatch") -> float:
     """Modeled DeepEP "bottleneck bandwidth" of one dispatch at EP ``ep`` (GB/s, DeepEP's own
-    definition: the rank's logical bytes / the dispatch time; the time is the busiest GPU's)."""
+    definition: the rank's logical bytes / the dispatch time; the time is the busiest GPU's).
+    ``method='hybridep'`` with ``kernel``: the same quantity for HybridEP's dispatch or combine
+    (the combine moves the same rows back)."""
     shape = deepep_shape(ep, tokens)
     maps = list(deepep_routing_maps(shape))
     counts = count_rows(iter(maps), shape)
-    rows = counts.rows["deepep"]
-    row_bytes = shape.hidden * FP8_BYTES
-    seconds = pass_time("deepep", rows.busiest_inter * row_bytes, rows.busiest_intra * row_bytes,
-                        shape.nodes, shape.gpus_per_node, params)[0]  # fmt: skip
+    rows = counts.rows[method]
+    row_bytes = shape.hidden * row_bytes_per_element
+    seconds = pass_time(method, rows.busiest_inter * row_bytes, rows.busiest_intra * row_bytes,
+                        shape.nodes, shape.gpus_per_node, params, kernel)[0]  # fmt: skip
     if shape.nodes == 1:  # intranode: bytes each GPU receives over NVLink, its own included
         logical_rows = _received_rank_rows(maps, shape)
     else:  # internode: one copy per (token, destination node), the token's own node included
@@ -89,6 +106,16 @@ def deepep_dispatch_gbps(ep: int, params: LinkParams = H800, tokens: int = 4096)
             m.view(shape.tokens_per_gpu, shape.nodes, per_node).any(dim=2).sum().item() for m in maps
         ) / shape.ep_size
     return logical_rows * row_bytes / seconds / 1e9
+
+
+def hybridep_efficiencies(tokens: int = 4096) -> dict:
+    """HybridEP's published EP16 H100 dispatch / combine GB/s over the model's at efficiency 1
+    (the values ``LinkParams.hybridep_*_efficiency`` default to)."""
+    ideal = dataclasses.replace(H100, hybridep_dispatch_efficiency=1.0,
+                                hybridep_combine_efficiency=1.0)  # fmt: skip
+    return {kernel: published / deepep_dispatch_gbps(16, ideal, tokens, method="hybridep",
+                                                     row_bytes_per_element=2.0, kernel=kernel)
+            for kernel, published in HYBRIDEP_PUBLISHED.items()}  # fmt: skip
 
 
 def _received_rank_rows(maps: List[torch.Tensor], shape: MoEShape) -> float:
@@ -120,6 +147,12 @@ def calibration_rows(deepep_tokens: int = 4096) -> List[dict]:
         rows.append(dict(label=f"DeepEP V1 dispatch EP{ep} H800, {where}", published=published,
                          modeled=modeled, ratio=modeled / published,
                          role=DEEPEP_ROLE.get(ep, "check")))  # fmt: skip
+    for kernel, published in HYBRIDEP_PUBLISHED.items():
+        modeled = deepep_dispatch_gbps(16, H100, deepep_tokens, method="hybridep",
+                                       row_bytes_per_element=2.0, kernel=kernel)  # fmt: skip
+        rows.append(dict(label=f"HybridEP {kernel} EP16 H100 (2 nodes), BF16", published=published,
+                         modeled=modeled, ratio=modeled / published,
+                         role=f"sets hybridep_{kernel}_efficiency"))  # fmt: skip
     for label, nodes, gpus, size, published, name, role in NCCL_PUBLISHED:
         modeled = nccl_alltoall_busbw(nodes, gpus, size, params[name])
         bandwidth_only = nccl_alltoall_busbw(

@@ -24,6 +24,14 @@ DEFAULT_CLUSTERS = 16
 DEFAULT_STRENGTH = 2.0
 
 
+# Time to quality (cost.time_to_quality): the achieved TFLOP/s of attention and dense parts,
+# Megatron-core's published H100 throughput for large models (~47% MFU, 390-400 TFLOP/s per GPU;
+# the --gemm-tflops default has the same source, docs/cost_model.md), and the transports a
+# configuration can name (cost.model.METHODS, spelled here so the CLI needs no torch).
+DENSE_TFLOPS = 400.0
+TRANSPORTS = ("alltoall", "deepep", "hybridep", "flat_dedup", "two_level")
+
+
 def _param(default: float, help: str, *, zero_ok: bool = False):
     """A :class:`LinkParams` field: its default, the ``estimate`` flag's --help text and whether
     0 is allowed (a latency or metadata size may be 0; a bandwidth, throughput or element size
@@ -64,6 +72,14 @@ class LinkParams:
     )
     meta_bytes: float = _param(
         4.0, "bytes per metadata column (a prob or an expert id)", zero_ok=True
+    )
+    hybridep_dispatch_efficiency: float = _param(
+        0.81, "HybridEP dispatch: achieved fraction of the model's overlapped two-hop bound "
+        "(set from its EP16 H100 point, docs/cost_model.md)"
+    )
+    hybridep_combine_efficiency: float = _param(
+        0.717, "HybridEP combine: achieved fraction of the model's overlapped two-hop bound "
+        "(set from its EP16 H100 point, docs/cost_model.md)"
     )
 
     def __post_init__(self):

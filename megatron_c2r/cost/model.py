@@ -8,6 +8,11 @@ our dispatchers would ship into modeled seconds on a GPU cluster, for four ways 
     deepep      flex + DeepEP-style normal kernels: one row per (token, destination node) over
                 InfiniBand to the same-local-index GPU there, forwarded over NVLink to each
                 destination GPU; both links work at once (one pipelined kernel)
+    hybridep    flex + HybridEP (DeepEP's hybrid-ep branch): DeepEP's rows (IB hop to the
+                same-local-rank GPU, then NVLink; the combine pre-reduced inside the node), the
+                two hops overlapped chunk by chunk, at the achieved fraction of that bound its
+                published EP16 H100 point gives (``LinkParams.hybridep_*_efficiency``,
+                ``cost.calibration``)
     flat_dedup  ours, flat: one row per (token, destination GPU), one flat all-to-all
     two_level   ours, two-level: DeepEP's rows, as two all-to-alls one after the other
 
@@ -48,10 +53,11 @@ from megatron_c2r.comm.two_level import build_count_table, plan_hops
 from megatron_c2r.cost.inputs import LinkParams, MoEShape
 from megatron_c2r.files import write_text_atomic
 
-METHODS = ("alltoall", "deepep", "flat_dedup", "two_level")
+METHODS = ("alltoall", "deepep", "hybridep", "flat_dedup", "two_level")
 METHOD_LABELS = {
     "alltoall": "Megatron alltoall",
     "deepep": "flex+DeepEP-style",
+    "hybridep": "flex+HybridEP",
     "flat_dedup": "ours flat dedup",
     "two_level": "ours two-level",
 }
@@ -82,8 +88,8 @@ class LinkRows:
 
 @dataclass(frozen=True)
 class RoutingCounts:
-    """What one routing of P x T tokens costs each GPU, per method (``METHODS``; deepep and
-    two_level ship the same rows), plus the expert-input rows each GPU computes: int64 [P]."""
+    """What one routing of P x T tokens costs each GPU, per method (``METHODS``; deepep,
+    hybridep and two_level ship the same rows), plus the expert-input rows each GPU computes: int64 [P]."""
 
     shape: MoEShape
     rows: Dict[str, LinkRows]
@@ -141,7 +147,7 @@ class RowCounter:
         dedup_SP = flat_SPC[:, :, 0]  # one per (token, destination GPU)
         rows = {"alltoall": _flat_link_rows(megatron_SP, G),
                 "flat_dedup": _flat_link_rows(dedup_SP, G)}  # fmt: skip
-        rows["two_level"] = rows["deepep"] = _node_hop_rows(node_SPC, P, G)
+        rows["two_level"] = rows["deepep"] = rows["hybridep"] = _node_hop_rows(node_SPC, P, G)
         return RoutingCounts(shape=shape, rows=rows, expert_rows_P=megatron_SP.sum(axis=0))
 
 
@@ -227,7 +233,8 @@ def metadata_columns(method: str, shape: MoEShape) -> tuple:
     """Metadata columns per row on (inter-node, intra-node) rows in the forward dispatch:
     Megatron ships one prob per (token, expert) row; our flat rows carry 2S (S = min(k, L) probs
     and local ids); node rows 2V (V = min(k, experts per node)), relayed rank rows 2S + 1 (the
-    source rank too); DeepEP-style rows are assumed to carry what our node rows carry."""
+    source rank too); DeepEP-style and HybridEP rows are assumed to carry what our node rows
+    carry."""
     k, L = shape.topk, shape.experts_per_gpu
     S, V = min(k, L), min(k, L * shape.gpus_per_node)
     return {
@@ -235,12 +242,13 @@ def metadata_columns(method: str, shape: MoEShape) -> tuple:
         "flat_dedup": (2 * S, 2 * S),
         "two_level": (2 * V, 2 * S + 1),
         "deepep": (2 * V, 2 * V),
+        "hybridep": (2 * V, 2 * V),
     }[method]
 
 
 def pass_time(
     method: str, inter_bytes: float, intra_bytes: float, nodes: int, gpus_per_node: int,
-    params: LinkParams,
+    params: LinkParams, kernel: str = "dispatch",
 ) -> tuple:
     """One all-to-all pass of ``method``: ``(seconds, inter-node term, intra-node term,
     latency)`` for the busiest GPU's bytes on each link (the larger of sent and received).
@@ -248,7 +256,9 @@ def pass_time(
     Latency: per-peer latency x peers: a flat all-to-all exchanges with every GPU of the other
     nodes over InfiniBand, the node-row methods with one rail peer per other node; both with
     the G - 1 GPUs of their node over NVLink. ``two_level`` runs its hops one after the other
-    (sum); the others drive both links at once (max)."""
+    (sum); the others drive both links at once (max). ``hybridep`` divides that max by its
+    achieved efficiency for ``kernel`` ('dispatch' or 'combine': the forward dispatch and the
+    combine's gradient run the dispatch kernel, the others the combine kernel)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} must be one of {', '.join(METHODS)}")
     flat = method in ("alltoall", "flat_dedup")
@@ -257,6 +267,9 @@ def pass_time(
                       + params.nvlink_latency_us * (gpus_per_node - 1))  # fmt: skip
     inter_s, intra_s = inter_bytes / (params.ib_gbps * 1e9), intra_bytes / (params.nvlink_gbps * 1e9)
     both = inter_s + intra_s if method == "two_level" else max(inter_s, intra_s)
+    if method == "hybridep":
+        both /= (params.hybridep_dispatch_efficiency if kernel == "dispatch"
+                 else params.hybridep_combine_efficiency)  # fmt: skip
     return latency + both, inter_s, intra_s, latency
 
 
@@ -268,11 +281,14 @@ def layer_time(counts: RoutingCounts, method: str, params: LinkParams, routing: 
     inter_total = intra_total = latency_total = comm = 0.0
     for pass_index in range(PASSES):
         meta = pass_index == 0  # only the forward dispatch carries metadata
+        # Passes: forward dispatch, forward combine, combine's gradient (a dispatch), dispatch's
+        # gradient (a combine).
+        kernel = "dispatch" if pass_index in (0, 2) else "combine"
         seconds, inter_s, intra_s, latency = pass_time(
             method,
             rows.busiest_inter * (hidden_bytes + meta * meta_inter * params.meta_bytes),
             rows.busiest_intra * (hidden_bytes + meta * meta_intra * params.meta_bytes),
-            shape.nodes, shape.gpus_per_node, params,
+            shape.nodes, shape.gpus_per_node, params, kernel,
         )  # fmt: skip
         comm += seconds
         inter_total, intra_total = inter_total + inter_s, intra_total + intra_s

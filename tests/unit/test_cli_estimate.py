@@ -25,7 +25,8 @@ megatron:
   seq-length: 64
 launch: {nodes: 2, gpus_per_node: 2}
 """
-METHOD_LABELS = ("Megatron alltoall", "flex+DeepEP-style", "ours flat dedup", "ours two-level")
+METHOD_LABELS = ("Megatron alltoall", "flex+DeepEP-style", "flex+HybridEP", "ours flat dedup",
+                 "ours two-level")
 
 
 def small_config(tmp_path) -> str:
@@ -45,7 +46,7 @@ def test_estimate_prints_every_method_under_both_routings_and_writes_json(tmp_pa
     assert code == 0, err
     assert "--nodes 2: the EP group spans 2 node(s) of 8 GPUs (EP 16" in err
     data = json.loads(out.read_text())
-    assert data["shape"]["ep_size"] == 16 and len(data["rows"]) == 8
+    assert data["shape"]["ep_size"] == 16 and len(data["rows"]) == 10
     routings = {r["routing"] for r in data["rows"]}
     assert routings == {"Megatron group-limited 4 of 8", "node-anchored M=1"}
     by = {(r["routing"], r["method"]): r for r in data["rows"]}
@@ -106,7 +107,7 @@ def test_estimate_table_has_the_rows_of_both_routings(tmp_path):
                           "--routing", "clustered:4:2"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert out.returncode == 0, out.stderr
     rows = table_rows(out.stdout)
-    assert len(rows) == 8 and sum("node-anchored M=1" in r for r in rows) == 4
+    assert len(rows) == 10 and sum("node-anchored M=1" in r for r in rows) == 5
     assert "routing: clustered 4x2" in out.stdout and "docs/cost_model.md" in out.stdout
 
 

@@ -68,6 +68,9 @@ def test_hand_computed_times():
     # max(3, 0.5) = 3; DeepEP-style max(2, 2000/2000) = 2 (links at once); two-level 2 + 1 = 3
     # (hops one after the other). Four passes each.
     want = {"alltoall": 16.0, "flat_dedup": 12.0, "deepep": 8.0, "two_level": 12.0}
+    # HybridEP: DeepEP's overlapped bound over its achieved efficiency, two dispatch-kernel
+    # passes (forward dispatch, combine's gradient) and two combine-kernel passes.
+    want["hybridep"] = 2 * 2 / SLOW.hybridep_dispatch_efficiency + 2 * 2 / SLOW.hybridep_combine_efficiency
     for method in METHODS:
         t = layer_time(counts, method, SLOW)
         assert t.comm_s == pytest.approx(want[method]), method
@@ -199,6 +202,19 @@ def test_bad_parameters_and_shapes_are_one_line_errors_naming_the_field():
         node_anchored(2, 3).check(16, 2)
     with pytest.raises(ValueError, match="cannot hold top-8"):
         node_anchored(4, 1).check(16, 8)
+
+
+def test_hybridep_efficiency_defaults_are_its_published_ep16_point_over_the_model():
+    from megatron_c2r.cost.calibration import hybridep_efficiencies
+
+    got = hybridep_efficiencies(tokens=1024)  # the defaults: 4096 tokens, as published; with
+    # fewer tokens the latency terms weigh ~3% more
+    defaults = LinkParams()
+    assert got["dispatch"] == pytest.approx(defaults.hybridep_dispatch_efficiency, rel=0.05)
+    assert got["combine"] == pytest.approx(defaults.hybridep_combine_efficiency, rel=0.05)
+    # With its efficiencies the model reproduces the published figures it was set from.
+    rows = {r["label"]: r for r in calibration_rows(deepep_tokens=1024) if "HybridEP" in r["label"]}
+    assert len(rows) == 2 and all(r["ratio"] == pytest.approx(1.0, rel=0.05) for r in rows.values())
 
 
 def test_calibration_reproduces_published_measurements_within_20_percent():

@@ -55,7 +55,8 @@ def test_the_cli_and_config_layer_import_no_torch_or_megatron():
 
 def test_the_cost_model_imports_no_megatron_and_no_config_layer():
     modules = ["megatron_c2r.cost.model", "megatron_c2r.cost.routing",
-               "megatron_c2r.cost.calibration"]  # fmt: skip
+               "megatron_c2r.cost.calibration", "megatron_c2r.cost.time_to_quality",
+               "megatron_c2r.cost.quality_report"]  # fmt: skip
     code = _CHECK.format(bad=("megatron.core", *CONFIG_LAYER), modules=modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
