@@ -66,9 +66,12 @@ c2r_render() {
   eval "$out"
 }
 
-# c2r_first_host: the head node (rank 0, rendezvous host) of the allocation.
+# c2r_first_host: the head node (rank 0, rendezvous host) of the allocation. No `| head`: under
+# pipefail, head exiting early kills scontrol with SIGPIPE on a long node list (exit 141).
 c2r_first_host() {
-  scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1
+  local hosts
+  hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+  echo "${hosts%%$'\n'*}"
 }
 
 # c2r_gpus_on_node: GPUs SLURM gave this node (or nvidia-smi's count; 0 when neither knows).

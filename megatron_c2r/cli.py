@@ -198,11 +198,14 @@ def _check_model_build(cfg) -> None:
     (``megatron_lm.build_check``), as a ConfigError blamed on the config. Imports megatron.core;
     where it is missing (a batch host) the command exits 1 and the SLURM scripts render inside
     the container instead."""
-    from megatron_c2r.megatron_lm.build_check import model_build_problem
+    from megatron_c2r.megatron_lm.build_check import model_build_problem, parser_note
 
     problem = model_build_problem(cfg.program_argv()[3:])
     if problem:
         raise cfg.error(f"model build: {problem}")
+    note = parser_note()
+    if note:
+        print(f"{PROG}: {note}", file=sys.stderr)
 
 
 def _run_render(args: argparse.Namespace) -> int:

@@ -18,11 +18,14 @@ function of the seed and sample index only, which is what makes ``--resume`` rep
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import re
+import shutil
+import sys
 import sysconfig
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -144,6 +147,20 @@ def remove_interrupted_builds(data_dir: str) -> List[str]:
     return removed
 
 
+def _complete_build(prefix: str) -> Optional[dict]:
+    """The build's metadata if ``prefix``.{json,idx,bin} are all there and the token file has the
+    recorded size (uint16 ids), else None (missing, truncated or damaged: rebuild)."""
+    try:
+        with open(prefix + ".json", encoding="utf-8") as f:
+            meta = json.load(f)
+        tokens = int(meta["num_tokens"])
+        int(meta["num_documents"])
+        ok = os.path.getsize(prefix + ".bin") == 2 * tokens and os.path.getsize(prefix + ".idx") > 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if ok else None
+
+
 def corpus_fingerprint(files: List[str], base: str) -> str:
     """sha256 over (path relative to ``base``, bytes) of every document, first 16 hex digits:
     what the summary reports, and the dataset cache's key."""
@@ -175,10 +192,14 @@ def build_corpus(data_dir: str, max_bytes: int, root: Optional[str] = None,
     fingerprint = corpus_fingerprint(files, base)
     prefix = os.path.join(data_dir, f"stdlib_bytes_{fingerprint}")
     meta_path = prefix + ".json"
-    if os.path.exists(meta_path) and os.path.exists(prefix + ".idx"):
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+    meta = _complete_build(prefix)
+    if meta is not None:
         return Corpus(prefix, meta["num_documents"], meta["num_tokens"], fingerprint, note)
+    if any(os.path.exists(prefix + ext) for ext in (".bin", ".idx", ".json")):
+        print(f"corpus cache {prefix}.* is incomplete or truncated: rebuilding it", file=sys.stderr)
+        for ext in (".bin", ".idx", ".json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(prefix + ext)
 
     os.makedirs(data_dir, exist_ok=True)
     remove_interrupted_builds(data_dir)  # the caller holds the output directory's lock
@@ -228,7 +249,18 @@ def build_datasets(corpus: Corpus, *, seq_length: int, train_samples: int, valid
         eod_mask_loss=False,
         create_attention_mask=False,
     )
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
-    ).build()
+    def build():
+        return BlendedMegatronDatasetBuilder(
+            GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
+        ).build()
+
+    try:
+        train, valid, _ = build()
+    except (ValueError, EOFError, OSError) as exc:  # a truncated or damaged index cache
+        if not os.path.isdir(cache_dir):
+            raise
+        print(f"dataset index cache {cache_dir} is unreadable ({type(exc).__name__}): rebuilding it",
+              file=sys.stderr)
+        shutil.rmtree(cache_dir)
+        train, valid, _ = build()
     return train, valid

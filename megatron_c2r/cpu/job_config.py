@@ -35,7 +35,7 @@ MEGATRON_FLAGS = {
     "moe-ffn-hidden-size": ("moe_ffn_hidden_size", int),
     "expert-model-parallel-size": ("ep_size", int),
     "seq-length": ("seq_length", int),
-    "max-position-embeddings": ("seq_length", int),
+    "max-position-embeddings": ("max_position_embeddings", int),
     "micro-batch-size": ("micro_batch_size", int),
     "train-iters": ("train_iters", int),
     "lr": ("lr", float),
@@ -82,6 +82,8 @@ class CPUTrainConfig:
     moe_ffn_hidden_size: int = 128
     ep_size: int = 2  # = gloo processes
     seq_length: int = 128
+    # Learned position embeddings for this many positions (None: seq_length); >= seq_length.
+    max_position_embeddings: Optional[int] = None
     micro_batch_size: int = 8  # per rank
     train_iters: int = 300
     lr: float = 3e-3
@@ -141,6 +143,11 @@ class CPUTrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{yaml_name(name)}={value!r} must be a finite number >= 0")
+        if self.max_position_embeddings is not None and self.max_position_embeddings < self.seq_length:
+            raise ValueError(
+                f"megatron.--max-position-embeddings={self.max_position_embeddings} is below "
+                f"megatron.--seq-length={self.seq_length}: positions past it have no embedding; "
+                f"raise it to at least {self.seq_length} or remove it")
         if self.min_lr > self.lr:
             raise ValueError(f"megatron.--min-lr={self.min_lr} is above megatron.--lr={self.lr}: "
                              "the schedule decays from lr to min-lr; lower min-lr")

@@ -78,7 +78,7 @@ def build_model(cfg: CPUTrainConfig, seed: int):
         config=config,
         transformer_layer_spec=cpu_block_spec(spec),
         vocab_size=PADDED_VOCAB_SIZE,
-        max_sequence_length=cfg.seq_length,
+        max_sequence_length=cfg.max_position_embeddings or cfg.seq_length,
         position_embedding_type="learned_absolute",  # RoPE moves its buffers to CUDA in 0.16
         share_embeddings_and_output_weights=not cfg.untie_embeddings,
     )

@@ -54,6 +54,26 @@ def _flags_as_given(argv: Sequence[str]) -> argparse.Namespace:
     return argparse.Namespace(**args)
 
 
+class UnknownFlags(ValueError):
+    """Flags Megatron-LM's own parser does not know (a typo would otherwise fail at launch)."""
+
+    def __init__(self, flags: Sequence[str]):
+        super().__init__(f"Megatron-LM's argument parser does not know {', '.join(flags)}: check "
+                         "the spelling against `pretrain_gpt.py --help`, or remove it")
+
+
+def parser_note() -> Optional[str]:
+    """One line when flags can only be checked by the model build, not by name (no Megatron-LM
+    argument parser importable: megatron-core 0.16 without a Megatron-LM checkout), else None."""
+    from megatron_c2r import compat
+
+    if compat.megatron_argument_parser() is not None:
+        return None
+    return ("flags checked by the model build only, not by name: this megatron-core has no "
+            "argument parser (megatron.training is in its wheel from 0.17); put a Megatron-LM "
+            "checkout on PYTHONPATH to check every flag")
+
+
 def megatron_args(argv: Sequence[str]) -> argparse.Namespace:
     """Megatron's parsed and defaulted args for ``argv`` (Megatron and ``--c2r-*`` flags)."""
     from megatron_c2r import compat
@@ -63,7 +83,10 @@ def megatron_args(argv: Sequence[str]) -> argparse.Namespace:
                               ).parse_known_args(list(argv))  # fmt: skip
     parser = compat.megatron_argument_parser()
     if parser is not None:
-        args, _ = parser.parse_known_args(rest)
+        args, unknown = parser.parse_known_args(rest)
+        flags = [u for u in unknown if u.startswith("--")]
+        if flags:
+            raise UnknownFlags(flags)
     else:
         args = _flags_as_given(rest)
     vars(args).update(vars(ours))
@@ -80,6 +103,8 @@ def model_build_problem(argv: Sequence[str]) -> Optional[str]:
         args = megatron_args(argv)
     except SystemExit:  # Megatron's parser already printed its own message
         return "Megatron-LM's argument parser refused the command line (message above)"
+    except UnknownFlags as exc:
+        return str(exc)
     try:
         config = compat.transformer_config_from_args(args)
     except (AssertionError, ValueError, TypeError) as exc:

@@ -31,3 +31,14 @@ def test_an_extreme_tokens_per_gpu_is_one_line_before_any_sampling():
     assert code == 2 and time.perf_counter() - start < 30
     assert "--tokens-per-gpu=200000" in err and "32768 or less" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_seq_length_and_max_position_embeddings_are_two_settings_not_one_that_silently_wins():
+    from megatron_c2r.cpu.job_config import load_train_job
+    from tests.e2e.test_cpu_main_job import ROOT as REPO
+
+    tiny = f"{REPO}/configs/tiny_cpu.yaml"
+    cfg, _ = load_train_job(tiny, ["megatron.seq-length=64", "megatron.max-position-embeddings=256"])
+    assert (cfg.seq_length, cfg.max_position_embeddings) == (64, 256)
+    with pytest.raises(ValueError, match=r"max-position-embeddings=32 is below megatron.--seq-length=64"):
+        load_train_job(tiny, ["megatron.seq-length=64", "megatron.max-position-embeddings=32"])

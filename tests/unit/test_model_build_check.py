@@ -57,3 +57,20 @@ def test_c2r_options_are_resolved_against_the_model_at_build_check():
     bad = list(argv)
     bad[bad.index("--c2r-max-groups") + 1] = "99"
     assert "max_groups=99" in preflight.model_build_problem(bad)
+
+
+def test_render_refuses_a_flag_megatrons_parser_does_not_know_or_says_it_cannot_check_names():
+    import subprocess
+    import sys
+
+    from megatron_c2r import compat
+
+    out = subprocess.run([sys.executable, "-W", "ignore", "-m", "megatron_c2r", "render",
+                          "configs/olmoe_1b_7b_c2r.yaml", "--set", "megatron.no-such-flag=1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if compat.megatron_argument_parser() is not None:  # 0.17+: Megatron-LM's parser is here
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "does not know --no-such-flag" in out.stderr
+    else:  # 0.16 without a checkout: it says what it could not check
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "flags checked by the model build only, not by name" in out.stderr

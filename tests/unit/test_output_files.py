@@ -96,3 +96,27 @@ def test_a_corpus_build_on_a_full_disk_is_one_line_and_a_later_start_removes_lef
     corpus = build_corpus(str(data), 20_000)
     assert sorted(os.listdir(data)) == sorted(
         os.path.basename(corpus.prefix) + ext for ext in (".bin", ".idx", ".json"))
+
+
+def test_a_truncated_corpus_or_dataset_cache_is_rebuilt_with_one_line_not_a_traceback(
+        tmp_path, capfd):
+    import glob
+
+    from megatron_c2r.cpu.data import build_corpus, build_datasets
+
+    data = tmp_path / "data"
+    corpus = build_corpus(str(data), 100_000)
+    kwargs = dict(seq_length=32, train_samples=64, valid_samples=8, seed=1,
+                  cache_dir=str(data / "cache"))
+    first = build_datasets(corpus, **kwargs)[0][3]["tokens"]
+    with open(corpus.prefix + ".bin", "r+b") as f:  # a copy cut short, a full disk
+        f.truncate(1000)
+    again = build_corpus(str(data), 100_000)
+    assert os.path.getsize(again.prefix + ".bin") == 2 * again.num_tokens
+    assert "is incomplete or truncated: rebuilding it" in capfd.readouterr().err
+    for path in glob.glob(str(data / "cache" / "**" / "*.npy"), recursive=True):
+        with open(path, "r+b") as f:
+            f.truncate(10)
+    rebuilt = build_datasets(again, **kwargs)[0][3]["tokens"]
+    assert torch.equal(rebuilt, first)
+    assert "dataset index cache" in capfd.readouterr().err
