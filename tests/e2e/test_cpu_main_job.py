@@ -112,38 +112,50 @@ def test_kill_9_during_saves_leaves_a_complete_checkpoint_that_resumes_to_the_sa
     assert summary["tries"] == 2 and summary["chains"] == 1
 
 
-@pytest.mark.parametrize("signame, to_group", [("SIGTERM", False), ("SIGINT", True)],
-                         ids=["sigterm_to_the_launcher", "ctrl_c_to_the_process_group"])
-def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(
-        full_run, tmp_path, signame, to_group):
-    """SLURM preemption (SIGTERM to the launcher, which forwards it) and Ctrl-C (SIGINT to the
-    whole process group): the ranks agree on a step, checkpoint it, exit 75 (requeue) with one
-    line; --resume then reproduces the uninterrupted run's losses bit for bit."""
-    import signal
+def _stop_with(out, signum, to_group, resume):
+    """Start `train --steps 8` into ``out``, send ``signum`` once it trains (to the launcher, or
+    to its whole process group as Ctrl-C does), and return (exit status, stderr, stopped at)."""
     import time
 
-    out, _ = full_run
     cmd = [sys.executable, "-m", "megatron_c2r", "train", "--config",
-           os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--out", str(tmp_path), "--no-progress",
-           *TINY, "--steps", "8"]
+           os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--out", str(out), "--no-progress",
+           *TINY, "--steps", "8", *(["--resume"] if resume else [])]
+    metrics = out / "metrics.csv"
+    seen = metrics.stat().st_size if metrics.exists() else 0
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + 300
-    while not (tmp_path / "metrics.csv").exists() and time.monotonic() < deadline:
+    while not (metrics.exists() and metrics.stat().st_size > seen) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)  # metrics.csv appears at iteration 1: training is under way
-    signum = getattr(signal, signame)
+        time.sleep(0.05)  # metrics.csv grows at this run's first logged step: it is training
     os.killpg(proc.pid, signum) if to_group else proc.send_signal(signum)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 75, stdout[-2000:] + stderr[-2000:]
-    lines = [line for line in stderr.splitlines() if line.startswith("megatron-c2r train:")]
-    assert len(lines) == 1 and "stopped on a signal after iteration" in lines[0], stderr
-    assert "Traceback" not in stdout + stderr and "KeyboardInterrupt" not in stderr
-    stopped = json.loads((tmp_path / "preempted.json").read_text())["iteration"]
-    assert 1 <= stopped < 8 and (tmp_path / f"checkpoint/iter_{stopped:07d}/meta.json").exists()
+    _, stderr = proc.communicate(timeout=300)
+    stopped = json.loads((out / "preempted.json").read_text())["iteration"]
+    return proc.returncode, stderr, stopped
+
+
+def test_signals_stop_after_the_step_with_a_checkpoint_and_the_resumed_chain_is_exact(
+        full_run, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group), then SLURM preemption (SIGTERM to the launcher,
+    which forwards it) on the resumed run: each time the ranks agree on a step, checkpoint it and
+    exit 75 (requeue) with one line; the last --resume reproduces the uninterrupted run's losses
+    bit for bit."""
+    import signal
+
+    out, _ = full_run
+    stops = []
+    for signum, to_group, resume in ((signal.SIGINT, True, False), (signal.SIGTERM, False, True)):
+        code, stderr, stopped = _stop_with(tmp_path, signum, to_group, resume)
+        assert code == 75, stderr[-3000:]
+        lines = [line for line in stderr.splitlines() if line.startswith("megatron-c2r train:")]
+        assert len(lines) == 1 and f"stopped on a signal after iteration {stopped}" in lines[0]
+        assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+        assert (tmp_path / f"checkpoint/iter_{stopped:07d}/meta.json").exists()
+        stops.append(stopped)
+    assert 1 <= stops[0] < stops[1] < 8, stops
     resumed = train(tmp_path, "--steps", "8", "--resume")
     assert history(tmp_path) == history(out)  # bit for bit, every iteration
-    assert f"(resumed at {stopped})" in resumed.stdout
+    assert f"(resumed at {stops[0]}, {stops[1]})" in resumed.stdout
     assert not (tmp_path / "preempted.json").exists()
 
 
