@@ -145,6 +145,7 @@ def _layers_from_matrix(array, top_k: Optional[int], name: str) -> list[LayerCol
 # No MoE model has more routed experts than this; an expert id past it is a damaged or hostile
 # file, refused before the [E, E] counts (E**2 values) are allocated.
 MAX_EXPERTS = 4096
+MAX_LAYERS = 1024  # MoE layers (decoder + MTP) a routing trace may name
 
 
 def _infer_num_experts(per_layer: list[np.ndarray], num_experts: Optional[int]) -> int:
@@ -243,6 +244,10 @@ def _layers_from_traces(path: str, num_experts: Optional[int]) -> list[LayerColl
         per_key.setdefault(key, []).append(top)
     if not per_key:
         raise ValueError(f"routing trace {path!r} has no records")
+    if len(per_key) > MAX_LAYERS:  # each layer becomes an [E, E] count matrix
+        raise ValueError(
+            f"routing trace {path!r} names {len(per_key)} MoE layers, more than the {MAX_LAYERS} "
+            "any model has: check the file's 'layer' (and 'block', 'mtp_idx') fields")
     keys = sorted(per_key)
     stacked = [np.concatenate(per_key[k]) for k in keys]
     num_experts = _infer_num_experts(stacked, num_experts)

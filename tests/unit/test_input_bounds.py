@@ -42,3 +42,14 @@ def test_seq_length_and_max_position_embeddings_are_two_settings_not_one_that_si
     assert (cfg.seq_length, cfg.max_position_embeddings) == (64, 256)
     with pytest.raises(ValueError, match=r"max-position-embeddings=32 is below megatron.--seq-length=64"):
         load_train_job(tiny, ["megatron.seq-length=64", "megatron.max-position-embeddings=32"])
+
+
+def test_a_trace_naming_more_layers_than_any_model_is_refused_before_the_count_matrices(tmp_path):
+    from megatron_c2r.placement.sources import MAX_LAYERS
+
+    trace = tmp_path / "router_trace_rank0.jsonl"
+    with open(trace, "w") as f:
+        for layer in range(MAX_LAYERS + 1):
+            f.write(json.dumps({"layer": layer, "topk": 2, "top_indices": [[0, 1]]}) + "\n")
+    with pytest.raises(ValueError, match=f"names {MAX_LAYERS + 1} MoE layers"):
+        load_collaboration(str(trace))
