@@ -159,16 +159,26 @@ def test_signals_stop_after_the_step_with_a_checkpoint_and_the_resumed_chain_is_
     assert not (tmp_path / "preempted.json").exists()
 
 
-def test_a_second_run_into_a_directory_in_use_is_refused_and_touches_nothing(tmp_path):
-    import fcntl
+def test_two_runs_into_one_out_the_second_is_refused_and_the_first_finishes_intact(
+        full_run, tmp_path):
+    import time
 
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "theirs.txt").write_text("the other run's file")
-    with open(out / ".lock", "w") as held:  # what a live run holds (OutDirLock)
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        _one_line_error(train(out, "--steps", "8", expect=2), "in use by another run", "--out")
-    assert sorted(os.listdir(out)) == [".lock", "theirs.txt"]
+    out, _ = full_run
+    cmd = [sys.executable, "-m", "megatron_c2r", "train", "--config",
+           os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--out", str(tmp_path), "--no-progress",
+           *TINY, "--steps", "8"]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "data").exists() and time.monotonic() < deadline:  # first holds the lock
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    second = train(tmp_path, "--steps", "8", expect=2)
+    _one_line_error(second, "in use by another run", f"pid {first.pid}", "another --out")
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert history(tmp_path) == history(out)  # the first run is untouched by the second
+    assert json.load(open(tmp_path / "summary.json"))["iterations"] == 8
 
 
 def test_resume_with_a_drifted_config_is_one_line_naming_the_field(full_run, tmp_path):
