@@ -198,14 +198,11 @@ def _check_model_build(cfg) -> None:
     (``megatron_lm.build_check``), as a ConfigError blamed on the config. Imports megatron.core;
     where it is missing (a batch host) the command exits 1 and the SLURM scripts render inside
     the container instead."""
-    from megatron_c2r.megatron_lm.build_check import model_build_problem, parser_note
+    from megatron_c2r.megatron_lm.build_check import model_build_problem
 
     problem = model_build_problem(cfg.program_argv()[3:])
     if problem:
         raise cfg.error(f"model build: {problem}")
-    note = parser_note()
-    if note:
-        print(f"{PROG}: {note}", file=sys.stderr)
 
 
 def _run_render(args: argparse.Namespace) -> int:
@@ -213,6 +210,11 @@ def _run_render(args: argparse.Namespace) -> int:
     cfg.check_megatron_lm()
     _check_model_build(cfg)
     sys.stdout.write(render(cfg, args.format))
+    from megatron_c2r.megatron_lm.build_check import parser_note
+
+    note = parser_note()  # after the output: an error above is always the only line
+    if note:
+        print(f"{PROG} render: {note}", file=sys.stderr)
     return 0
 
 
