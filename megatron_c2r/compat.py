@@ -387,28 +387,26 @@ def megatron_argument_parser():
 
 
 # Megatron-LM flags whose dest is another config field, for args parsed without its parser (0.16
-# without a checkout): flag attribute -> (TransformerConfig field, value when the flag is given).
-_RENAMED_FLAGS = {
-    "disable_bias_linear": ("add_bias_linear", False),
-    "no_bias_swiglu_fusion": ("bias_swiglu_fusion", False),
-    "no_bias_gelu_fusion": ("bias_activation_fusion", False),
-    "no_bias_dropout_fusion": ("bias_dropout_fusion", False),
-    "no_masked_softmax_fusion": ("masked_softmax_fusion", False),
-    "no_rope_fusion": ("apply_rope_fusion", False),
-    "no_gradient_accumulation_fusion": ("gradient_accumulation_fusion", False),
-    "apply_layernorm_1p": ("layernorm_zero_centered_gamma", True),
-}
+# without a checkout): flag attribute -> the TransformerConfig field it turns off (or on).
+_RENAMED_FLAGS_OFF = dict(
+    disable_bias_linear="add_bias_linear", no_bias_swiglu_fusion="bias_swiglu_fusion",
+    no_bias_gelu_fusion="bias_activation_fusion", no_bias_dropout_fusion="bias_dropout_fusion",
+    no_masked_softmax_fusion="masked_softmax_fusion", no_rope_fusion="apply_rope_fusion",
+    no_gradient_accumulation_fusion="gradient_accumulation_fusion",
+)
+_RENAMED_FLAGS_ON = dict(apply_layernorm_1p="layernorm_zero_centered_gamma")
 
 
 def apply_megatron_arg_defaults(args) -> None:
     """The part of Megatron-LM's ``validate_args`` that decides how the MoE layers are built
     and needs no GPU (``validate_args`` itself reads the device): expert TP defaults to TP, the
     parameter dtype follows --bf16/--fp16, and the parallel sizes default to 1 where the flags
-    were given without Megatron's parser (whose renamed flags, ``_RENAMED_FLAGS``, are then
-    mapped here). In place."""
-    for flag, (field, value) in _RENAMED_FLAGS.items():
-        if getattr(args, flag, None) is True and not hasattr(args, field):
-            setattr(args, field, value)
+    were given without Megatron's parser (whose renamed flags, ``_RENAMED_FLAGS_OFF`` / ``_ON``,
+    are then mapped here). In place."""
+    for renamed, value in ((_RENAMED_FLAGS_OFF, False), (_RENAMED_FLAGS_ON, True)):
+        for flag, field in renamed.items():
+            if getattr(args, flag, None) is True and not hasattr(args, field):
+                setattr(args, field, value)
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "context_parallel_size", "expert_model_parallel_size"):  # fmt: skip
         if getattr(args, name, None) is None:
