@@ -1,4 +1,4 @@
-#!/usr/bin/env bash
+#!/bin/bash
 # Stage what the GPU machine lacks for the device check, on a machine with pip access, into
 # ignored paths that travel with the checkout (.gpu_stage/, <= 64 MiB). docs/device_check.md.
 #
@@ -75,7 +75,8 @@ fi
 for f in pretrain_gpt.py gpt_builders.py model_provider.py; do
   if [[ -f "$tree/$f" ]]; then cp "$tree/$f" "$STAGE/Megatron-LM/"; fi
 done
-wheel="$(ls "$STAGE"/wheels/megatron_core-*.whl | head -1)"
+wheels=("$STAGE"/wheels/megatron_core-*.whl)
+wheel="${wheels[0]}"
 listing="$("$PY" -m zipfile -l "$wheel")"
 if ! grep -q "megatron/training/__init__.py" <<<"$listing"; then
   mkdir -p "$STAGE/Megatron-LM/megatron"

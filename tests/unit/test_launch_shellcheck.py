@@ -9,7 +9,8 @@ import subprocess
 from tests.launch_fakes import REPO, linter
 
 SCRIPTS = ["launch/lib.sh", "launch/local.sh", "launch/slurm/pretrain.sbatch",
-           "launch/slurm/torchrun.sbatch", "launch/slurm/submit.sh", "docker/install.sh"]  # fmt: skip
+           "launch/slurm/torchrun.sbatch", "launch/slurm/submit.sh", "docker/install.sh",
+           "launch/slurm/cpu_train.sbatch", ".ci/run", "tests/gpu/stage_device_check.sh"]  # fmt: skip
 
 
 def test_launch_scripts_are_shellcheck_clean():
