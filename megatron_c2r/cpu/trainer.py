@@ -288,6 +288,10 @@ def _quiet_megatron_fallbacks() -> None:
       and Megatron's local (torch) norms by design.
     * "full scope is deprecated ...": TransformerConfig's own default ``cuda_graph_scope="full"``
       (0.16) warns about itself; the runner uses no CUDA graphs.
+    * "No CUDA runtime is found ...": torch's CUDA build, logged when megatron.core imports
+      ``torch.utils.cpp_extension``.
+    * "GPTModel IS DEPRECATED ..." (0.19): the CPU runner builds Megatron's GPTModel on purpose,
+      the model every supported megatron-core has; the cluster path is Megatron-LM's choice.
     * "Unknown MLP type ...": ``TransformerLayer`` passes ``pg_collection`` only to MLP classes it
       lists by identity; our MoE layer is a subclass of ``MoELayer``, so it gets the default
       process groups from parallel_state, which is what the runner initialises."""
@@ -298,6 +302,11 @@ def _quiet_megatron_fallbacks() -> None:
 
     logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
         lambda record: not str(record.msg).startswith("Unknown MLP type"))
+    # torch's CUDA builds (the only torch for Python 3.12 on the registry) log "No CUDA runtime is
+    # found" when megatron.core (0.19) imports torch.utils.cpp_extension; the runner needs none.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(
+        lambda record: not str(record.msg).startswith("GPTModel IS DEPRECATED"))
 
 
 _STOP_SIGNAL: List[int] = []  # in a worker: the stop signals received (see STOP_SIGNALS)
