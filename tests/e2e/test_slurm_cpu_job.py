@@ -91,6 +91,13 @@ def _stop(base) -> None:
             pass
 
 
+def _live_step_daemons() -> bool:
+    """Whether any slurmstepd is still running (zombies of earlier runs do not count)."""
+    ps = subprocess.run(["ps", "-eo", "stat=,comm="], capture_output=True, text=True).stdout
+    return any(line.split()[1:] == ["slurmstepd"] and not line.split()[0].startswith("Z")
+               for line in ps.splitlines() if line.strip())
+
+
 def _job_state(job: str, env) -> tuple:
     out = _run("scontrol", "show", "job", job, env=env, check=False)
     fields = dict(part.split("=", 1) for part in out.split() if "=" in part)
@@ -119,13 +126,18 @@ def test_a_preempted_job_requeues_itself_and_resumes_to_the_uninterrupted_losses
     _run("scancel", "--signal=TERM", job, env=slurm)  # what preemption sends the job's steps
 
     # A requeue passes through transient states (the stopped run's exit 75 can show as FAILED
-    # for a moment): wait for COMPLETED, nudging the requeued job past SLURM's restart delay.
+    # for a moment). The requeued job waits out SLURM's restart delay; the test starts it
+    # sooner, but only once the old job's step daemons are gone (slurmd refuses to launch a job
+    # whose previous instance is still being torn down: "already killed").
+    failed_since = None
     while True:
         state, restarts = _job_state(job, slurm)
-        if state == "PENDING" and restarts >= 1:
+        if state == "PENDING" and restarts >= 1 and not _live_step_daemons():
             _run("scontrol", "update", f"JobId={job}", "StartTime=now", env=slurm, check=False)
         if state == "COMPLETED" and restarts >= 1:
             break
+        failed_since = (failed_since or time.monotonic()) if state == "FAILED" else None
+        assert not (failed_since and time.monotonic() - failed_since > 30), log.read_text()[-3000:]
         assert time.monotonic() < deadline + 300, (state, restarts, log.read_text()[-3000:])
         time.sleep(1)
     text = log.read_text()
