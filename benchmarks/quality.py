@@ -93,6 +93,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from megatron_c2r.files import write_text_atomic  # noqa: E402
+
+# Committed per-run summaries (a few hundred bytes each): tables re-render without rerunning.
+DATA = os.path.join(ROOT, "benchmarks", "data", "quality")
 
 SHAPES = {
     # name: (experts, topk, virtual EP groups, expert ffn hidden, T values[, virtual nodes])
@@ -163,10 +168,13 @@ def node_routings(shape: Dict) -> Dict[str, List[str]]:
     ranks); every routing also records node statistics (``c2r.num_nodes``)."""
     g, d = shape["groups"], shape["nodes"]
     out = {"topk": ["c2r.mode=topk"]}
-    for m in (1, 2):  # key rows first (a study cut short keeps them): M=1, then M=2
-        # Megatron's node-limited routing: group-limited with groups = nodes.
-        out[f"megatron_nl_{m}"] = ["c2r.mode=topk", f"megatron.moe-router-num-groups={d}",
-                                   f"megatron.moe-router-group-topk={m}"]
+    for m in (1, 2, 4):  # key rows first (a study cut short keeps them): M=1, then M=2
+        # Megatron's node-limited routing: group-limited with groups = nodes (4 of D < 4: none).
+        if m < d:
+            out[f"megatron_nl_{m}"] = ["c2r.mode=topk", f"megatron.moe-router-num-groups={d}",
+                                       f"megatron.moe-router-group-topk={m}"]
+        if m == 4:
+            continue
         node = ["c2r.mode=node", f"c2r.max_nodes={m}", "c2r.group_selection=anchored"]
         out[f"node_M{m}"] = node
         out[f"node_M{m}_bias"] = node + GROUP_BIAS
@@ -215,7 +223,26 @@ def warmup_of(sets: List[str], default: int) -> int:
     return found[-1] if found else default
 
 
-def run_one(out_dir: str, shape: Dict, sets: List[str], seed: int, steps: int, warmup: int) -> Dict:
+def summary_path(data_dir: str, out_dir: str) -> str:
+    """The committed summary of the run cached in ``out_dir`` (``<shape>_s<steps>/<routing>_seed<n>``):
+    ``<data_dir>/<shape>_s<steps>/<routing>_seed<n>.json``."""
+    shape_steps, run = os.path.split(os.path.normpath(out_dir))
+    return os.path.join(data_dir, os.path.basename(shape_steps), run + ".json")
+
+
+def run_one(out_dir: str, shape: Dict, sets: List[str], seed: int, steps: int, warmup: int,
+            data_dir: Optional[str] = None) -> Dict:
+    """One run's results (losses, router statistics), from the committed summary under
+    ``data_dir`` if there is one, else from the run cached in ``out_dir`` (trained first if it
+    is not there); a new result is written to ``data_dir`` (small JSON, committed)."""
+    committed = summary_path(data_dir, out_dir) if data_dir else None
+    if committed and os.path.exists(committed) and not os.path.exists(os.path.join(out_dir, "summary.json")):
+        with open(committed, encoding="utf-8") as f:
+            record = json.load(f)
+        if record.get("sets") != sets:
+            raise RuntimeError(f"{committed} was run with {record.get('sets')}, the routing now sets "
+                               f"{sets}: delete the file to rerun it")
+        return record["result"]
     warmup = warmup_of(sets, warmup)
     common = [
         "megatron.expert-model-parallel-size=1",
@@ -259,6 +286,12 @@ def run_one(out_dir: str, shape: Dict, sets: List[str], seed: int, steps: int, w
         out[key] = statistics.mean(stats[name]) if stats[name] else math.nan
     if "nodes" in shape:  # a token's own node is one of D: (D-1)/D of its node rows cross
         out["inter_node_rows_per_token"] = out["nodes_per_token"] * (shape["nodes"] - 1) / shape["nodes"]
+    if committed:
+        record = {"command": " ".join(["megatron-c2r", "train", "--steps", str(steps)]
+                                      + [f"--set {item}" for item in common + sets]),
+                  "sets": sets, "seed": seed, "steps": steps, "result": out}
+        os.makedirs(os.path.dirname(committed), exist_ok=True)
+        write_text_atomic(committed, json.dumps(record, indent=1, sort_keys=True) + "\n", prefix=".quality-")
     return out
 
 
@@ -286,6 +319,8 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true",
                     help="summarise the runs already in --out (no new runs)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "quality"))
+    ap.add_argument("--data", default=DATA,
+                    help="committed per-run summaries (read instead of rerunning; new runs add theirs)")
     args = ap.parse_args(argv)
     if args.quick:
         args.shapes, args.seeds, args.steps, args.warmup = ["16e4"], [0], 80, 20
@@ -300,14 +335,17 @@ def main(argv=None) -> int:
                 continue
             for seed in args.seeds:
                 run_dir = os.path.join(args.out, f"{shape_name}_s{args.steps}", f"{name}_seed{seed}")
-                if args.report_only and not os.path.exists(os.path.join(run_dir, "summary.json")):
+                if args.report_only and not (
+                        os.path.exists(os.path.join(run_dir, "summary.json"))
+                        or os.path.exists(summary_path(args.data, run_dir))):
                     continue
                 jobs.append((shape_name, name, seed, run_dir, shape, sets))
     # Seed-major: a study cut short still has every routing of its first seeds (complete pairs).
     jobs.sort(key=lambda j: (args.seeds.index(j[2]), args.shapes.index(j[0])))
     results: Dict = {}
     with ThreadPoolExecutor(args.workers) as pool, tqdm(total=len(jobs), desc="quality runs") as bar:
-        futures = {pool.submit(run_one, j[3], j[4], j[5], j[2], args.steps, args.warmup): j for j in jobs}
+        futures = {pool.submit(run_one, j[3], j[4], j[5], j[2], args.steps, args.warmup, args.data): j
+                   for j in jobs}
         for fut, job in futures.items():
             results.setdefault(job[0], {}).setdefault(job[1], []).append(
                 {**fut.result(), "seed": job[2], "row_width": row_width(job[5])})

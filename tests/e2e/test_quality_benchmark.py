@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 from benchmarks.quality import SHAPES, markdown_table, routings, summarize, warmup_of
 
@@ -14,7 +15,7 @@ def test_two_short_runs_report_rows_per_token_and_a_paired_delta(tmp_path):
 
     out = tmp_path / "quality"
     argv = ["--shapes", "16e4", "--seeds", "0", "--steps", "10", "--warmup", "4", "--workers", "1",
-            "--only", "topk", "anchored_M1", "--out", str(out)]
+            "--only", "topk", "anchored_M1", "--out", str(out), "--data", str(tmp_path / "data")]
     assert main(argv) == 0
     report = json.loads((out / "quality.json").read_text())
     rows = report["shapes"]["16e4"]["routings"]
@@ -28,6 +29,12 @@ def test_two_short_runs_report_rows_per_token_and_a_paired_delta(tmp_path):
     assert (out / "quality.png").stat().st_size > 10_000
     assert "| anchored_M1 | 1 |" in (out / "quality.md").read_text()
     # --report-only reads the same runs back without training again.
+    assert main(argv + ["--report-only"]) == 0
+    assert json.loads((out / "quality.json").read_text())["shapes"] == report["shapes"]
+    # The committed summaries alone (no cached run) give the same report, and say how to rerun.
+    record = json.loads((tmp_path / "data" / "16e4_s10" / "anchored_M1_seed0.json").read_text())
+    assert record["command"].startswith("megatron-c2r train --steps 10") and "c2r.max_groups=1" in record["command"]
+    shutil.rmtree(out)
     assert main(argv + ["--report-only"]) == 0
     assert json.loads((out / "quality.json").read_text())["shapes"] == report["shapes"]
 
@@ -69,7 +76,7 @@ def test_a_node_shape_run_reports_the_inter_node_hop_and_the_balance_column(tmp_
 
     out = tmp_path / "quality"
     argv = ["--shapes", "64e8n4", "--seeds", "0", "--steps", "6", "--warmup", "2", "--workers", "1",
-            "--only", "node_M1_bias", "--out", str(out)]
+            "--only", "node_M1_bias", "--out", str(out), "--data", str(tmp_path / "data")]
     assert main(argv) == 0
     row = json.loads((out / "quality.json").read_text())["shapes"]["64e8n4"]["routings"]["node_M1_bias"]
     assert row["nodes_per_token"] == 1.0 and row["inter_node_rows_per_token"] == 0.75  # 1 node x 3/4
@@ -87,6 +94,7 @@ def test_node_routings_measure_every_variant_on_the_same_node_blocks():
         for name, sets in variants.items():
             assert f"c2r.num_nodes={shape['nodes']}" in sets and f"c2r.num_groups={shape['groups']}" in sets
         assert f"megatron.moe-router-num-groups={shape['nodes']}" in variants["megatron_nl_1"]
+        assert ("megatron_nl_4" in variants) == (shape["nodes"] > 4)  # 4 of 4 nodes is top-k
         assert "c2r.group_bias_rate=0.001" in variants["node_M1_bias"]
         assert {"c2r.device_balance_coeff=0.05", "c2r.comm_balance_coeff=0.02"} <= set(variants["node_M2_balance"])
 
