@@ -112,6 +112,12 @@ SHAPES = {
 # and Megatron's default expert-bias rate for the group (node) bias.
 BALANCE_LOSSES = ["c2r.device_balance_coeff=0.05", "c2r.comm_balance_coeff=0.02"]
 GROUP_BIAS = ["c2r.group_bias_rate=0.001"]
+# Issue 27's study: mean nodes per token of the budgeted rule, its ramp (iterations after the
+# warm-up), the soft bias's targets and step (in logits: the tiny model's router is softmax).
+BUDGETS = (1.25, 1.5, 2.0)
+BUDGET_RAMP = 240
+SOFT_TARGETS = (1.5, 2.0)
+SOFT_RATE = 0.02
 # The tiny model's width (configs/tiny_cpu.yaml megatron.hidden-size) and BigMac's dispatch width.
 HIDDEN = 128
 DISPATCH_DIM = HIDDEN // 2
@@ -191,6 +197,17 @@ def node_routings(shape: Dict) -> Dict[str, List[str]]:
     # rows (megatron_nl_*) route constrained from step 0.
     out["node_score_M1_warmup120"] = ["c2r.mode=node", "c2r.max_nodes=1", "c2r.group_selection=group_score",
                                       "c2r.warmup_steps=120"]
+    # Issue 27: a row budget spent on the tokens that lose most (node M=1 relaxed to all nodes,
+    # mean nodes per token <= B), with a ramp, other criteria, relax_to=2; the soft locality bias.
+    for b in BUDGETS:
+        out[f"node_B{b}"] = out["node_M1"] + [f"c2r.mean_budget={b}"]
+        out[f"node_B{b}_ramp"] = out[f"node_B{b}"] + [f"c2r.budget_ramp_steps={BUDGET_RAMP}"]
+    out["node_B1.5_to2"] = out["node_B1.5"] + ["c2r.relax_to=2"]
+    for criterion in ("best_outside", "entropy"):
+        out[f"node_B1.5_{criterion}"] = out["node_B1.5"] + [f"c2r.relax_by={criterion}"]
+    for t in SOFT_TARGETS:
+        out[f"node_soft{t}"] = out["node_M1"] + [f"c2r.locality_bias_target={t}",
+                                                 f"c2r.locality_bias_rate={SOFT_RATE}"]
     # The in-run plan nodes first (cpu.replan_nodes: as `plan --nodes`), for ours and Megatron's.
     for name in ("node_M1", "megatron_nl_1"):
         out[f"{name}_hier"] = out[name] + ["cpu.replan_nodes=true"]

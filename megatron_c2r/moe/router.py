@@ -139,6 +139,20 @@ class C2RRouter(TopKRouter):
             self.register_buffer("local_tokens_per_group", zeros_G.clone(), persistent=False)
         else:
             self.group_bias = self.local_tokens_per_group = None
+        # Soft locality bias (c2r.locality_bias_target): the steered offset on the anchored
+        # blocks (saved) and this iteration's (sum of blocks per token, tokens) since its update.
+        if cfg.locality_bias_target is not None:
+            self.register_buffer("locality_bias", torch.zeros((), dtype=torch.float32, device=device))
+            self.register_buffer(
+                "local_locality_counts", torch.zeros(2, dtype=torch.float32, device=device), persistent=False
+            )
+        else:
+            self.locality_bias = self.local_locality_counts = None
+        # A budget ramp reads the iteration: saved, so a resumed run continues the ramp.
+        if cfg.budget_ramp_steps > 0:
+            self.register_buffer("schedule_iteration", torch.zeros((), dtype=torch.int64, device=device))
+        else:
+            self.schedule_iteration = None
 
         # Whether this forward's statistics (``_last``) are used: the metrics owner sets it from
         # its ``recording`` flag (the entry records only the iterations it logs).
@@ -244,6 +258,8 @@ class C2RRouter(TopKRouter):
         cfg = self.c2r_config
         done = iteration + 1
         self._next_iteration = done
+        if self.schedule_iteration is not None:
+            self.schedule_iteration.fill_(done)  # a host int: no sync
         if not self.rule.constrained or not cfg.track_collaboration:
             return
         if (not self._active and done >= cfg.warmup_steps) or self.refresh_due(iteration):
@@ -278,7 +294,8 @@ class C2RRouter(TopKRouter):
     # Buffers that must stay fp32 under --bf16/--fp16: Float16Module casts every floating buffer
     # to half precision, where a 1e-3 bias step vanishes once |bias| >= 0.5 and integer counts
     # above 256 round (and would be all-reduced rounded).
-    _FP32_BUFFERS = ("expert_bias", "local_tokens_per_expert", "group_bias", "local_tokens_per_group")
+    _FP32_BUFFERS = ("expert_bias", "local_tokens_per_expert", "group_bias", "local_tokens_per_group",
+                     "locality_bias", "local_locality_counts")
 
     def _maintain_float32_expert_bias(self):
         """Megatron's hook (called at the start of every forward, before a state-dict load and
@@ -399,7 +416,7 @@ class C2RRouter(TopKRouter):
             expert_bias_E=self.expert_bias if self.score_function == "sigmoid" else None,
         )
         tables = self._routing_tables()
-        indices_TK = self.rule.select(scores_TE, tables, self.group_bias)
+        indices_TK = self.rule.select(scores_TE, tables, self.group_bias, **self._rule_inputs())
         preferred_TE = None
         if want_preferred:
             preferred_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter_(
@@ -435,9 +452,10 @@ class C2RRouter(TopKRouter):
             probs_TE = self._apply_global_aux_loss(
                 probs_TE, scores_for_aux_TE, aux_map_TE, with_padding_mask=masked
             )
-        # 5. Expert-bias and group-bias token counts of the constrained map (the biases are
+        # 5. Expert-, group- and locality-bias counts of the constrained map (the biases are
         # updated after the iteration: Megatron's by the training loop, ours by step_routers).
-        if torch.is_grad_enabled() and (self.enable_expert_bias or self.group_bias is not None):
+        counts_bias = self.enable_expert_bias or self.group_bias is not None or self.locality_bias is not None
+        if torch.is_grad_enabled() and counts_bias:
             with torch.no_grad():
                 counted_TE = (
                     routing_map_TE if padding_T is None else routing_map_TE & ~padding_T.unsqueeze(-1)
@@ -446,7 +464,21 @@ class C2RRouter(TopKRouter):
                     self.local_tokens_per_expert += counted_TE.sum(dim=0)
                 if self.group_bias is not None:
                     self.local_tokens_per_group += group_loads(counted_TE, self.rule.balance(tables)[1])[0]
+                if self.locality_bias is not None:  # blocks of the real tokens, and their count
+                    blocks_T = self.rule.blocks_T(counted_TE, tables).float()
+                    tokens = counted_TE.any(dim=1).sum()
+                    self.local_locality_counts += torch.stack((blocks_T.sum(), tokens.float()))
         return probs_TE, routing_map_TE, preferred_TE
+
+    def _rule_inputs(self) -> Dict[str, object]:
+        """What the rule's ``select`` takes beyond the scores: its scheduled values (a budget
+        ramp; host floats from host counters) and the steered locality bias (a tensor)."""
+        inputs: Dict[str, object] = dict(
+            self.rule.router_inputs(self._next_iteration - self.c2r_config.warmup_steps)
+        )
+        if self.locality_bias is not None:
+            inputs["locality_bias"] = self.locality_bias
+        return inputs
 
     @torch.no_grad()
     def _record_stats(self, probs_TE, routing_map_TE, padding_T) -> None:
@@ -486,6 +518,8 @@ class C2RRouter(TopKRouter):
             for name, value_T in per_token_T.items():
                 self._last[name] = (value_T * valid_T).sum() / num_valid
         self._last["constraint_active"] = float(self._active)
+        for name, value in self._rule_inputs().items():  # the budget now, the locality bias
+            self._last[name] = value.detach().clone() if torch.is_tensor(value) else value
 
     def c2r_metrics(self) -> Dict[str, float]:
         """Per-layer metrics of the last forward (host sync happens here, at logging time).
@@ -506,6 +540,8 @@ def _max_over_mean(load_G: torch.Tensor) -> torch.Tensor:
 
 def _refresh_after_load(module: "C2RRouter", incompatible_keys) -> None:
     module._invalidate_caches()
+    if module.schedule_iteration is not None:  # the ramp's host counter (one sync, at load)
+        module._next_iteration = int(module.schedule_iteration)
 
 
 def c2r_routers(model: torch.nn.Module) -> Iterable[C2RRouter]:

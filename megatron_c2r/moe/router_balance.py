@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from megatron_c2r.routing.balance import group_balance_loss, group_loads, group_mass_TG
 from megatron_c2r.routing.penalty import full_scores
+from megatron_c2r.routing.rules.soft import updated_locality_bias
 
 
 def all_reduce_sum_(tensor: torch.Tensor, group) -> None:
@@ -106,13 +107,31 @@ def attach_group_balance_losses(
 @torch.no_grad()
 def update_group_biases(routers: Sequence) -> None:
     """``router.update_group_bias_`` for every router with a group bias (``c2r.group_bias_rate``
-    > 0), their loads summed over TP x DP x CP (Megatron's expert-bias group) in ONE all-reduce.
-    Collective: every rank of the stage calls it together (``step_routers`` does, once per
-    iteration); with no such router it exchanges nothing."""
-    routers = [r for r in routers if getattr(r, "group_bias", None) is not None]
-    if not routers:
+    > 0) and the locality-bias update of every router with a soft locality rule
+    (``c2r.locality_bias_target``), their counts summed over TP x DP x CP (Megatron's
+    expert-bias group) in ONE all-reduce. Collective: every rank of the stage calls it together
+    (``step_routers`` does, once per iteration); with no such router it exchanges nothing."""
+    grouped = [r for r in routers if getattr(r, "group_bias", None) is not None]
+    soft = [r for r in routers if getattr(r, "locality_bias", None) is not None]
+    if not grouped and not soft:
         return
-    loads_V = torch.cat([r.local_tokens_per_group for r in routers])
-    all_reduce_sum_(loads_V, routers[0].tp_dp_cp_group)
-    for router, load_G in zip(routers, loads_V.split([r.group_bias.numel() for r in routers])):
+    counts = [r.local_tokens_per_group for r in grouped] + [r.local_locality_counts for r in soft]
+    counts_V = torch.cat(counts)
+    all_reduce_sum_(counts_V, (grouped or soft)[0].tp_dp_cp_group)
+    parts = counts_V.split([c.numel() for c in counts])
+    for router, load_G in zip(grouped, parts):
         router.update_group_bias_(load_G)
+    for router, counts_2 in zip(soft, parts[len(grouped):]):
+        update_locality_bias_(router, counts_2)
+
+
+@torch.no_grad()
+def update_locality_bias_(router, counts_2: torch.Tensor) -> None:
+    """Move ``router.locality_bias`` by +-``c2r.locality_bias_rate`` toward the target mean
+    blocks per token from ``counts_2`` = (sum of blocks per token, tokens) summed over the ranks
+    that route, then zero the router's counts (``routing.rules.soft.updated_locality_bias``)."""
+    cfg = router.c2r_config
+    router.locality_bias.copy_(
+        updated_locality_bias(router.locality_bias, counts_2, cfg.locality_bias_target, cfg.locality_bias_rate)
+    )
+    router.local_locality_counts.zero_()

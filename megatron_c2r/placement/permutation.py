@@ -57,6 +57,8 @@ ROUTER_STATE: dict[str, str] = {
     "top_t_lists": LISTS, "expert_to_group": GROUPS, "constraint_active": SAME,
     # per balance group (EP-rank group or node), not per expert: groups keep their ids
     "group_bias": SAME, "local_tokens_per_group": SAME,
+    # scalars of the budgeted / soft rules (not per expert)
+    "locality_bias": SAME, "local_locality_counts": SAME, "schedule_iteration": SAME,
     **{f"tracker.{name}": kind for name, kind in TRACKER_STATE.items()},
 }
 

@@ -69,6 +69,21 @@ class C2RRouterConfig:
         groups), which costs one extra top-k per counted forward.
     preference_sample_interval: under an active constraint, count plain top-k's preference on
         every n-th training iteration only (1 = every iteration). Warm-up counts every step.
+    mean_budget: budgeted relaxation (group and node modes, anchored): every token gets the
+        anchored rule with ``max_groups`` / ``max_nodes`` blocks, and the tokens that lose most
+        under it (``relax_by``) are relaxed to ``relax_to`` blocks while the micro-batch's mean
+        blocks (groups, nodes) per token stays <= this budget (``routing/rules/budgeted.py``).
+        None = off. In [max_groups / max_nodes, relax_to].
+    relax_to: blocks a relaxed token may use (default: all, i.e. plain top-k).
+    relax_by: which tokens relax first: 'score_lost' (default: routing score the limit costs
+        the token), 'best_outside' (best excluded expert over the worst kept one), 'entropy'.
+    budget_ramp_steps: anneal the budget from ``relax_to`` to ``mean_budget`` over this many
+        iterations after the warm-up (0 = the budget from the start).
+    locality_bias_target: soft locality bias (group and node modes, anchored): select on the
+        scores plus a steered offset on the anchored ``max_groups`` / ``max_nodes`` blocks,
+        the offset moved after every iteration toward this mean blocks per token
+        (``routing/rules/soft.py``). None = off.
+    locality_bias_rate: the offset's step per iteration, in units of the selection scores.
     check_finite_logits: raise on NaN/Inf router logits before they reach a collective. In a
         stock Megatron MoELayer this costs one small device->host sync per layer; our
         C2RMoELayer defers it into the dispatcher's count exchange (no extra sync; see
@@ -93,6 +108,12 @@ class C2RRouterConfig:
     refresh_interval: int = at_least(0, default=0)
     track_collaboration: bool = True
     preference_sample_interval: int = at_least(1, default=1, note=" (1 = count every iteration)")
+    mean_budget: Optional[float] = at_least(1, default=None)
+    relax_to: Optional[int] = at_least(2, default=None)
+    relax_by: str = "score_lost"
+    budget_ramp_steps: int = at_least(0, default=0)
+    locality_bias_target: Optional[float] = at_least(1, default=None)
+    locality_bias_rate: float = at_least(0, default=0.01)
     check_finite_logits: bool = True
 
     def __post_init__(self):
@@ -121,10 +142,38 @@ class C2RRouterConfig:
                 f"c2r.penalty_coeff={self.penalty_coeff} pulls tokens into their top-1 expert's "
                 "group but c2r.mode='group_balanced' uses every group: set c2r.penalty_coeff: 0"
             )
+        self._check_relaxation()
         if self.mode == "c2r" and self.top_t is None:
             raise ValueError("c2r.top_t is required for mode='c2r' (e.g. top_t: 5 for E=8, k=2)")
         if self.expert_to_group is not None:
             object.__setattr__(self, "expert_to_group", tuple(int(g) for g in self.expert_to_group))
+
+    def _check_relaxation(self) -> None:
+        """The budgeted and soft rules' fields: with the anchored group / node rule only, one of
+        the two, and their sub-options only with them. (Ranges need the layout: the rules check
+        them when built.)"""
+        budget, soft = self.mean_budget is not None, self.locality_bias_target is not None
+        for name, value, default in (("relax_to", self.relax_to, None), ("relax_by", self.relax_by, "score_lost"),
+                                     ("budget_ramp_steps", self.budget_ramp_steps, 0)):  # fmt: skip
+            if value != default and not budget:
+                raise ValueError(f"c2r.{name}={value!r} applies to the budgeted rule only: set "
+                                 f"c2r.mean_budget or remove c2r.{name}")  # fmt: skip
+        if not (budget or soft):
+            return
+        field = "mean_budget" if budget else "locality_bias_target"
+        value = getattr(self, field)
+        if budget and soft:
+            raise ValueError(f"c2r.mean_budget={self.mean_budget} and c2r.locality_bias_target="
+                             f"{self.locality_bias_target} are two rules: set one of them")  # fmt: skip
+        if self.mode not in ("group", "node") or self.group_selection != "anchored":
+            raise ValueError(
+                f"c2r.{field}={value} relaxes the anchored group / node rule (mode is "
+                f"{self.mode!r}, group_selection {self.group_selection!r}): set c2r.mode: node "
+                "(or group) with c2r.group_selection: anchored"
+            )
+        if soft and self.locality_bias_rate <= 0:
+            raise ValueError(f"c2r.locality_bias_rate={self.locality_bias_rate} must be > 0 with "
+                             "c2r.locality_bias_target set")  # fmt: skip
 
     def resolve(self, *, num_experts: int, topk: int, ep_size: int) -> "C2RRouterConfig":
         """Fill defaults that depend on the model (num_groups <- EP size) and validate against it.
