@@ -304,7 +304,7 @@ def run_one(out_dir: str, shape: Dict, sets: List[str], seed: int, steps: int, w
     if "nodes" in shape:  # a token's own node is one of D: (D-1)/D of its node rows cross
         out["inter_node_rows_per_token"] = out["nodes_per_token"] * (shape["nodes"] - 1) / shape["nodes"]
     if committed:
-        record = {"command": " ".join(["megatron-c2r", "train", "--steps", str(steps)]
+        record = {"command": " ".join(["megatron-c2r", "train", "--config", "configs/tiny_cpu.yaml", "--steps", str(steps)]
                                       + [f"--set {item}" for item in common + sets]),
                   "sets": sets, "seed": seed, "steps": steps, "result": out}
         os.makedirs(os.path.dirname(committed), exist_ok=True)

@@ -33,7 +33,7 @@ def test_two_short_runs_report_rows_per_token_and_a_paired_delta(tmp_path):
     assert json.loads((out / "quality.json").read_text())["shapes"] == report["shapes"]
     # The committed summaries alone (no cached run) give the same report, and say how to rerun.
     record = json.loads((tmp_path / "data" / "16e4_s10" / "anchored_M1_seed0.json").read_text())
-    assert record["command"].startswith("megatron-c2r train --steps 10") and "c2r.max_groups=1" in record["command"]
+    assert record["command"].startswith("megatron-c2r train --config configs/tiny_cpu.yaml --steps 10") and "c2r.max_groups=1" in record["command"]
     shutil.rmtree(out)
     assert main(argv + ["--report-only"]) == 0
     assert json.loads((out / "quality.json").read_text())["shapes"] == report["shapes"]
