@@ -42,6 +42,7 @@ import glob
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -77,6 +78,7 @@ MODELS = {"deepseek_v3": ("DeepSeek-V3-like", "configs/deepseek_v3_like.yaml"),
           "qwen3": ("Qwen3-30B-A3B-like", "configs/qwen3_30b_a3b_like.yaml")}  # fmt: skip
 STEPS = 600
 DOCS_SOURCE = "docs/quality.md fresh-batch loss vs top-k, mean +- SEM, 3 seeds"
+QUALITY_SOURCE = "benchmarks/data/quality per-run summaries, fresh-batch loss vs top-k paired by seed"
 # Fresh-batch loss vs top-k (%), mean and SEM over 3 seeds, 600 steps (docs/quality.md, node shapes).
 STUDY_GAPS = {
     "64e8n4": {"megatron_nl_1": (1.73, 0.76), "megatron_nl_2": (0.02, 0.43), "node_M1": (2.13, 0.20),
@@ -99,8 +101,37 @@ ROWS = [
     ("ours_M1_deepep", "node_M1_warmup120", "deepep", "flex+DeepEP, our node-anchored M=1"),
     ("ours_M2_two_level", "node_M2", "two_level", "ours two-level, node-anchored M=2"),
     ("ours_M2_deepep", "node_M2", "deepep", "flex+DeepEP, our node-anchored M=2"),
+    ("ours_budget_two_level", "node_budget_best", "two_level", "ours two-level, budgeted (best budget)"),
+    ("ours_budget_deepep", "node_budget_best", "deepep", "flex+DeepEP, our budgeted rule (best budget)"),
     ("limit", None, None, "physical limit: no exposed all-to-all, rho = 1"),
 ]
+
+
+# Rows that take the best of several routings per cell (by modeled time to quality).
+BEST_OF = {
+    "megatron_nl_best": ("megatron_nl_1", "megatron_nl_2", "megatron_nl_4"),
+    "node_budget_best": tuple(r for r in ROUTINGS if r.startswith("node_B")),
+}
+QUALITY_DATA = os.path.join(ROOT, "benchmarks", "data", "quality")
+
+
+def measured_gaps(shape: str, data: str = QUALITY_DATA) -> dict:
+    """{routing: (mean %, SEM %, seeds)} of the fresh-batch loss vs top-k, paired by seed, from
+    quality.py's committed per-run summaries (``benchmarks/data/quality/<shape>_s600``)."""
+    runs: dict = {}
+    for path in sorted(glob.glob(os.path.join(data, f"{shape}_s{STEPS}", "*_seed*.json"))):
+        routing, seed = os.path.basename(path)[: -len(".json")].rsplit("_seed", 1)
+        with open(path, encoding="utf-8") as f:
+            runs.setdefault(routing, {})[int(seed)] = json.load(f)["result"]["fresh_loss"]
+    base = runs.get("topk", {})
+    gaps = {}
+    for routing, by_seed in runs.items():
+        deltas = [100 * (loss / base[seed] - 1) for seed, loss in by_seed.items() if seed in base]
+        if routing == "topk" or not deltas:
+            continue
+        sem = statistics.stdev(deltas) / math.sqrt(len(deltas)) if len(deltas) > 1 else None
+        gaps[routing] = (statistics.mean(deltas), sem, len(deltas))
+    return gaps
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,8 +186,11 @@ def build_study(data: str = DATA) -> dict:
         if base:
             fit = fit_power_law(base, end=STEPS)
             entry["fit"] = dataclasses.asdict(fit)
-        for routing, (mean, sem) in STUDY_GAPS[shape].items():
-            entry["gaps"][routing] = dict(mean=mean, sem=sem, seeds=3, source=DOCS_SOURCE)
+        gaps = {r: (mean, sem, 3, DOCS_SOURCE) for r, (mean, sem) in STUDY_GAPS[shape].items()}
+        for routing, (mean, sem, seeds) in measured_gaps(shape).items():  # the committed runs win
+            gaps[routing] = (mean, sem, seeds, QUALITY_SOURCE)
+        for routing, (mean, sem, seeds, source) in gaps.items():
+            entry["gaps"][routing] = dict(mean=mean, sem=sem, seeds=seeds, source=source)
             cand = committed_curves(shape, routing, data)
             if base and cand:
                 te = token_efficiency(base, cand)
@@ -206,8 +240,8 @@ def table_rows(case: dict, study: dict, late: bool, overlap: bool) -> dict:
             out[key] = dict(label=label, speedup=ref["time_to_quality_s"] / t.compute, rho=1.0,
                             routing_stats="uniform", rho_from="reference")  # fmt: skip
             continue
-        if routing == "megatron_nl_best":
-            options = [by[(r, transport)] for r in ("megatron_nl_1", "megatron_nl_2") if (r, transport) in by]
+        if routing in BEST_OF:
+            options = [by[(r, transport)] for r in BEST_OF[routing] if (r, transport) in by]
             if not options:
                 continue
             row = min(options, key=lambda r: r["time_to_quality_s"])
@@ -398,7 +432,8 @@ def main(argv=None) -> int:
         print(f"{shape}: top-k fit over {len(entry['baseline_seeds'])} seed(s): {fit_text}")
         for routing, gap in entry["gaps"].items():
             rf = study_rho(study, shape, routing, late=False)
-            print(f"  {routing:<20} gap {gap['mean']:+.2f}% +- {gap['sem']:.2f}: rho fit "
+            sem = "n/a (1 seed)" if gap["sem"] is None else f"{gap['sem']:.2f}"
+            print(f"  {routing:<20} gap {gap['mean']:+.2f}% +- {sem} ({gap['seeds']} seeds): rho fit "
                   f"{rf if rf is None else round(rf, 3)}, rho late {late_slope_rho(gap['mean'] / 100):.3f}"
                   + (f"; measured curves: {gap['measured']}" if "measured" in gap else ""))
     params = LinkParams()

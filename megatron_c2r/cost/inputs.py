@@ -163,6 +163,11 @@ class RoutingRule:
     num_nodes: Optional[int] = None
     max_ranks_per_node: Optional[int] = None
     balanced: bool = False
+    # Budgeted relaxation (``c2r.mean_budget``): the group / node rule relaxed to ``relax_to``
+    # blocks (None: all) for the tokens that lose most, mean blocks per token <= the budget.
+    mean_budget: Optional[float] = None
+    relax_to: Optional[int] = None
+    relax_by: str = "score_lost"
 
     def check(self, num_experts: int, topk: int) -> None:
         """ValueError naming ``limit_name`` unless the rule can route ``topk`` of
@@ -193,12 +198,16 @@ class RoutingRule:
             )
 
 
-def node_anchored(nodes: int, max_nodes: int, ep_size: Optional[int] = None) -> RoutingRule:
+def node_anchored(nodes: int, max_nodes: int, ep_size: Optional[int] = None,
+                  mean_budget: Optional[float] = None) -> RoutingRule:
     """Our node-anchored rule: the top-1 expert's node plus the best M-1 other nodes by group
     score, top-k inside (``node_topk``; equal to the group-anchored rule with groups = nodes).
-    ``ep_size``: the EP ranks the nodes are made of (default: one group per node)."""
-    return RoutingRule(f"node-anchored M={max_nodes}", ep_size or nodes, max_nodes,
-                       anchored=True, limit_name="--max-nodes", num_nodes=nodes)  # fmt: skip
+    ``ep_size``: the EP ranks the nodes are made of (default: one group per node).
+    ``mean_budget``: relaxed to all nodes for the tokens that lose most, at most that many nodes
+    per token on average (the budgeted rule)."""
+    label = f"node-anchored M={max_nodes}" + (f", budget {mean_budget:g}" if mean_budget else "")
+    return RoutingRule(label, ep_size or nodes, max_nodes, anchored=True, limit_name="--max-nodes",
+                       num_nodes=nodes, mean_budget=mean_budget)  # fmt: skip
 
 
 def config_rule(cfg, ep_size: int, nodes: int) -> RoutingRule:
@@ -206,21 +215,30 @@ def config_rule(cfg, ep_size: int, nodes: int) -> RoutingRule:
     group of ``ep_size`` GPUs on ``nodes`` nodes. Raises ValueError for a rule the model cannot
     synthesize (the C2R top-T rule needs the run's learned lists: pass a routing source)."""
     c2r, router = cfg.c2r, cfg.c2r.router
+    if c2r.enabled and router.locality_bias_target is not None:
+        raise ValueError(
+            f"c2r.locality_bias_target={router.locality_bias_target}: the soft locality bias's "
+            "rows depend on the offset training steers, which the model cannot synthesize: pass "
+            "--routing with a routing trace or dump of that run"
+        )
+    budget = dict(mean_budget=router.mean_budget, relax_to=router.relax_to, relax_by=router.relax_by)
+    relaxed = "" if router.mean_budget is None else f", budget {router.mean_budget:g} per token"
     if c2r.enabled and router.mode == "group":
         groups = router.num_groups or ep_size
         how = "" if router.group_selection == "anchored" else ", group score"
-        return RoutingRule(f"C2R group {router.max_groups} of {groups}{how}", groups,
+        return RoutingRule(f"C2R group {router.max_groups} of {groups}{how}{relaxed}", groups,
                            router.max_groups, anchored=router.group_selection == "anchored",
-                           limit_name="c2r.max_groups")  # fmt: skip
+                           limit_name="c2r.max_groups", **budget)  # fmt: skip
     if c2r.enabled and router.mode == "node":
         # The nodes are the EP group's (a --nodes override moves them; the router derives its
         # own from the same layout). The node bias (group_bias_rate) is a balance term the
         # model leaves out: uniform scores are balanced already.
         max_nodes, ranks = router.max_nodes or 1, router.max_ranks_per_node
-        label = f"C2R node {max_nodes} of {nodes}" + (f", {ranks} ranks each" if ranks else "")
+        label = f"C2R node {max_nodes} of {nodes}" + (f", {ranks} ranks each" if ranks else "") + relaxed
         return RoutingRule(label, ep_size, max_nodes,
                            anchored=router.group_selection == "anchored",
-                           limit_name="c2r.max_nodes", num_nodes=nodes, max_ranks_per_node=ranks)  # fmt: skip
+                           limit_name="c2r.max_nodes", num_nodes=nodes, max_ranks_per_node=ranks,
+                           **budget)  # fmt: skip
     if c2r.enabled and router.mode == "group_balanced":
         groups = router.num_groups or ep_size
         return RoutingRule(f"MoGE k/{groups} from each of {groups} groups", groups, groups,

@@ -123,8 +123,10 @@ def recommend(keyed_counts, args, params, flops, shape, efficiency: Optional[Tok
             value = study_rho(study, shape_name, study_routing, late)
             if value is not None:
                 rho[late][key] = value
-        source[key] = ("reference (rho = 1)" if study_routing == "topk"
-                       else f"study {shape_name}: {entry['gaps'][study_routing]['source']}")  # fmt: skip
+        if study_routing == "topk":
+            source[key] = "reference (rho = 1)"
+        elif study_routing in entry["gaps"]:  # routings without a study run get no rho: unranked
+            source[key] = f"study {shape_name}: {entry['gaps'][study_routing]['source']}"
     user = _user_key(args)
     if efficiency is not None and user is not None:
         rho[True][user], rho[False][user] = efficiency.rho_late_slope, efficiency.rho

@@ -47,6 +47,11 @@ def select_experts(rule: RoutingRule, scores_TE: torch.Tensor, topk: int) -> tor
         return scores_TE.topk(topk, dim=-1).indices
     num_experts = scores_TE.shape[1]
     groups_GN = torch.arange(num_experts).view(rule.num_groups, -1)
+    if rule.mean_budget is not None:  # the router's budgeted rule itself
+        budgeted = _budgeted_rule(rule, topk)
+        no_lists = torch.zeros(num_experts, 0, dtype=torch.int64)
+        tables = budgeted.tables(contiguous_groups(num_experts, rule.num_groups), no_lists)
+        return budgeted.select(scores_TE, tables)
     if rule.balanced:
         return group_balanced_topk(scores_TE, topk, groups_GN)[1]
     if rule.num_nodes is not None:
@@ -55,6 +60,18 @@ def select_experts(rule: RoutingRule, scores_TE: torch.Tensor, topk: int) -> tor
     expert_to_group_E = contiguous_groups(num_experts, rule.num_groups)
     return group_topk(scores_TE, topk, expert_to_group_E, rule.num_groups, rule.max_groups,
                       anchored=rule.anchored, groups_GN=groups_GN)[1]  # fmt: skip
+
+
+def _budgeted_rule(rule: RoutingRule, topk: int):
+    """The router's ``BudgetedNodeRule`` / ``BudgetedGroupRule`` for a cost-model rule."""
+    from megatron_c2r.routing.rules import BudgetedGroupRule, BudgetedNodeRule
+
+    budget = dict(mean_budget=rule.mean_budget, relax_to=rule.relax_to, relax_by=rule.relax_by)
+    if rule.num_nodes is not None:
+        return BudgetedNodeRule(topk=topk, num_groups=rule.num_groups, max_groups=rule.num_groups,
+                                num_nodes=rule.num_nodes, max_nodes=rule.max_groups,
+                                max_ranks_per_node=rule.max_ranks_per_node, **budget)  # fmt: skip
+    return BudgetedGroupRule(topk=topk, num_groups=rule.num_groups, max_groups=rule.max_groups, **budget)
 
 
 def routing_map(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:

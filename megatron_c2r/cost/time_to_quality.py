@@ -563,6 +563,10 @@ ROUTINGS = {  # key: (label, study routing whose loss gap it takes, Megatron off
     "megatron_nl_2": ("Megatron node-limited M=2", "megatron_nl_2", True),
     "node_M1_warmup120": ("ours node-anchored M=1 (120-step warm-up)", "node_M1_warmup120", False),
     "node_M2": ("ours node-anchored M=2", "node_M2", False),
+    "megatron_nl_4": ("Megatron node-limited M=4", "megatron_nl_4", True),
+    **{f"node_B{b:g}": (f"ours budgeted, {b:g} nodes per token", f"node_B{b:g}", False) for b in (1.25, 1.5, 2.0)},
+    **{f"node_B{b:g}_ramp": (f"ours budgeted, {b:g} nodes per token, ramped", f"node_B{b:g}_ramp", False)
+       for b in (1.25, 1.5, 2.0)},
 }
 TRANSPORTS = ("alltoall", "deepep", "hybridep", "two_level")
 MEGATRON_TRANSPORTS = ("alltoall", "deepep", "hybridep")
@@ -640,7 +644,7 @@ def routing_rules(nodes: int) -> Dict[str, "RoutingRule"]:
     from megatron_c2r.cost.inputs import RoutingRule, node_anchored
 
     rules = {"topk": RoutingRule("top-k")}
-    for m in (1, 2):
+    for m in (1, 2, 4):
         if m < nodes:
             rules[f"megatron_nl_{m}"] = RoutingRule(f"Megatron node-limited {m} of {nodes}", nodes, m,
                                                     anchored=False, limit_name="M")  # fmt: skip
@@ -648,6 +652,9 @@ def routing_rules(nodes: int) -> Dict[str, "RoutingRule"]:
         rules["node_M1_warmup120"] = node_anchored(nodes, 1)
     if nodes > 2:
         rules["node_M2"] = node_anchored(nodes, 2)
+    for b in (1.25, 1.5, 2.0):  # the budgeted rule (the ramp ends at the same budget)
+        if b < nodes:
+            rules[f"node_B{b:g}"] = rules[f"node_B{b:g}_ramp"] = node_anchored(nodes, 1, mean_budget=b)
     return rules
 
 
