@@ -296,3 +296,44 @@ def test_activation_recompute_records_statistics_counts_and_comm_stats_once(reco
     assert layer.token_dispatcher.comm_stats.calls == 1
     metrics.record(layer)
     assert all(c == {0: 1} for c in metrics._counts.values()), metrics._counts
+
+
+def test_megatrons_overlap_schedule_callables_meet_the_one_sync_in_the_dispatch_node():
+    """The same placement through the callables Megatron's fine-grained 1F1B A2A overlap
+    schedule (--overlap-moe-expert-parallel-comm) runs for a real TransformerLayer with our MoE
+    layer, called in the schedule's order: the attention node (attention, router, dispatch
+    preprocess) must not wait on the device; the dispatch node holds the one count-table copy.
+    The schedule node itself is CUDA-stream plumbing: a namespace with the state it carries."""
+    from types import SimpleNamespace
+
+    from megatron.core.models.gpt.fine_grained_callables import build_transformer_layer_callables
+
+    from megatron_c2r.compat import build_from_spec
+    from megatron_c2r.cpu.platform import cpu_block_spec, setup_cpu_megatron
+    from megatron_c2r.moe.spec_builders import get_c2r_decoder_block_spec
+
+    init_parallel()
+    config = moe_config(num_layers=1, hidden_size=H, num_moe_experts=8, moe_router_topk=2,
+                        moe_aux_loss_coeff=0.01, attention_dropout=0.0)  # fmt: skip
+    options = C2ROptions(router=C2RRouterConfig(mode="group", max_groups=1), dispatcher="dedup")
+    block = cpu_block_spec(get_c2r_decoder_block_spec(config, options, use_transformer_engine=False))
+    setup_cpu_megatron(seed=0)  # the CPU runner's attention seams (megatron_c2r/cpu/platform.py)
+    with megatron_cpu():
+        layer = build_from_spec(block.layer_specs[0], config=config, layer_number=1).train()
+    attention_node, dispatch_node, experts_node = build_transformer_layer_callables(layer)[0][:3]
+    causal = torch.triu(torch.ones(16, 16, dtype=torch.bool), diagonal=1)[None, None]  # True: masked
+    chunk = SimpleNamespace(attention_mask=causal, rotary_pos_emb=None, rotary_pos_cos=None,
+                            rotary_pos_sin=None, packed_seq_params=None, sequence_len_offset=None)  # fmt: skip
+    node = SimpleNamespace(chunk_state=chunk, layer_state=SimpleNamespace(), is_mtp=False,
+                           detach=lambda t: t.detach().requires_grad_(t.requires_grad))  # fmt: skip
+    x = torch.randn(16, 2, H, requires_grad=True)
+    audit = SyncAudit().track(layer, x)
+    with megatron_cpu(), audit:
+        audit.phase = "attention node"
+        local_tokens, probs = attention_node(node, x)
+        audit.phase = "dispatch node"
+        dispatched = dispatch_node(node, local_tokens, probs)
+        audit.phase = "experts node"
+        out = experts_node(node, dispatched)
+    assert out.shape[-1] == H and dispatched.shape[-1] == H
+    assert audit.events == [("dispatch node", "Tensor.cpu")], audit.summary()
