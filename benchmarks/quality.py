@@ -405,6 +405,10 @@ HEAD_TO_HEAD = (
        ("node_M1_warmup120", "node_score_M1_warmup120"), ("node_score_M1_warmup120", "megatron_nl_1")]
     + [("node_M1_hier", "megatron_nl_1_hier"), ("node_M1_hier", "node_M1"),
        ("megatron_nl_1_hier", "megatron_nl_1")]
+    # Issue 27: the budget spent adaptively vs the hard rules at the same rows.
+    + [("node_B2.0", "megatron_nl_2"), ("node_B2.0", "node_M2"), ("node_B2.0_ramp", "node_B2.0"),
+       ("node_B1.5_ramp", "node_B1.5"), ("node_B1.25_ramp", "node_B1.25"), ("node_soft2.0", "megatron_nl_2")]
+    + [(f"node_B1.5_{v}", "node_B1.5") for v in ("to2", "best_outside", "entropy")]
 )
 
 
@@ -485,8 +489,37 @@ def summarize(results: Dict, args) -> Dict:
                         "fresh": fresh, "val": paired(by_routing[ours], by_routing[theirs], key="val_loss")}
         report["shapes"][shape_name] = {"topk": k, "groups": SHAPES[shape_name]["groups"],
                                         "nodes": SHAPES[shape_name].get("nodes"), "routings": rows,
-                                        "head_to_head": head_to_head}
+                                        "head_to_head": head_to_head,
+                                        "vs_megatron_frontier": megatron_frontier(by_routing)}
     return report
+
+
+def megatron_frontier(by_routing: Dict) -> Dict:
+    """Ours against Megatron's node-limited frontier at equal inter-node rows, per seed: each of
+    our routings' fresh-batch loss against Megatron's interpolated linearly (in nodes per token)
+    between the two ``megatron_nl_<m>`` runs of that seed that bracket our run's nodes per
+    token. {routing: paired % change (mean, sem, seeds, lower)}; routings outside Megatron's
+    measured range, or without a bracketing pair on a seed, are left out."""
+    megatron = sorted(n for n in by_routing if n.startswith("megatron_nl_") and n[len("megatron_nl_"):].isdigit())
+    out = {}
+    for name, runs in by_routing.items():
+        if not name.startswith("node_"):
+            continue
+        deltas = []
+        for run in runs:
+            points = sorted((r["nodes_per_token"], r["fresh_loss"]) for m in megatron
+                            for r in by_routing[m] if r["seed"] == run["seed"])  # fmt: skip
+            x = run.get("nodes_per_token", math.nan)
+            for (x0, y0), (x1, y1) in zip(points, points[1:]):
+                if x0 <= x <= x1 and x1 > x0:
+                    reference = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+                    deltas.append(100 * (run["fresh_loss"] / reference - 1))
+                    break
+        if deltas:
+            sem = statistics.stdev(deltas) / math.sqrt(len(deltas)) if len(deltas) > 1 else None
+            out[name] = {"mean": statistics.mean(deltas), "sem": sem, "seeds": len(deltas),
+                         "lower": sum(d < 0 for d in deltas)}
+    return out
 
 
 def _change(mean: float, sem: Optional[float]) -> str:
@@ -535,6 +568,12 @@ def markdown_table(report: Dict) -> str:
                 lines.append(f"| {name} | {len(r['runs'])} | {r['rows_per_token']:.2f} | "
                              f"{r['fewer_rows_than_alltoall']:.2f}× | "
                              f"{_times(r.get('fewer_bytes_than_alltoall'))} | {tail}")
+        if shape.get("vs_megatron_frontier"):
+            lines.append("\n| ours vs Megatron's node-limited frontier at equal inter-node rows (per seed, "
+                         "interpolated in nodes/token) | fresh-batch loss change | lower in |")
+            lines.append("|---|---|---|")
+            for name, f in shape["vs_megatron_frontier"].items():
+                lines.append(f"| {name} | {_change(f['mean'], f['sem'])} | {f['lower']} of {f['seeds']} seeds |")
         if shape.get("head_to_head"):
             lines.append("\n| at equal rows/token | fresh-batch loss change | lower in | val loss change | lower in |")
             lines.append("|---|---|---|---|---|")

@@ -125,3 +125,20 @@ def test_node_columns_pair_inter_node_rows_and_balance_by_routing():
     table = markdown_table(summarize(results, Args()))
     assert "| node_M1 | 2 | 2.00 | 1.00 | 0.75 | 8.00× | 3.60× |" in table
     assert "| 1.70 | 1.60 |" in table
+
+
+def test_ours_against_megatrons_frontier_interpolates_per_seed_at_our_nodes_per_token():
+    from benchmarks.quality import megatron_frontier
+
+    def run(seed, loss, nodes):
+        return {"seed": seed, "fresh_loss": loss, "nodes_per_token": nodes}
+
+    by_routing = {
+        "megatron_nl_1": [run(0, 2.10, 1.0), run(1, 2.20, 1.0)],
+        "megatron_nl_2": [run(0, 2.00, 2.0), run(1, 2.10, 2.0)],
+        "node_B1.5": [run(0, 2.04, 1.5), run(1, 2.16, 1.5)],  # references 2.05 and 2.15
+        "node_M1": [run(0, 2.0, 0.9)],  # below Megatron's measured range: left out
+    }
+    row = megatron_frontier(by_routing)
+    assert set(row) == {"node_B1.5"} and row["node_B1.5"]["seeds"] == 2 and row["node_B1.5"]["lower"] == 1
+    assert math.isclose(row["node_B1.5"]["mean"], (100 * (2.04 / 2.05 - 1) + 100 * (2.16 / 2.15 - 1)) / 2)
