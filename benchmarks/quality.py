@@ -115,6 +115,7 @@ GROUP_BIAS = ["c2r.group_bias_rate=0.001"]
 # Issue 27's study: mean nodes per token of the budgeted rule, its ramp (iterations after the
 # warm-up), the soft bias's targets and step (in logits: the tiny model's router is softmax).
 BUDGETS = (1.25, 1.5, 2.0)
+BUDGETS_TO2 = (1.25, 1.5, 1.75)
 BUDGET_RAMP = 240
 SOFT_TARGETS = (1.5, 2.0)
 SOFT_RATE = 0.02
@@ -202,7 +203,9 @@ def node_routings(shape: Dict) -> Dict[str, List[str]]:
     for b in BUDGETS:
         out[f"node_B{b}"] = out["node_M1"] + [f"c2r.mean_budget={b}"]
         out[f"node_B{b}_ramp"] = out[f"node_B{b}"] + [f"c2r.budget_ramp_steps={BUDGET_RAMP}"]
-    out["node_B1.5_to2"] = out["node_B1.5"] + ["c2r.relax_to=2"]
+    for b in BUDGETS_TO2:  # relaxed to 2 nodes: more tokens relaxed, each by one node
+        out[f"node_B{b}_to2"] = out["node_M1"] + [f"c2r.mean_budget={b}", "c2r.relax_to=2"]
+        out[f"node_B{b}_to2_ramp"] = out[f"node_B{b}_to2"] + [f"c2r.budget_ramp_steps={BUDGET_RAMP}"]
     for criterion in ("best_outside", "entropy"):
         out[f"node_B1.5_{criterion}"] = out["node_B1.5"] + [f"c2r.relax_by={criterion}"]
     for t in SOFT_TARGETS:
@@ -409,6 +412,7 @@ HEAD_TO_HEAD = (
     + [("node_B2.0", "megatron_nl_2"), ("node_B2.0", "node_M2"), ("node_B2.0_ramp", "node_B2.0"),
        ("node_B1.5_ramp", "node_B1.5"), ("node_B1.25_ramp", "node_B1.25"), ("node_soft2.0", "megatron_nl_2")]
     + [(f"node_B1.5_{v}", "node_B1.5") for v in ("to2", "best_outside", "entropy")]
+    + [("node_B1.5_to2_ramp", "node_B1.5_to2"), ("node_B1.75_to2", "megatron_nl_2"), ("node_B1.75_to2", "node_M2")]
 )
 
 

@@ -4,7 +4,8 @@
     functional.py  the selection rules as functions, score functions, validation
     penalty.py     the collaboration penalty
     balance.py     group-level balance: DeepSeek-V2's device / communication losses, group bias
-    rules.py       one routing-rule object per mode (what ``moe/router.py`` adapts to Megatron)
+    rules/         one routing-rule object per mode, one family per file (what ``moe/router.py``
+                   adapts to Megatron): base, top_t, limited, balanced, budgeted, soft
 
 Shape-suffix legend, one meaning per letter in this package and in ``moe/router.py``:
     S  sequence length             B  micro-batch size       T  tokens (S*B flattened)
