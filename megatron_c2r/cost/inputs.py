@@ -199,15 +199,16 @@ class RoutingRule:
 
 
 def node_anchored(nodes: int, max_nodes: int, ep_size: Optional[int] = None,
-                  mean_budget: Optional[float] = None) -> RoutingRule:
+                  mean_budget: Optional[float] = None, relax_to: Optional[int] = None) -> RoutingRule:
     """Our node-anchored rule: the top-1 expert's node plus the best M-1 other nodes by group
     score, top-k inside (``node_topk``; equal to the group-anchored rule with groups = nodes).
     ``ep_size``: the EP ranks the nodes are made of (default: one group per node).
     ``mean_budget``: relaxed to all nodes for the tokens that lose most, at most that many nodes
-    per token on average (the budgeted rule)."""
+    per token on average (the budgeted rule; ``relax_to``: relaxed to that many nodes)."""
     label = f"node-anchored M={max_nodes}" + (f", budget {mean_budget:g}" if mean_budget else "")
+    label += f" relaxed to {relax_to}" if relax_to else ""
     return RoutingRule(label, ep_size or nodes, max_nodes, anchored=True, limit_name="--max-nodes",
-                       num_nodes=nodes, mean_budget=mean_budget)  # fmt: skip
+                       num_nodes=nodes, mean_budget=mean_budget, relax_to=relax_to)  # fmt: skip
 
 
 def config_rule(cfg, ep_size: int, nodes: int) -> RoutingRule:

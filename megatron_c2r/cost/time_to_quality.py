@@ -567,6 +567,9 @@ ROUTINGS = {  # key: (label, study routing whose loss gap it takes, Megatron off
     **{f"node_B{b:g}": (f"ours budgeted, {b:g} nodes per token", f"node_B{b:g}", False) for b in (1.25, 1.5, 2.0)},
     **{f"node_B{b:g}_ramp": (f"ours budgeted, {b:g} nodes per token, ramped", f"node_B{b:g}_ramp", False)
        for b in (1.25, 1.5, 2.0)},
+    **{f"node_B{b:g}_to2{tail}": (f"ours budgeted, {b:g} nodes per token, relaxed to 2{label}",
+                                  f"node_B{b:g}_to2{tail}", False)
+       for b in (1.25, 1.5, 1.75) for tail, label in (("", ""), ("_ramp", ", ramped"))},
 }
 TRANSPORTS = ("alltoall", "deepep", "hybridep", "two_level")
 MEGATRON_TRANSPORTS = ("alltoall", "deepep", "hybridep")
@@ -654,19 +657,23 @@ def routing_rules(nodes: int) -> Dict[str, "RoutingRule"]:
         rules["node_M2"] = node_anchored(nodes, 2)
     for b in (1.25, 1.5, 2.0):  # the budgeted rule (the ramp ends at the same budget)
         if b < nodes:
-            rules[f"node_B{b:g}"] = rules[f"node_B{b:g}_ramp"] = node_anchored(nodes, 1, mean_budget=b)
+            rules[f"node_B{b:g}"] = node_anchored(nodes, 1, mean_budget=b)
+    for b in (1.25, 1.5, 1.75):
+        if nodes > 2:
+            rules[f"node_B{b:g}_to2"] = node_anchored(nodes, 1, mean_budget=b, relax_to=2)
     return rules
 
 
 def configuration_times(counts: Dict[str, "RoutingCounts"], params, flops: StepFlops,
                         tokens_per_gpu: int, dense_tflops: float) -> Dict[Tuple[str, str], StepTime]:
     """StepTime of every (routing, transport) from ``counts`` (keyed like ``routing_rules``;
-    ``topk_hier`` reuses top-k's counts)."""
+    ``topk_hier`` reuses top-k's counts, a ``_ramp`` routing its budget's)."""
     from megatron_c2r.cost.model import layer_time
 
     out = {}
     for routing in ROUTINGS:
-        source = "topk" if routing == "topk_hier" else routing
+        # A placement and a ramp change no row count at the end: top-k's / the budget's counts.
+        source = "topk" if routing == "topk_hier" else routing.removesuffix("_ramp")
         if source not in counts:
             continue
         for transport in TRANSPORTS:
