@@ -98,6 +98,9 @@ METRIC_NAMES = (
     "node_load_max_over_mean",
     "inter_node_rows_per_token",
     "inter_node_byte_reduction",
+    "relaxed_share",
+    "mean_budget",
+    "locality_bias",
 )
 
 Value = Union[float, torch.Tensor]
