@@ -225,6 +225,22 @@ def model_case(model: str, nodes: int, tokens: int, params: LinkParams, seed: in
                 _times=times)  # fmt: skip
 
 
+def load_cases(path: str, tokens: int, params: LinkParams) -> list:
+    """The cases of an earlier run's ``time_to_quality.json`` with their step times rebuilt;
+    refused unless they were modeled with the same tokens per GPU and link parameters."""
+    from megatron_c2r.cost.time_to_quality import StepTime
+    from megatron_c2r.files import read_json_file
+
+    earlier = read_json_file(path, "time-to-quality results")
+    if earlier["tokens_per_gpu"] != tokens or earlier["params"] != dataclasses.asdict(params):
+        raise SystemExit(f"--cases {path}: modeled with {earlier['tokens_per_gpu']} tokens per GPU and "
+                         f"{earlier['params']}, not {tokens} and {dataclasses.asdict(params)}: model again")
+    cases = earlier["cases"]
+    for case in cases:
+        case["_times"] = {tuple(key.split("|")): StepTime(**value) for key, value in case["times"].items()}
+    return cases
+
+
 def table_rows(case: dict, study: dict, late: bool, overlap: bool) -> dict:
     """{row key: dict(speedup vs flex+DeepEP top-k, rho, label, ...)} for one case."""
     shape = nearest_study_shape(study, case["nodes"])
@@ -409,6 +425,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--no-doc", action="store_true", help="leave docs/ and the study file alone")
+    ap.add_argument("--cases", help="reuse the modeled cases of an earlier run's time_to_quality.json "
+                                    "(step times; the loss gaps are read again)")
     args = ap.parse_args(argv)
     if args.synthetic:
         print("| m | noise (per step) | seeds | rho | 1/m | error |\n|---|---|---|---|---|---|")
@@ -438,7 +456,10 @@ def main(argv=None) -> int:
                   + (f"; measured curves: {gap['measured']}" if "measured" in gap else ""))
     params = LinkParams()
     start = time.perf_counter()
-    cases = [model_case(m, n, args.tokens_per_gpu, params, args.seed) for m in MODELS for n in args.nodes]
+    if args.cases:  # the modeled step times of an earlier run: re-rank with the study as it is now
+        cases = load_cases(args.cases, args.tokens_per_gpu, params)
+    else:
+        cases = [model_case(m, n, args.tokens_per_gpu, params, args.seed) for m in MODELS for n in args.nodes]
     seconds = time.perf_counter() - start
     table = markdown(cases, study, params, args.tokens_per_gpu)
     print(table.replace(TABLE_BEGIN, "").replace(TABLE_END, ""))
