@@ -286,3 +286,11 @@ def test_the_benchmark_on_the_committed_curves_has_the_zero_loss_row_and_the_phy
         # Nothing at rho = 1 beats the same step with no all-to-all at all.
         at_one = [r["speedup"] for r in cell.values() if r["rho"] == 1.0 and r is not cell["limit"]]
         assert cell["limit"]["speedup"] >= max(at_one) - 1e-9
+    # --cases re-ranks the same modeled step times without modeling again: the same tables;
+    # cases modeled for another workload are refused.
+    again = tmp_path / "again"
+    cases = str(tmp_path / "time_to_quality.json")
+    assert bench.main(["--quick", "--cases", cases, "--out", str(again)]) == 0
+    assert json.loads((again / "time_to_quality.json").read_text())["tables"] == result["tables"]
+    with pytest.raises(SystemExit, match="modeled with 512 tokens per GPU"):
+        bench.main(["--no-doc", "--tokens-per-gpu", "1024", "--cases", cases, "--out", str(again)])
