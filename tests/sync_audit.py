@@ -244,3 +244,19 @@ def megatron_permute_syncs() -> dict:
     with audit:
         permute(tokens, routing_map, probs=probs, num_out_tokens=4)
     return audit.summary().get("forward", {})
+
+
+def audit_router(router, hidden_size: int, tokens: int = 16, padded: int = 3) -> SyncAudit:
+    """One forward + backward of a C2R ``router`` as our MoE layer runs it (the finite check
+    deferred into the dispatcher) on ``tokens`` x 2 inputs whose last ``padded`` tokens of each
+    sequence are padding, under a SyncAudit (phases: forward, backward)."""
+    router.defer_finite_check = True
+    x = torch.randn(tokens, 2, hidden_size, requires_grad=True)
+    mask = torch.zeros(tokens, 2, dtype=torch.bool)
+    mask[-padded:] = True
+    audit = SyncAudit().track(router, x, mask)
+    with audit:
+        probs, _ = router(x, padding_mask=mask)
+        audit.phase = "backward"
+        probs.sum().backward()
+    return audit

@@ -24,7 +24,7 @@ from megatron_c2r.routing.functional import (
     selection_scores,
 )
 from tests.megatron_cpu import moe_config
-from tests.sync_audit import SyncAudit
+from tests.sync_audit import SyncAudit, audit_router
 
 pytestmark = pytest.mark.usefixtures("megatron_world1")
 
@@ -231,15 +231,7 @@ def test_router_forward_makes_no_host_sync_with_every_new_option_on():
     router = _router(dict(mode="node", num_groups=4, num_nodes=2, max_nodes=1, max_ranks_per_node=1,
                           device_balance_coeff=0.05, comm_balance_coeff=0.02, group_bias_rate=1e-3,
                           penalty_coeff=1e-3), moe_aux_loss_coeff=1e-2)
-    router.defer_finite_check = True  # as inside our C2RMoELayer
-    x = torch.randn(16, 2, H, requires_grad=True)
-    mask = torch.zeros(16, 2, dtype=torch.bool)
-    mask[-3:] = True
-    audit = SyncAudit().track(router, x, mask)
-    with audit:
-        probs, _ = router(x, padding_mask=mask)
-        audit.phase = "backward"
-        probs.sum().backward()
+    audit = audit_router(router, H)  # 16 x 2 tokens, 3 x 2 of them padding
     assert audit.events == [], audit.summary()
     assert router.tracker.pending.sum() > 0 and router.local_tokens_per_group.sum() == 13 * 2 * K
     clear_aux_losses_tracker()

@@ -20,7 +20,7 @@ from megatron_c2r.routing.rules import (
 from megatron_c2r.routing.rules.budgeted import RELAX_CRITERIA, blocks_of_selection_T, relax_criterion_T
 from megatron_c2r.routing.rules.soft import updated_locality_bias
 from tests.megatron_cpu import moe_config
-from tests.sync_audit import SyncAudit
+from tests.sync_audit import audit_router
 
 E, K, G = 64, 8, 8  # node mode: D = 4 nodes of 2 groups (16 experts each)
 D = 4
@@ -221,15 +221,7 @@ def test_router_forward_makes_no_host_sync_with_a_budget_ramp_or_the_soft_bias()
     for extra in (dict(mean_budget=1.5, budget_ramp_steps=10, relax_by="best_outside"),
                   dict(locality_bias_target=1.5)):  # fmt: skip
         router = _router(dict(mode="node", num_groups=4, num_nodes=2, max_nodes=1, group_bias_rate=1e-3, **extra))
-        router.defer_finite_check = True  # as inside our C2RMoELayer
-        x = torch.randn(16, 2, H, requires_grad=True)
-        mask = torch.zeros(16, 2, dtype=torch.bool)
-        mask[-3:] = True
-        audit = SyncAudit().track(router, x, mask)
-        with audit:
-            probs, _ = router(x, padding_mask=mask)
-            audit.phase = "backward"
-            probs.sum().backward()
+        audit = audit_router(router, H)
         assert audit.events == [], (extra, audit.summary())
 
 
