@@ -24,7 +24,7 @@ from megatron_c2r.routing.functional import (
     selection_scores,
 )
 from tests.megatron_cpu import moe_config
-from tests.sync_audit import SyncAudit, audit_router
+from tests.sync_audit import audit_router
 
 pytestmark = pytest.mark.usefixtures("megatron_world1")
 

@@ -10,7 +10,7 @@ import torch
 
 from megatron_c2r.routing.functional import group_topk, groups_per_token, node_topk, validate_groups
 from megatron_c2r.routing.penalty import mass_in_group
-from megatron_c2r.routing.rules.base import RoutingRule, RoutingTables
+from megatron_c2r.routing.rules.base import RoutingRule
 
 
 class GroupRule(RoutingRule):
