@@ -138,7 +138,9 @@ def test_ours_against_megatrons_frontier_interpolates_per_seed_at_our_nodes_per_
         "megatron_nl_2": [run(0, 2.00, 2.0), run(1, 2.10, 2.0)],
         "node_B1.5": [run(0, 2.04, 1.5), run(1, 2.16, 1.5)],  # references 2.05 and 2.15
         "node_M1": [run(0, 2.0, 0.9)],  # below Megatron's measured range: left out
+        "node_M2": [run(0, 2.0, 2.0000004)],  # the end of the range, measured a hair above it
     }
     row = megatron_frontier(by_routing)
+    assert row.pop("node_M2")["mean"] == 0.0
     assert set(row) == {"node_B1.5"} and row["node_B1.5"]["seeds"] == 2 and row["node_B1.5"]["lower"] == 1
     assert math.isclose(row["node_B1.5"]["mean"], (100 * (2.04 / 2.05 - 1) + 100 * (2.16 / 2.15 - 1)) / 2)
