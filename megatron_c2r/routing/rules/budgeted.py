@@ -5,7 +5,9 @@ nodes). The same rule with ``relax_to`` blocks (default: all, i.e. plain top-k) 
 choice. Tokens are ranked by a criterion (``relax_by``) and relaxed in that order while the
 batch's mean blocks per token stays <= ``mean_budget``; tokens whose relaxed choice uses no more
 blocks than the base one are relaxed for free. All of it is tensor code: two limited selections,
-one sort and one cumulative sum over tokens, no host sync, O(T x E) memory.
+one sort and one cumulative sum over tokens, no host sync, O(T x E) memory. The budget holds per
+micro-batch and rank over every token the router sees (padding included: rules do not see the
+padding mask), so the run's mean nodes per token is at most the budget.
 
 Criteria (higher = relaxed first), all from the selection scores the router ranks:
     score_lost    sum of the relaxed choice's k scores minus the base choice's (what the limit
