@@ -48,9 +48,10 @@ def relax_criterion_T(
     num_blocks: int,
 ) -> torch.Tensor:
     """fp32 [T]: how much each token wants relaxing (see the module docstring)."""
-    scores_TE = scores_TE.detach().float()
-    if criterion == "score_lost":
-        return scores_TE.gather(1, relaxed_TK).sum(dim=1) - scores_TE.gather(1, base_TK).sum(dim=1)
+    scores_TE = scores_TE.detach()
+    if criterion == "score_lost":  # [T, K] gathers in fp32: no fp32 copy of the [T, E] scores
+        return scores_TE.gather(1, relaxed_TK).float().sum(dim=1) - scores_TE.gather(1, base_TK).float().sum(dim=1)
+    scores_TE = scores_TE.float()
     if criterion == "best_outside":
         num_tokens, num_experts = scores_TE.shape
         blocks_TK = block_of_E.index_select(0, base_TK.flatten()).view_as(base_TK)

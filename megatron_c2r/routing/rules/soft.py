@@ -118,5 +118,4 @@ class SoftNodeRule(_SoftLocality, NodeRule):
         super().__init__(topk=topk, num_groups=num_groups, max_groups=max_groups,
                          num_nodes=num_nodes, max_nodes=max_nodes)  # fmt: skip
         self._init_soft(locality_bias_target, locality_bias_rate, num_nodes)
-        self.nodes_allowed = num_nodes
         self.group_limit = num_groups
