@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import json
 import math
 import os
@@ -341,7 +342,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "quality"))
     ap.add_argument("--data", default=DATA,
                     help="committed per-run summaries (read instead of rerunning; new runs add theirs)")
+    ap.add_argument("--trend", nargs="+", type=int, metavar="STEPS",
+                    help="no training: the gaps vs top-k at these run lengths (e.g. 600 1200), "
+                         "paired by seed, from the committed summaries under --data")
     args = ap.parse_args(argv)
+    if args.trend:
+        table = trend_table(args.data, args.shapes, args.trend, args.only)
+        os.makedirs(args.out, exist_ok=True)
+        write_text_atomic(os.path.join(args.out, "quality_trend.md"), table + "\n", prefix=".quality-")
+        print(table)
+        return 0
     if args.quick:
         args.shapes, args.seeds, args.steps, args.warmup = ["16e4"], [0], 80, 20
     from tqdm import tqdm
@@ -528,6 +538,73 @@ def megatron_frontier(by_routing: Dict) -> Dict:
             out[name] = {"mean": statistics.mean(deltas), "sem": sem, "seeds": len(deltas),
                          "lower": sum(d < 0 for d in deltas)}
     return out
+
+
+def committed_runs(data_dir: str, shape_name: str, steps: int) -> Dict[str, Dict[int, Dict]]:
+    """{routing: {seed: result}} of the committed summaries of ``<shape>_s<steps>``."""
+    runs: Dict[str, Dict[int, Dict]] = {}
+    for path in sorted(glob.glob(os.path.join(data_dir, f"{shape_name}_s{steps}", "*_seed*.json"))):
+        routing, seed = os.path.basename(path)[: -len(".json")].rsplit("_seed", 1)
+        with open(path, encoding="utf-8") as f:
+            runs.setdefault(routing, {})[int(seed)] = json.load(f)["result"]
+    return runs
+
+
+def gap_trend(data_dir: str, shape_name: str, lengths: List[int]) -> Dict:
+    """Does a routing's gap to top-k shrink or grow with a longer run? For every routing
+    committed at each length (each with its own cosine schedule), the fresh-batch loss vs
+    top-k paired by seed at each length, on the seeds that every length has (routing and top-k),
+    and the per-seed change from the shortest to the longest length. The same for every
+    HEAD_TO_HEAD pair committed at each length."""
+    runs = {n: committed_runs(data_dir, shape_name, n) for n in lengths}
+
+    def pairs() -> List[tuple]:
+        names = set.intersection(*(set(r) for r in runs.values())) if runs else set()
+        return ([(name, "topk") for name in sorted(names) if name != "topk" and "topk" in names]
+                + [(a, b) for a, b in HEAD_TO_HEAD if a in names and b in names and b != "topk"])
+
+    out = {}
+    for ours, theirs in pairs():
+        seeds = sorted(set.intersection(*(set(runs[n][ours]) & set(runs[n][theirs]) for n in lengths)))
+        if not seeds:
+            continue
+        deltas = {n: [100 * (runs[n][ours][s]["fresh_loss"] / runs[n][theirs][s]["fresh_loss"] - 1)
+                      for s in seeds] for n in lengths}  # fmt: skip
+        first, last = lengths[0], lengths[-1]
+        change = [b - a for a, b in zip(deltas[first], deltas[last])]
+        out[f"{ours} vs {theirs}"] = {
+            "seeds": seeds,
+            "by_length": {n: {"mean": statistics.mean(d), "sem": _sem(d), "per_seed": d} for n, d in deltas.items()},
+            "change": {"mean": statistics.mean(change), "sem": _sem(change),
+                       "smaller": sum(abs(b) < abs(a) for a, b in zip(deltas[first], deltas[last]))},
+        }
+    return out
+
+
+def _sem(values: List[float]) -> Optional[float]:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+
+
+def trend_table(data_dir: str, shapes: List[str], lengths: List[int], only: Optional[List[str]] = None) -> str:
+    """Markdown of ``gap_trend`` per shape (``only``: keep pairs whose first routing is listed)."""
+    lengths = sorted(lengths)
+    lines = []
+    for shape_name in shapes:
+        trend = {k: v for k, v in gap_trend(data_dir, shape_name, lengths).items()
+                 if not only or k.split(" vs ")[0] in only}
+        if not trend:
+            continue
+        lines.append(f"\n**{shape_name}**: fresh-batch loss change, paired by seed, by run length "
+                     f"(each length its own cosine schedule; committed summaries under {os.path.relpath(data_dir, ROOT)})\n")
+        head = " | ".join(f"{n} steps" for n in lengths)
+        lines.append(f"| pair | seeds | {head} | change {lengths[0]} → {lengths[-1]} | smaller gap in |")
+        lines.append("|---|---|" + "---|" * len(lengths) + "---|---|")
+        for name, t in trend.items():
+            cells = " | ".join(_change(t["by_length"][n]["mean"], t["by_length"][n]["sem"]) for n in lengths)
+            c = t["change"]
+            lines.append(f"| {name} | {len(t['seeds'])} | {cells} | {_change(c['mean'], c['sem'])} | "
+                         f"{c['smaller']} of {len(t['seeds'])} seeds |")
+    return "\n".join(lines) if lines else f"no routing is committed at every length {lengths} under {data_dir}"
 
 
 def _change(mean: float, sem: Optional[float]) -> str:

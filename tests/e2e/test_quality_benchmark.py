@@ -144,3 +144,38 @@ def test_ours_against_megatrons_frontier_interpolates_per_seed_at_our_nodes_per_
     assert row.pop("node_M2")["mean"] == 0.0
     assert set(row) == {"node_B1.5"} and row["node_B1.5"]["seeds"] == 2 and row["node_B1.5"]["lower"] == 1
     assert math.isclose(row["node_B1.5"]["mean"], (100 * (2.04 / 2.05 - 1) + 100 * (2.16 / 2.15 - 1)) / 2)
+
+
+def test_the_gap_trend_pairs_each_length_by_seed_on_the_seeds_every_length_has(tmp_path):
+    from benchmarks.quality import main
+
+    def commit(steps, routing, seed, loss):
+        path = tmp_path / "data" / f"128e8n8_s{steps}" / f"{routing}_seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"result": {"fresh_loss": loss}}))
+
+    for seed in (0, 1):
+        commit(600, "topk", seed, 2.0)
+        commit(1200, "topk", seed, 1.8)
+        commit(600, "node_M2", seed, 2.0 * 1.02)  # +2% at 600 steps
+        commit(1200, "node_M2", seed, 1.8 * (1.01 if seed == 0 else 1.03))  # +1%, +3% at 1200
+        commit(600, "megatron_nl_2", seed, 2.0 * 1.03)
+        commit(1200, "megatron_nl_2", seed, 1.8 * 1.03)
+    commit(600, "node_M2", 2, 9.0)  # a seed only one length has: left out
+    commit(600, "topk", 2, 2.0)
+    commit(600, "node_M1", 0, 2.1)  # a routing only one length has: left out
+    from benchmarks.quality import gap_trend
+
+    trend = gap_trend(str(tmp_path / "data"), "128e8n8", [600, 1200])
+    assert set(trend) == {"megatron_nl_2 vs topk", "node_M2 vs topk", "node_M2 vs megatron_nl_2"}
+    row = trend["node_M2 vs topk"]
+    assert row["seeds"] == [0, 1]
+    assert math.isclose(row["by_length"][600]["mean"], 2.0) and math.isclose(row["by_length"][1200]["mean"], 2.0)
+    assert math.isclose(row["change"]["mean"], 0.0, abs_tol=1e-9) and row["change"]["smaller"] == 1
+    assert trend["megatron_nl_2 vs topk"]["change"]["smaller"] == 0
+    out = tmp_path / "out"
+    assert main(["--trend", "1200", "600", "--shapes", "128e8n8", "--data", str(tmp_path / "data"),
+                 "--out", str(out), "--only", "node_M2"]) == 0
+    table = (out / "quality_trend.md").read_text()
+    assert "| node_M2 vs topk | 2 | +2.00% ± 0.00 | +2.00% ± 1.00 | +0.00% ± 1.00 | 1 of 2 seeds |" in table
+    assert "megatron_nl_2 vs topk" not in table
