@@ -209,6 +209,7 @@ def node_routings(shape: Dict) -> Dict[str, List[str]]:
         out[f"node_B{b}_to2_ramp"] = out[f"node_B{b}_to2"] + [f"c2r.budget_ramp_steps={BUDGET_RAMP}"]
     for criterion in ("best_outside", "entropy"):
         out[f"node_B1.5_{criterion}"] = out["node_B1.5"] + [f"c2r.relax_by={criterion}"]
+        out[f"node_B1.5_to2_{criterion}"] = out["node_B1.5_to2"] + [f"c2r.relax_by={criterion}"]
     for t in SOFT_TARGETS:
         out[f"node_soft{t}"] = out["node_M1"] + [f"c2r.locality_bias_target={t}",
                                                  f"c2r.locality_bias_rate={SOFT_RATE}"]
@@ -422,6 +423,7 @@ HEAD_TO_HEAD = (
     + [("node_B2.0", "megatron_nl_2"), ("node_B2.0", "node_M2"), ("node_B2.0_ramp", "node_B2.0"),
        ("node_B1.5_ramp", "node_B1.5"), ("node_B1.25_ramp", "node_B1.25"), ("node_soft2.0", "megatron_nl_2")]
     + [(f"node_B1.5_{v}", "node_B1.5") for v in ("to2", "best_outside", "entropy")]
+    + [(f"node_B1.5_to2_{v}", "node_B1.5_to2") for v in ("best_outside", "entropy")]
     + [("node_B1.5_to2_ramp", "node_B1.5_to2"), ("node_B1.75_to2", "megatron_nl_2"), ("node_B1.75_to2", "node_M2")]
 )
 
