@@ -116,11 +116,11 @@ BEST_OF = {
 QUALITY_DATA = os.path.join(ROOT, "benchmarks", "data", "quality")
 
 
-def measured_gaps(shape: str, data: str = QUALITY_DATA) -> dict:
+def measured_gaps(shape: str, data: str = QUALITY_DATA, steps: int = STEPS) -> dict:
     """{routing: (mean %, SEM %, seeds)} of the fresh-batch loss vs top-k, paired by seed, from
-    quality.py's committed per-run summaries (``benchmarks/data/quality/<shape>_s600``)."""
+    quality.py's committed per-run summaries (``benchmarks/data/quality/<shape>_s<steps>``)."""
     runs: dict = {}
-    for path in sorted(glob.glob(os.path.join(data, f"{shape}_s{STEPS}", "*_seed*.json"))):
+    for path in sorted(glob.glob(os.path.join(data, f"{shape}_s{steps}", "*_seed*.json"))):
         routing, seed = os.path.basename(path)[: -len(".json")].rsplit("_seed", 1)
         with open(path, encoding="utf-8") as f:
             runs.setdefault(routing, {})[int(seed)] = json.load(f)["result"]["fresh_loss"]
@@ -176,10 +176,13 @@ def committed_curves(shape: str, routing: str, data: str = DATA) -> list:
     return curves
 
 
-def build_study(data: str = DATA) -> dict:
+def build_study(data: str = DATA, gap_steps: int = STEPS, quality_data: str = QUALITY_DATA) -> dict:
     """Per study shape: the top-k fit (committed curves), the documented gaps, and gaps from
-    committed candidate curves where they exist (paired by seed, the estimator's own rho)."""
-    study = dict(generated_by="benchmarks/time_to_quality.py", late_slope=LATE_SLOPE, shapes={})
+    committed candidate curves where they exist (paired by seed, the estimator's own rho).
+    ``gap_steps`` != 600: the gaps of the routings committed at that run length replace their
+    600-step ones (the others keep theirs; every gap names its source)."""
+    study = dict(generated_by="benchmarks/time_to_quality.py", late_slope=LATE_SLOPE, gap_steps=gap_steps,
+                 shapes={})
     for shape, meta in STUDY_SHAPES.items():
         base = committed_curves(shape, "topk", data)
         entry = dict(nodes=meta["nodes"], label=meta["label"], steps=STEPS,
@@ -188,8 +191,11 @@ def build_study(data: str = DATA) -> dict:
             fit = fit_power_law(base, end=STEPS)
             entry["fit"] = dataclasses.asdict(fit)
         gaps = {r: (mean, sem, 3, DOCS_SOURCE) for r, (mean, sem) in STUDY_GAPS[shape].items()}
-        for routing, (mean, sem, seeds) in measured_gaps(shape).items():  # the committed runs win
+        for routing, (mean, sem, seeds) in measured_gaps(shape, quality_data).items():  # committed runs win
             gaps[routing] = (mean, sem, seeds, QUALITY_SOURCE)
+        if gap_steps != STEPS:
+            for routing, (mean, sem, seeds) in measured_gaps(shape, quality_data, gap_steps).items():
+                gaps[routing] = (mean, sem, seeds, f"{QUALITY_SOURCE}, {gap_steps}-step runs")
         for routing, (mean, sem, seeds, source) in gaps.items():
             entry["gaps"][routing] = dict(mean=mean, sem=sem, seeds=seeds, source=source)
             cand = committed_curves(shape, routing, data)
@@ -426,6 +432,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--no-doc", action="store_true", help="leave docs/ and the study file alone")
+    ap.add_argument("--gap-steps", type=int, default=STEPS,
+                    help="read the loss gaps of the routings committed at this run length (e.g. 1200; "
+                         "the others keep their 600-step gaps); not the headline: implies --no-doc")
     ap.add_argument("--cases", help="reuse the modeled cases of an earlier run's time_to_quality.json "
                                     "(step times; the loss gaps are read again)")
     args = ap.parse_args(argv)
@@ -440,10 +449,12 @@ def main(argv=None) -> int:
             print(f"collected {os.path.relpath(path, ROOT)}")
     if args.quick:
         args.nodes, args.tokens_per_gpu, args.no_doc = [2, 8], 512, True
+    if args.gap_steps != STEPS:
+        args.no_doc = True
     import torch
 
     torch.set_num_threads(1)
-    study = build_study()
+    study = build_study(gap_steps=args.gap_steps)
     for shape, entry in study["shapes"].items():
         fit = entry["fit"]
         fit_text = (f"E {fit['E']:.3f} B {fit['B']:.3f} beta {fit['beta']:.3f} R^2 {fit['r2']:.3f}"

@@ -294,3 +294,30 @@ def test_the_benchmark_on_the_committed_curves_has_the_zero_loss_row_and_the_phy
     assert json.loads((again / "time_to_quality.json").read_text())["tables"] == result["tables"]
     with pytest.raises(SystemExit, match="modeled with 512 tokens per GPU"):
         bench.main(["--no-doc", "--tokens-per-gpu", "1024", "--cases", cases, "--out", str(again)])
+
+
+def test_gaps_from_longer_runs_replace_only_the_routings_committed_at_that_length(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ttq_bench", os.path.join(ROOT, "benchmarks", "time_to_quality.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def commit(steps, routing, seed, loss):
+        path = tmp_path / f"128e8n8_s{steps}" / f"{routing}_seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"result": {"fresh_loss": loss}}))
+
+    for seed, (g600, g1200) in enumerate([(0.02, 0.01), (0.04, 0.01)]):
+        commit(600, "topk", seed, 2.0)
+        commit(600, "node_M2", seed, 2.0 * (1 + g600))
+        commit(600, "node_M1", seed, 2.0 * 1.05)
+        commit(1200, "topk", seed, 1.8)
+        commit(1200, "node_M2", seed, 1.8 * (1 + g1200))
+    short = bench.build_study(quality_data=str(tmp_path))["shapes"]["128e8n8"]["gaps"]
+    long = bench.build_study(gap_steps=1200, quality_data=str(tmp_path))["shapes"]["128e8n8"]["gaps"]
+    assert short["node_M2"]["mean"] == pytest.approx(3.0) and long["node_M2"]["mean"] == pytest.approx(1.0)
+    assert long["node_M2"]["source"].endswith("1200-step runs") and long["node_M2"]["seeds"] == 2
+    assert long["node_M1"] == short["node_M1"] and long["node_M1"]["mean"] == pytest.approx(5.0)
+    # documented gaps of routings with no committed runs stay as they were
+    assert long["megatron_nl_1"]["source"] == bench.DOCS_SOURCE
