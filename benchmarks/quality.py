@@ -303,7 +303,10 @@ def run_one(out_dir: str, shape: Dict, sets: List[str], seed: int, steps: int, w
     with open(os.path.join(out_dir, "history.csv"), newline="", encoding="utf-8") as f:
         losses = [float(row["loss"]) for row in csv.DictReader(f)]
     window = max(1, steps // 3)  # the last third of the run
-    out = {"val_loss": summary["val_loss"], "fresh_loss": statistics.mean(losses[-window:])}
+    out = {"val_loss": summary["val_loss"], "fresh_loss": statistics.mean(losses[-window:]),
+           # the loss through the run, for the gap's trend: mean training loss of each tenth
+           "loss_by_tenth": [statistics.mean(losses[i * len(losses) // 10:(i + 1) * len(losses) // 10])
+                             for i in range(10)] if len(losses) >= 10 else []}
     for name, key in ROUTER_STATS.items():
         out[key] = statistics.mean(stats[name]) if stats[name] else math.nan
     if "nodes" in shape:  # a token's own node is one of D: (D-1)/D of its node rows cross
@@ -352,6 +355,10 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         write_text_atomic(os.path.join(args.out, "quality_trend.md"), table + "\n", prefix=".quality-")
         print(table)
+        for shape_name in args.shapes:
+            if plot_trend(args.data, shape_name, args.trend, args.only,
+                          os.path.join(args.out, f"quality_trend_{shape_name}.png")):
+                print(f"wrote {os.path.join(args.out, f'quality_trend_{shape_name}.png')}")
         return 0
     if args.quick:
         args.shapes, args.seeds, args.steps, args.warmup = ["16e4"], [0], 80, 20
@@ -574,9 +581,16 @@ def gap_trend(data_dir: str, shape_name: str, lengths: List[int]) -> Dict:
                       for s in seeds] for n in lengths}  # fmt: skip
         first, last = lengths[0], lengths[-1]
         change = [b - a for a, b in zip(deltas[first], deltas[last])]
+        through = {}  # the gap through each run, by tenth (runs that recorded it)
+        for n in lengths:
+            tenths = [(runs[n][ours][s].get("loss_by_tenth"), runs[n][theirs][s].get("loss_by_tenth")) for s in seeds]
+            if all(a and b for a, b in tenths):
+                per_tenth = [[100 * (a[i] / b[i] - 1) for a, b in tenths] for i in range(10)]
+                through[n] = [{"mean": statistics.mean(d), "sem": _sem(d)} for d in per_tenth]
         out[f"{ours} vs {theirs}"] = {
             "seeds": seeds,
             "by_length": {n: {"mean": statistics.mean(d), "sem": _sem(d), "per_seed": d} for n, d in deltas.items()},
+            "by_tenth": through,
             "change": {"mean": statistics.mean(change), "sem": _sem(change),
                        "smaller": sum(abs(b) < abs(a) for a, b in zip(deltas[first], deltas[last]))},
         }
@@ -607,6 +621,37 @@ def trend_table(data_dir: str, shapes: List[str], lengths: List[int], only: Opti
             lines.append(f"| {name} | {len(t['seeds'])} | {cells} | {_change(c['mean'], c['sem'])} | "
                          f"{c['smaller']} of {len(t['seeds'])} seeds |")
     return "\n".join(lines) if lines else f"no routing is committed at every length {lengths} under {data_dir}"
+
+
+def plot_trend(data_dir: str, shape_name: str, lengths: List[int], only: Optional[List[str]], path: str) -> bool:
+    """The gap to top-k through each run (mean training loss per tenth of the run, paired by
+    seed, mean ± s.e.m.), one line per routing and run length; False when nothing to plot."""
+    trend = {k: v for k, v in gap_trend(data_dir, shape_name, sorted(lengths)).items()
+             if k.endswith(" vs topk") and v["by_tenth"] and (not only or k.split(" vs ")[0] in only)}
+    if not trend:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    styles = {n: style for n, style in zip(sorted(lengths), ("--", "-", ":", "-."))}
+    for i, (name, t) in enumerate(trend.items()):
+        for n, tenths in sorted(t["by_tenth"].items()):
+            x = [(j + 0.5) * n / 10 for j in range(10)]
+            ax.errorbar(x, [d["mean"] for d in tenths], yerr=[d["sem"] or 0.0 for d in tenths], ls=styles[n],
+                        marker="o", ms=3, capsize=2, color=plt.cm.tab10(i % 10),
+                        label=f"{name.split(' vs ')[0]}, {n}-step run ({len(t['seeds'])} seeds)")
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("training step (each run its own cosine schedule; a point = a tenth of the run)")
+    ax.set_ylabel("training loss vs top-k, paired by seed (%, ± s.e.m.)")
+    ax.set_title(f"{shape_name}: the gap to top-k through the run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
 
 
 def _change(mean: float, sem: Optional[float]) -> str:

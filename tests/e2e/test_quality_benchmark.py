@@ -152,7 +152,9 @@ def test_the_gap_trend_pairs_each_length_by_seed_on_the_seeds_every_length_has(t
     def commit(steps, routing, seed, loss):
         path = tmp_path / "data" / f"128e8n8_s{steps}" / f"{routing}_seed{seed}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"result": {"fresh_loss": loss}}))
+        # the loss through the run: the last tenth at the final gap, the first at twice it
+        tenths = [loss * 1.2] + [loss] * 9 if steps == 1200 else []
+        path.write_text(json.dumps({"result": {"fresh_loss": loss, "loss_by_tenth": tenths}}))
 
     for seed in (0, 1):
         commit(600, "topk", seed, 2.0)
@@ -173,9 +175,13 @@ def test_the_gap_trend_pairs_each_length_by_seed_on_the_seeds_every_length_has(t
     assert math.isclose(row["by_length"][600]["mean"], 2.0) and math.isclose(row["by_length"][1200]["mean"], 2.0)
     assert math.isclose(row["change"]["mean"], 0.0, abs_tol=1e-9) and row["change"]["smaller"] == 1
     assert trend["megatron_nl_2 vs topk"]["change"]["smaller"] == 0
+    assert set(row["by_tenth"]) == {1200}  # the 600-step summaries recorded no tenths
+    tenths = trend["megatron_nl_2 vs topk"]["by_tenth"][1200]
+    assert [round(t["mean"], 6) for t in tenths] == [3.0] * 10 and tenths[0]["sem"] == 0.0
     out = tmp_path / "out"
     assert main(["--trend", "1200", "600", "--shapes", "128e8n8", "--data", str(tmp_path / "data"),
                  "--out", str(out), "--only", "node_M2"]) == 0
     table = (out / "quality_trend.md").read_text()
     assert "| node_M2 vs topk | 2 | +2.00% ± 0.00 | +2.00% ± 1.00 | +0.00% ± 1.00 | 1 of 2 seeds |" in table
     assert "megatron_nl_2 vs topk" not in table
+    assert (out / "quality_trend_128e8n8.png").stat().st_size > 10_000
