@@ -199,6 +199,8 @@ def node_routings(shape: Dict) -> Dict[str, List[str]]:
     # rows (megatron_nl_*) route constrained from step 0.
     out["node_score_M1_warmup120"] = ["c2r.mode=node", "c2r.max_nodes=1", "c2r.group_selection=group_score",
                                       "c2r.warmup_steps=120"]
+    # The same at M=2 with the 60-step warm-up: node_M2 with Megatron's node choice.
+    out["node_score_M2"] = ["c2r.mode=node", "c2r.max_nodes=2", "c2r.group_selection=group_score"]
     # Issue 27: a row budget spent on the tokens that lose most (node M=1 relaxed to all nodes,
     # mean nodes per token <= B), with a ramp, other criteria, relax_to=2; the soft locality bias.
     for b in BUDGETS:
@@ -424,6 +426,7 @@ HEAD_TO_HEAD = (
     + [("anchored_M1_bigmac", "anchored_M1"), ("node_M1_bigmac", "node_M1")]
     + [("node_M1_warmup120", "megatron_nl_1"), ("node_M1_warmup120", "node_M1"),
        ("node_M1_warmup120", "node_score_M1_warmup120"), ("node_score_M1_warmup120", "megatron_nl_1")]
+    + [("node_score_M2", "megatron_nl_2"), ("node_M2", "node_score_M2")]
     + [("node_M1_hier", "megatron_nl_1_hier"), ("node_M1_hier", "node_M1"),
        ("megatron_nl_1_hier", "megatron_nl_1")]
     # Issue 27: the budget spent adaptively vs the hard rules at the same rows.
