@@ -58,6 +58,10 @@ contiguous blocks of virtual ranks; every routing records node statistics on the
     node_M1_warmup120     node_M1 after 120 instead of 60 top-k warm-up steps
     node_score_M1_warmup120   Megatron's node-limited rule (group score) in our router, after the
                           same 120 warm-up steps (megatron_nl_* route constrained from step 0)
+    node_score_M2         the same rule at M=2 after the usual 60 warm-up steps (node_M2 with
+                          Megatron's node choice: splits the selection rule from the rest)
+    node_B<b>[_to2][_ramp], node_B1.5[_to2]_<criterion>, node_soft<t>   issue 27's budgeted and
+                          soft rules (docs/quality.md, "A row budget spent on the tokens ...")
     node_M1_hier, megatron_nl_1_hier    the placement planned nodes first, then ranks inside
                           each node (``cpu.replan_nodes=true``, as ``megatron-c2r plan --nodes``);
                           the other rows plan one flat partition into the G ranks
