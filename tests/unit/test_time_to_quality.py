@@ -308,7 +308,7 @@ def test_gaps_from_longer_runs_replace_only_the_routings_committed_at_that_lengt
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"result": {"fresh_loss": loss}}))
 
-    for seed, (g600, g1200) in enumerate([(0.02, 0.01), (0.04, 0.01)]):
+    for seed, (g600, g1200) in enumerate([(0.02, 0.01), (0.04, 0.01), (0.03, 0.01)]):
         commit(600, "topk", seed, 2.0)
         commit(600, "node_M2", seed, 2.0 * (1 + g600))
         commit(600, "node_M1", seed, 2.0 * 1.05)
@@ -317,7 +317,11 @@ def test_gaps_from_longer_runs_replace_only_the_routings_committed_at_that_lengt
     short = bench.build_study(quality_data=str(tmp_path))["shapes"]["128e8n8"]["gaps"]
     long = bench.build_study(gap_steps=1200, quality_data=str(tmp_path))["shapes"]["128e8n8"]["gaps"]
     assert short["node_M2"]["mean"] == pytest.approx(3.0) and long["node_M2"]["mean"] == pytest.approx(1.0)
-    assert long["node_M2"]["source"].endswith("1200-step runs") and long["node_M2"]["seeds"] == 2
+    assert long["node_M2"]["source"].endswith("1200-step runs") and long["node_M2"]["seeds"] == 3
     assert long["node_M1"] == short["node_M1"] and long["node_M1"]["mean"] == pytest.approx(5.0)
-    # documented gaps of routings with no committed runs stay as they were
+    # documented gaps of routings with no committed runs stay as they were, and so do those
+    # documented over more seeds than the committed runs have so far
     assert long["megatron_nl_1"]["source"] == bench.DOCS_SOURCE
+    commit(600, "megatron_nl_1", 0, 2.0 * 1.10)
+    again = bench.build_study(quality_data=str(tmp_path))["shapes"]["128e8n8"]["gaps"]
+    assert again["megatron_nl_1"] == short["megatron_nl_1"]
