@@ -294,6 +294,15 @@ def test_the_benchmark_on_the_committed_curves_has_the_zero_loss_row_and_the_phy
     assert json.loads((again / "time_to_quality.json").read_text())["tables"] == result["tables"]
     with pytest.raises(SystemExit, match="modeled with 512 tokens per GPU"):
         bench.main(["--no-doc", "--tokens-per-gpu", "1024", "--cases", cases, "--out", str(again)])
+    # Our best budget is chosen among gaps with 3 seeds only: a 1-seed gap, however good, is not.
+    from megatron_c2r.cost.inputs import LinkParams
+
+    case = next(c for c in bench.load_cases(cases, 512, LinkParams()) if c["nodes"] == 8)
+    study = bench.build_study()
+    study["shapes"]["128e8n8"]["gaps"]["node_B1.25_to2"] = dict(mean=-5.0, sem=None, seeds=1, source="test")
+    assert bench.table_rows(case, study, True, False)["ours_budget_deepep"]["routing"] != "node_B1.25_to2"
+    study["shapes"]["128e8n8"]["gaps"]["node_B1.25_to2"]["seeds"] = 3
+    assert bench.table_rows(case, study, True, False)["ours_budget_deepep"]["routing"] == "node_B1.25_to2"
 
 
 def test_gaps_from_longer_runs_replace_only_the_routings_committed_at_that_length(tmp_path):
