@@ -60,6 +60,9 @@ contiguous blocks of virtual ranks; every routing records node statistics on the
                           same 120 warm-up steps (megatron_nl_* route constrained from step 0)
     node_score_M2         the same rule at M=2 after the usual 60 warm-up steps (node_M2 with
                           Megatron's node choice: splits the selection rule from the rest)
+    node_score_M2_from0, megatron_nl_2_from0   both constrained from step 0 on contiguous
+                          expert blocks (no warm-up, no placement): our router against Megatron's
+                          with the same node choice (they differ in the aux loss's routing map)
     node_B<b>[_to2][_ramp], node_B1.5[_to2]_<criterion>, node_soft<t>   issue 27's budgeted and
                           soft rules (docs/quality.md, "A row budget spent on the tokens ...")
     node_M1_hier, megatron_nl_1_hier    the placement planned nodes first, then ranks inside
@@ -205,6 +208,10 @@ def node_routings(shape: Dict) -> Dict[str, List[str]]:
                                       "c2r.warmup_steps=120"]
     # The same at M=2 with the 60-step warm-up: node_M2 with Megatron's node choice.
     out["node_score_M2"] = ["c2r.mode=node", "c2r.max_nodes=2", "c2r.group_selection=group_score"]
+    # Constrained from step 0 on the contiguous expert blocks (no warm-up, so no placement):
+    # the same selection in our router and in Megatron's, apart from the aux loss's map.
+    out["node_score_M2_from0"] = out["node_score_M2"] + ["c2r.warmup_steps=0"]
+    out["megatron_nl_2_from0"] = out["megatron_nl_2"] + ["c2r.warmup_steps=0"]
     # Issue 27: a row budget spent on the tokens that lose most (node M=1 relaxed to all nodes,
     # mean nodes per token <= B), with a ramp, other criteria, relax_to=2; the soft locality bias.
     for b in BUDGETS:
@@ -304,7 +311,9 @@ def run_one(out_dir: str, shape: Dict, sets: List[str], seed: int, steps: int, w
     with open(os.path.join(out_dir, "metrics.csv"), newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             name = row["metric"].removeprefix("moe/c2r/")
-            if name in stats and int(row["iteration"]) > warmup + 1:
+            # a logged value averages the iterations since the last log: keep the windows that
+            # lie wholly after the warm-up
+            if name in stats and int(row["iteration"]) - max(1, steps // 30) >= warmup:
                 stats[name].append(float(row["value"]))
     with open(os.path.join(out_dir, "history.csv"), newline="", encoding="utf-8") as f:
         losses = [float(row["loss"]) for row in csv.DictReader(f)]
@@ -430,7 +439,9 @@ HEAD_TO_HEAD = (
     + [("anchored_M1_bigmac", "anchored_M1"), ("node_M1_bigmac", "node_M1")]
     + [("node_M1_warmup120", "megatron_nl_1"), ("node_M1_warmup120", "node_M1"),
        ("node_M1_warmup120", "node_score_M1_warmup120"), ("node_score_M1_warmup120", "megatron_nl_1")]
-    + [("node_score_M2", "megatron_nl_2"), ("node_M2", "node_score_M2")]
+    + [("node_score_M2", "megatron_nl_2"), ("node_M2", "node_score_M2"),
+       ("node_score_M2_from0", "megatron_nl_2_from0"), ("node_score_M2", "node_score_M2_from0"),
+       ("megatron_nl_2", "megatron_nl_2_from0")]
     + [("node_M1_hier", "megatron_nl_1_hier"), ("node_M1_hier", "node_M1"),
        ("megatron_nl_1_hier", "megatron_nl_1")]
     # Issue 27: the budget spent adaptively vs the hard rules at the same rows.
