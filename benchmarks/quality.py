@@ -63,6 +63,9 @@ contiguous blocks of virtual ranks; every routing records node statistics on the
     node_score_M2_from0, megatron_nl_2_from0   both constrained from step 0 on contiguous
                           expert blocks (no warm-up, no placement): our router against Megatron's
                           with the same node choice (they differ in the aux loss's routing map)
+    <routing>_auxpref     node_M2, node_B1.5_to2, node_B1.75_to2, node_score_M2_from0 with
+                          c2r.aux_loss_map=preferred (the aux loss counts plain top-k's map, as
+                          Megatron's own node-limited routing does, not the constrained map)
     node_B<b>[_to2][_ramp], node_B1.5[_to2]_<criterion>, node_soft<t>   issue 27's budgeted and
                           soft rules (docs/quality.md, "A row budget spent on the tokens ...")
     node_M1_hier, megatron_nl_1_hier    the placement planned nodes first, then ranks inside
@@ -178,6 +181,9 @@ def routings(shape: Dict) -> Dict[str, List[str]]:
     return {name: sets + [f"c2r.num_groups={g}"] for name, sets in out.items()}
 
 
+AUXPREF = ("node_M2", "node_B1.5_to2", "node_B1.75_to2", "node_score_M2_from0")
+
+
 def node_routings(shape: Dict) -> Dict[str, List[str]]:
     """Routings of a node shape: G virtual ranks on D virtual nodes (contiguous blocks of G/D
     ranks); every routing also records node statistics (``c2r.num_nodes``)."""
@@ -226,6 +232,9 @@ def node_routings(shape: Dict) -> Dict[str, List[str]]:
     for t in SOFT_TARGETS:
         out[f"node_soft{t}"] = out["node_M1"] + [f"c2r.locality_bias_target={t}",
                                                  f"c2r.locality_bias_rate={SOFT_RATE}"]
+    # Megatron's aux-loss map (plain top-k's preference, not the constrained map) under our rules.
+    for name in AUXPREF:
+        out[f"{name}_auxpref"] = out[name] + ["c2r.aux_loss_map=preferred"]
     # The in-run plan nodes first (cpu.replan_nodes: as `plan --nodes`), for ours and Megatron's.
     for name in ("node_M1", "megatron_nl_1"):
         out[f"{name}_hier"] = out[name] + ["cpu.replan_nodes=true"]
@@ -450,6 +459,9 @@ HEAD_TO_HEAD = (
     + [(f"node_B1.5_{v}", "node_B1.5") for v in ("to2", "best_outside", "entropy")]
     + [(f"node_B1.5_to2_{v}", "node_B1.5_to2") for v in ("best_outside", "entropy")]
     + [("node_B1.5_to2_ramp", "node_B1.5_to2"), ("node_B1.75_to2", "megatron_nl_2"), ("node_B1.75_to2", "node_M2")]
+    + [(f"{name}_auxpref", name) for name in AUXPREF]
+    + [(f"{name}_auxpref", "megatron_nl_2") for name in AUXPREF[:3]]
+    + [("node_score_M2_from0_auxpref", "megatron_nl_2_from0")]
 )
 
 

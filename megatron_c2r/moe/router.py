@@ -432,16 +432,20 @@ class C2RRouter(TopKRouter):
         )
         # 3. Capacity dropping, as TopKRouter does.
         probs_TE, routing_map_TE = self._drop_over_capacity(probs_TE, routing_map_TE)
-        # 4. Aux losses on the *constrained* routing map (the load the experts actually get).
+        # 4. Aux losses on the constrained routing map (the load the experts actually get), or
+        # on plain top-k's map of the full scores (c2r.aux_loss_map: preferred, as Megatron's
+        # compute_routing_scores_for_aux_loss counts its group-limited routing).
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
-            # Megatron's compute_routing_scores_for_aux_loss also runs a plain top-k whose map
-            # we would discard; only its full score distribution is needed here.
             scores_for_aux_TE = full_scores(logits_TE, self.score_function)
+            if self.c2r_config.aux_loss_map == "preferred":
+                aux_map_TE = torch.zeros_like(routing_map_TE).scatter_(
+                    1, scores_for_aux_TE.topk(self.topk, dim=1).indices, True
+                )
+            else:
+                aux_map_TE = routing_map_TE
             if padding_T is not None:
                 scores_for_aux_TE = scores_for_aux_TE * (~padding_T).unsqueeze(-1)
-            aux_map_TE = (
-                routing_map_TE if padding_T is None else routing_map_TE & ~padding_T.unsqueeze(-1)
-            )
+                aux_map_TE = aux_map_TE & ~padding_T.unsqueeze(-1)
             masked = padding_T is not None
             probs_TE = self._apply_aux_loss(
                 probs_TE, scores_for_aux_TE, aux_map_TE, with_padding_mask=masked

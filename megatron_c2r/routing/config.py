@@ -11,6 +11,7 @@ from megatron_c2r.parallel import experts_per_rank
 
 MODES = ("topk", "c2r", "group", "node", "group_balanced")
 GROUP_SELECTIONS = ("anchored", "group_score")
+AUX_LOSS_MAPS = ("constrained", "preferred")
 # Options that only the node rule reads (set with another mode: a one-line error, not ignored).
 NODE_ONLY_FIELDS = ("max_nodes", "max_ranks_per_node")
 
@@ -84,6 +85,12 @@ class C2RRouterConfig:
         the offset moved after every iteration toward this mean blocks per token
         (``routing/rules/soft.py``). None = off.
     locality_bias_rate: the offset's step per iteration, in units of the selection scores.
+    aux_loss_map: which routing map Megatron's aux losses (aux_loss, seq_aux_loss,
+        global_aux_loss) count under our rules' constraint: 'constrained' (default: the load the
+        experts actually get) or 'preferred' (plain top-k of the full scores, as Megatron counts
+        its own group-limited routing; node mode with ``group_selection='group_score'`` is then
+        Megatron's node-limited router, aux loss included). Mode 'topk' is Megatron's router and
+        counts Megatron's way whatever this says. docs/quality.md, "1,200 steps".
     check_finite_logits: raise on NaN/Inf router logits before they reach a collective. In a
         stock Megatron MoELayer this costs one small device->host sync per layer; our
         C2RMoELayer defers it into the dispatcher's count exchange (no extra sync; see
@@ -114,6 +121,7 @@ class C2RRouterConfig:
     budget_ramp_steps: int = at_least(0, default=0)
     locality_bias_target: Optional[float] = at_least(1, default=None)
     locality_bias_rate: float = at_least(0, default=0.01)
+    aux_loss_map: str = "constrained"
     check_finite_logits: bool = True
 
     def __post_init__(self):
@@ -123,6 +131,10 @@ class C2RRouterConfig:
             raise ValueError(
                 f"c2r.group_selection={self.group_selection!r} must be one of "
                 f"{', '.join(GROUP_SELECTIONS)}"
+            )
+        if self.aux_loss_map not in AUX_LOSS_MAPS:
+            raise ValueError(
+                f"c2r.aux_loss_map={self.aux_loss_map!r} must be one of {', '.join(AUX_LOSS_MAPS)}"
             )
         check_lower_bounds(self, "c2r.")  # the lower bounds the fields declare (at_least)
         if self.mode != "node":

@@ -188,6 +188,58 @@ def test_node_score_router_is_bit_identical_to_megatrons_node_limited_topk_route
 
 
 @pytest.mark.usefixtures("megatron_world1")
+@pytest.mark.parametrize("balancing", ["aux_loss", "seq_aux_loss", "global_aux_loss"])
+@pytest.mark.parametrize("padding", [False, True], ids=["no_padding", "padding"])
+def test_node_score_router_with_the_preferred_aux_map_is_megatrons_node_limited_router_aux_loss_included(
+    balancing, padding
+):
+    """c2r.aux_loss_map='preferred' counts the aux loss on plain top-k's map, as Megatron's
+    group-limited routing does: probs, map and gradients equal TopKRouter's; 'constrained'
+    (the default) gives the router weight a different gradient."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    base = dict(num_moe_experts=E, moe_router_topk=K, hidden_size=H,
+                moe_router_load_balancing_type=balancing, moe_aux_loss_coeff=1e-1)
+    torch.manual_seed(0)
+    with megatron_cpu():
+        from megatron.core.transformer.moe.router import TopKRouter
+        from megatron_c2r.compat import get_default_pg_collection
+
+        stock = TopKRouter(moe_config(moe_router_num_groups=4, moe_router_group_topk=2, **base),
+                           pg_collection=get_default_pg_collection())
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 2, H, generator=gen)
+    mask = (torch.rand(40, 2, generator=gen) < 0.2) if padding else None
+    outs = []
+    for aux_map in (None, "preferred", "constrained"):
+        if aux_map is None:
+            router = stock
+        else:
+            cfg = C2RRouterConfig(mode="node", group_selection="group_score", num_groups=8, num_nodes=4,
+                                  max_nodes=2, aux_loss_map=aux_map)
+            router = C2RRouter(moe_config(**base), c2r_config=cfg)
+            router.load_state_dict(stock.state_dict(), strict=False)
+        router.set_layer_number(1)
+        router.train()
+        xi = x.clone().requires_grad_(True)
+        clear_aux_losses_tracker()
+        with megatron_cpu():
+            probs, routing_map = router(xi, padding_mask=mask) if padding else router(xi)
+            (probs * torch.arange(E, dtype=probs.dtype)).sum().backward()
+        outs.append((probs.detach(), routing_map, router.weight.grad.clone()))
+    clear_aux_losses_tracker()
+    (p0, m0, gw0), (p1, m1, gw1), (p2, m2, gw2) = outs
+    assert torch.equal(m0, m1) and torch.equal(p0, p1) and torch.equal(m0, m2)
+    torch.testing.assert_close(gw0, gw1, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(gw0, gw2, rtol=1e-4, atol=1e-6), "the constrained map counts other loads"
+
+
+def test_aux_loss_map_must_be_one_of_the_two_names():
+    with pytest.raises(ValueError, match=r"c2r.aux_loss_map='top_k' must be one of constrained, preferred"):
+        C2RRouterConfig(mode="node", num_nodes=4, aux_loss_map="top_k")
+
+
+@pytest.mark.usefixtures("megatron_world1")
 def test_node_anchored_router_with_a_rank_limit_keeps_tokens_inside_the_rule():
     e2g = tuple(int(g) for g in _balanced_partition(E, 8, torch.Generator().manual_seed(9)))
     cfg = C2RRouterConfig(mode="node", num_groups=8, gpus_per_node=2, max_nodes=2, max_ranks_per_node=1,
