@@ -569,6 +569,11 @@ ROUTINGS = {  # key: (label, study routing whose loss gap it takes, Megatron off
                                   f"node_B{b:g}_to2{tail}", False)
        for b in (1.25, 1.5, 1.75) for tail, label in (("", ""), ("_ramp", ", ramped"))},
 }
+# The same rules with Megatron's aux-loss map (c2r.aux_loss_map: preferred): the same rows, the
+# loss of their own runs (docs/quality.md, 1,200 steps).
+ROUTINGS.update({f"{key}_auxpref": (f"{label}, Megatron's aux-loss map", f"{study}_auxpref", False)
+                 for key, (label, study, _) in list(ROUTINGS.items())
+                 if key == "node_M2" or (key.startswith("node_B") and not key.endswith("_ramp"))})
 TRANSPORTS = ("alltoall", "deepep", "hybridep", "two_level")
 MEGATRON_TRANSPORTS = ("alltoall", "deepep", "hybridep")
 
@@ -667,8 +672,9 @@ def configuration_times(counts: Dict[str, "RoutingCounts"], params, flops: StepF
 
     out = {}
     for routing in ROUTINGS:
-        # A placement and a ramp change no row count at the end: top-k's / the budget's counts.
-        source = "topk" if routing == "topk_hier" else routing.removesuffix("_ramp")
+        # A placement, a ramp and the aux-loss map change no row count at the end: top-k's /
+        # the rule's counts.
+        source = "topk" if routing == "topk_hier" else routing.removesuffix("_auxpref").removesuffix("_ramp")
         if source not in counts:
             continue
         for transport in TRANSPORTS:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -303,6 +304,21 @@ def test_the_benchmark_on_the_committed_curves_has_the_zero_loss_row_and_the_phy
     assert bench.table_rows(case, study, True, False)["ours_budget_deepep"]["routing"] != "node_B1.25_to2"
     study["shapes"]["128e8n8"]["gaps"]["node_B1.25_to2"]["seeds"] = 3
     assert bench.table_rows(case, study, True, False)["ours_budget_deepep"]["routing"] == "node_B1.25_to2"
+    # An aux-loss-map variant ships its rule's rows: the same step times, modeled or rebuilt from
+    # cases modeled before the variant existed; with a 3-seed gap it competes for our best.
+    variants = [key for key in case["_times"] if key[0].endswith("_auxpref")]
+    assert {r for r, _ in variants} == {"node_M2_auxpref", "node_B1.25_to2_auxpref", "node_B1.5_to2_auxpref",
+                                        "node_B1.75_to2_auxpref"}
+    for routing, transport in variants:
+        assert case["_times"][routing, transport] == case["_times"][routing.removesuffix("_auxpref"), transport]
+    older = json.loads(pathlib.Path(cases).read_text())
+    for c in older["cases"]:
+        c["times"] = {k: v for k, v in c["times"].items() if "_auxpref" not in k}
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    rebuilt = next(c for c in bench.load_cases(str(tmp_path / "older.json"), 512, LinkParams()) if c["nodes"] == 8)
+    assert rebuilt["_times"] == case["_times"]
+    study["shapes"]["128e8n8"]["gaps"]["node_B1.5_to2_auxpref"] = dict(mean=-6.0, sem=0.1, seeds=3, source="test")
+    assert bench.table_rows(case, study, True, False)["ours_budget_deepep"]["routing"] == "node_B1.5_to2_auxpref"
 
 
 def test_gaps_from_longer_runs_replace_only_the_routings_committed_at_that_length(tmp_path):
