@@ -274,6 +274,19 @@ def summary_path(data_dir: str, out_dir: str) -> str:
     return os.path.join(data_dir, os.path.basename(shape_steps), run + ".json")
 
 
+def post_warmup_stats(metrics_csv: str, log_interval: int, warmup: int) -> Dict[str, List[float]]:
+    """Router statistics (mean over MoE layers) of the logged windows that lie wholly after the
+    warm-up (a logged value averages the iterations since the last log): distinct virtual ranks
+    (nodes) per token, busiest rank's (node's) load over the mean."""
+    stats: Dict[str, List[float]] = {name: [] for name in ROUTER_STATS}
+    with open(metrics_csv, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            name = row["metric"].removeprefix("moe/c2r/")
+            if name in stats and int(row["iteration"]) - log_interval >= warmup:
+                stats[name].append(float(row["value"]))
+    return stats
+
+
 def run_one(out_dir: str, shape: Dict, sets: List[str], seed: int, steps: int, warmup: int,
             data_dir: Optional[str] = None) -> Dict:
     """One run's results (losses, router statistics), from the committed summary under
@@ -314,16 +327,7 @@ def run_one(out_dir: str, shape: Dict, sets: List[str], seed: int, steps: int, w
             raise RuntimeError(f"run failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
     with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
         summary = json.load(f)
-    # Router statistics (mean over MoE layers) averaged over the logged post-warm-up iterations:
-    # distinct virtual ranks (nodes) per token, busiest rank's (node's) load over the mean.
-    stats: Dict[str, List[float]] = {name: [] for name in ROUTER_STATS}
-    with open(os.path.join(out_dir, "metrics.csv"), newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            name = row["metric"].removeprefix("moe/c2r/")
-            # a logged value averages the iterations since the last log: keep the windows that
-            # lie wholly after the warm-up
-            if name in stats and int(row["iteration"]) - max(1, steps // 30) >= warmup:
-                stats[name].append(float(row["value"]))
+    stats = post_warmup_stats(os.path.join(out_dir, "metrics.csv"), max(1, steps // 30), warmup)
     with open(os.path.join(out_dir, "history.csv"), newline="", encoding="utf-8") as f:
         losses = [float(row["loss"]) for row in csv.DictReader(f)]
     window = max(1, steps // 3)  # the last third of the run

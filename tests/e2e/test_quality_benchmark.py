@@ -66,6 +66,19 @@ def test_paired_deltas_use_only_seeds_both_routings_ran():
     assert "| anchored_M1 vs megatron_gl_1 |" in table and "| 1 of 2 seeds |" in table
 
 
+def test_router_statistics_keep_only_the_logged_windows_wholly_after_the_warm_up(tmp_path):
+    from benchmarks.quality import post_warmup_stats
+
+    # Logged every 40 iterations with a 60-step warm-up: the window ending at 80 holds 20 top-k
+    # steps (41-60), so only the windows from 120 on count.
+    path = tmp_path / "metrics.csv"
+    rows = [(1, 5.3), (40, 5.3), (80, 3.65), (120, 2.0), (160, 2.0)]
+    path.write_text("iteration,metric,value\n" + "".join(
+        f"{it},moe/c2r/nodes_per_token,{v}\n{it},moe/c2r/other,9\n" for it, v in rows))
+    assert post_warmup_stats(str(path), 40, 60)["nodes_per_token"] == [2.0, 2.0]
+    assert post_warmup_stats(str(path), 20, 60)["nodes_per_token"] == [3.65, 2.0, 2.0]  # 61-80 ok
+
+
 def test_a_routing_can_override_the_sweep_warmup():
     assert warmup_of(["c2r.mode=group", "c2r.warmup_steps=120"], 60) == 120
     assert warmup_of(["c2r.mode=group"], 60) == 60
