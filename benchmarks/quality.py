@@ -647,13 +647,15 @@ def trend_table(data_dir: str, shapes: List[str], lengths: List[int], only: Opti
         lines.append(f"\n**{shape_name}**: fresh-batch loss change, paired by seed, by run length "
                      f"(each length its own cosine schedule; committed summaries under {os.path.relpath(data_dir, ROOT)})\n")
         head = " | ".join(f"{n} steps" for n in lengths)
-        lines.append(f"| pair | seeds | {head} | change {lengths[0]} → {lengths[-1]} | smaller gap in |")
-        lines.append("|---|---|" + "---|" * len(lengths) + "---|---|")
+        one = len(lengths) == 1  # one length: no change to report
+        tail = "" if one else f" change {lengths[0]} → {lengths[-1]} | smaller gap in |"
+        lines.append(f"| pair | seeds | {head} |{tail}")
+        lines.append("|---|---|" + "---|" * len(lengths) + ("" if one else "---|---|"))
         for name, t in trend.items():
             cells = " | ".join(_change(t["by_length"][n]["mean"], t["by_length"][n]["sem"]) for n in lengths)
             c = t["change"]
-            lines.append(f"| {name} | {len(t['seeds'])} | {cells} | {_change(c['mean'], c['sem'])} | "
-                         f"{c['smaller']} of {len(t['seeds'])} seeds |")
+            lines.append(f"| {name} | {len(t['seeds'])} | {cells} |" + ("" if one else
+                         f" {_change(c['mean'], c['sem'])} | {c['smaller']} of {len(t['seeds'])} seeds |"))
     return "\n".join(lines) if lines else f"no routing is committed at every length {lengths} under {data_dir}"
 
 

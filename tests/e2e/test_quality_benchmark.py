@@ -198,3 +198,8 @@ def test_the_gap_trend_pairs_each_length_by_seed_on_the_seeds_every_length_has(t
     assert "| node_M2 vs topk | 2 | +2.00% ± 0.00 | +2.00% ± 1.00 | +0.00% ± 1.00 | 1 of 2 seeds |" in table
     assert "megatron_nl_2 vs topk" not in table
     assert (out / "quality_trend_128e8n8.png").stat().st_size > 10_000
+    # one length: the gaps at it, with the routings only that length has, and no change columns
+    from benchmarks.quality import trend_table
+
+    single = trend_table(str(tmp_path / "data"), ["128e8n8"], [600])
+    assert "| node_M1 vs topk | 1 | +5.00% (1 seed) |\n" in single + "\n" and "change 600" not in single
