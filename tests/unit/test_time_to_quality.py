@@ -319,6 +319,11 @@ def test_the_benchmark_on_the_committed_curves_has_the_zero_loss_row_and_the_phy
     assert rebuilt["_times"] == case["_times"]
     study["shapes"]["128e8n8"]["gaps"]["node_B1.5_to2_auxpref"] = dict(mean=-6.0, sem=0.1, seeds=3, source="test")
     assert bench.table_rows(case, study, True, False)["ours_budget_deepep"]["routing"] == "node_B1.5_to2_auxpref"
+    # Our M=2 row takes the better aux-loss map, among 3-seed gaps only.
+    study["shapes"]["128e8n8"]["gaps"]["node_M2_auxpref"] = dict(mean=-6.0, sem=None, seeds=1, source="test")
+    assert bench.table_rows(case, study, True, False)["ours_M2_deepep"]["routing"] == "node_M2"
+    study["shapes"]["128e8n8"]["gaps"]["node_M2_auxpref"]["seeds"] = 3
+    assert bench.table_rows(case, study, True, False)["ours_M2_deepep"]["routing"] == "node_M2_auxpref"
 
 
 def test_gaps_from_longer_runs_replace_only_the_routings_committed_at_that_length(tmp_path):
