@@ -56,8 +56,10 @@ from megatron_c2r.cost.inputs import LinkParams, RoutingSource, shape_from_confi
 from megatron_c2r.cost.time_to_quality import (  # noqa: E402
     LATE_SLOPE,
     ROUTINGS,
+    TRANSPORTS,
     LossCurve,
     configuration_times,
+    counts_source,
     fit_power_law,
     late_slope_rho,
     nearest_study_shape,
@@ -253,10 +255,11 @@ def load_cases(path: str, tokens: int, params: LinkParams) -> list:
     cases = earlier["cases"]
     for case in cases:
         times = {tuple(key.split("|")): StepTime(**value) for key, value in case["times"].items()}
-        # Routings added since (an aux-loss-map variant): their rule's step times.
-        for (routing, transport), value in list(times.items()):
-            if f"{routing}_auxpref" in ROUTINGS:
-                times.setdefault((f"{routing}_auxpref", transport), value)
+        # Routings added since (an aux-loss-map variant): the step times of their counts' source.
+        for routing in ROUTINGS:
+            for transport in TRANSPORTS:
+                if (counts_source(routing), transport) in times:
+                    times.setdefault((routing, transport), times[counts_source(routing), transport])
         case["_times"] = times
     return cases
 

@@ -664,6 +664,12 @@ def routing_rules(nodes: int) -> Dict[str, "RoutingRule"]:
     return rules
 
 
+def counts_source(routing: str) -> str:
+    """The routing whose row counts (hence step times) ``routing`` has: a placement, a ramp and
+    the aux-loss map change no row count at the end (top-k's / the rule's counts)."""
+    return "topk" if routing == "topk_hier" else routing.removesuffix("_auxpref").removesuffix("_ramp")
+
+
 def configuration_times(counts: Dict[str, "RoutingCounts"], params, flops: StepFlops,
                         tokens_per_gpu: int, dense_tflops: float) -> Dict[Tuple[str, str], StepTime]:
     """StepTime of every (routing, transport) from ``counts`` (keyed like ``routing_rules``;
@@ -672,9 +678,7 @@ def configuration_times(counts: Dict[str, "RoutingCounts"], params, flops: StepF
 
     out = {}
     for routing in ROUTINGS:
-        # A placement, a ramp and the aux-loss map change no row count at the end: top-k's /
-        # the rule's counts.
-        source = "topk" if routing == "topk_hier" else routing.removesuffix("_auxpref").removesuffix("_ramp")
+        source = counts_source(routing)
         if source not in counts:
             continue
         for transport in TRANSPORTS:
