@@ -311,6 +311,9 @@ def run_one(out_dir: str, shape: Dict, sets: List[str], seed: int, steps: int, w
         f"megatron.log-interval={max(1, steps // 30)}",
         f"c2r.warmup_steps={warmup}",
         "c2r.dispatcher=dedup",
+        # The study's rows count the aux losses on the constrained map (the default before
+        # 'auto'); the _auxpref rows set the preferred map after this.
+        "c2r.aux_loss_map=constrained",
         # The corpus of every run in docs/quality.md (this Python's first 4 MB of stdlib files),
         # not the main job's reference corpus, so cached and published runs stay comparable.
         "cpu.corpus=stdlib",

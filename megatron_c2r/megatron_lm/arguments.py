@@ -22,11 +22,11 @@ import dataclasses
 
 from megatron_c2r.megatron_lm.flags import C2R_FLAGS, ROUTER_FIELDS, check_static_placement
 from megatron_c2r.moe.options import DISPATCHERS, HIERARCHIES, C2ROptions
-from megatron_c2r.routing.config import GROUP_SELECTIONS, MODES, C2RRouterConfig
+from megatron_c2r.routing.config import AUX_LOSS_MAPS, GROUP_SELECTIONS, MODES, C2RRouterConfig
 
 _CHOICES = {
     "mode": MODES, "group_selection": GROUP_SELECTIONS, "dispatcher": DISPATCHERS,
-    "hierarchy": HIERARCHIES,
+    "hierarchy": HIERARCHIES, "aux_loss_map": AUX_LOSS_MAPS,
 }  # fmt: skip
 _HELP = {
     "mode": "routing rule: topk (Megatron's, plus tracking), c2r (top-T lists), group (default)",
@@ -47,6 +47,9 @@ _HELP = {
     "two_level (one row per destination node over the inter-node hop)",
     "gpus_per_node": "EP ranks per node for node routing; also simulated nodes for the dedup "
     "dispatcher (nodes = blocks of this many global ranks; unset: from the hostnames)",
+    "aux_loss_map": "what Megatron's aux losses count under our rules: auto (default: preferred in "
+    "node mode, constrained elsewhere), constrained (the load the experts get), preferred "
+    "(plain top-k's map, as Megatron counts its node-limited routing)",
     "metrics_csv": "also append moe/c2r/* metrics to this CSV file",
 }
 

@@ -433,11 +433,12 @@ class C2RRouter(TopKRouter):
         # 3. Capacity dropping, as TopKRouter does.
         probs_TE, routing_map_TE = self._drop_over_capacity(probs_TE, routing_map_TE)
         # 4. Aux losses on the constrained routing map (the load the experts actually get), or
-        # on plain top-k's map of the full scores (c2r.aux_loss_map: preferred, as Megatron's
-        # compute_routing_scores_for_aux_loss counts its group-limited routing).
+        # on plain top-k's map of the full scores (c2r.aux_loss_map: preferred, and 'auto' in
+        # node mode; as Megatron's compute_routing_scores_for_aux_loss counts its group-limited
+        # routing).
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
             scores_for_aux_TE = full_scores(logits_TE, self.score_function)
-            if self.c2r_config.aux_loss_map == "preferred":
+            if self.c2r_config.aux_loss_counts_preferred:
                 aux_map_TE = torch.zeros_like(routing_map_TE).scatter_(
                     1, scores_for_aux_TE.topk(self.topk, dim=1).indices, True
                 )

@@ -11,7 +11,7 @@ from megatron_c2r.parallel import experts_per_rank
 
 MODES = ("topk", "c2r", "group", "node", "group_balanced")
 GROUP_SELECTIONS = ("anchored", "group_score")
-AUX_LOSS_MAPS = ("constrained", "preferred")
+AUX_LOSS_MAPS = ("auto", "constrained", "preferred")
 # Options that only the node rule reads (set with another mode: a one-line error, not ignored).
 NODE_ONLY_FIELDS = ("max_nodes", "max_ranks_per_node")
 
@@ -86,11 +86,14 @@ class C2RRouterConfig:
         (``routing/rules/soft.py``). None = off.
     locality_bias_rate: the offset's step per iteration, in units of the selection scores.
     aux_loss_map: which routing map Megatron's aux losses (aux_loss, seq_aux_loss,
-        global_aux_loss) count under our rules' constraint: 'constrained' (default: the load the
-        experts actually get) or 'preferred' (plain top-k of the full scores, as Megatron counts
-        its own group-limited routing; node mode with ``group_selection='group_score'`` is then
-        Megatron's node-limited router, aux loss included). Mode 'topk' is Megatron's router and
-        counts Megatron's way whatever this says. docs/quality.md, "1,200 steps".
+        global_aux_loss) count under our rules' constraint: 'constrained' (the load the experts
+        actually get), 'preferred' (plain top-k of the full scores, as Megatron counts its own
+        group-limited routing; node mode with ``group_selection='group_score'`` is then
+        Megatron's node-limited router, aux loss included), or 'auto' (default): 'preferred' in
+        node mode, where it was measured (docs/quality.md, "1,200 steps": the constrained map's
+        gap to top-k grows with training, the preferred map's does not), 'constrained' in the
+        other modes. Mode 'topk' is Megatron's router and counts Megatron's way whatever this
+        says. ``aux_loss_counts_preferred`` is the resolved choice.
     check_finite_logits: raise on NaN/Inf router logits before they reach a collective. In a
         stock Megatron MoELayer this costs one small device->host sync per layer; our
         C2RMoELayer defers it into the dispatcher's count exchange (no extra sync; see
@@ -121,7 +124,7 @@ class C2RRouterConfig:
     budget_ramp_steps: int = at_least(0, default=0)
     locality_bias_target: Optional[float] = at_least(1, default=None)
     locality_bias_rate: float = at_least(0, default=0.01)
-    aux_loss_map: str = "constrained"
+    aux_loss_map: str = "auto"
     check_finite_logits: bool = True
 
     def __post_init__(self):
@@ -159,6 +162,12 @@ class C2RRouterConfig:
             raise ValueError("c2r.top_t is required for mode='c2r' (e.g. top_t: 5 for E=8, k=2)")
         if self.expert_to_group is not None:
             object.__setattr__(self, "expert_to_group", tuple(int(g) for g in self.expert_to_group))
+
+    @property
+    def aux_loss_counts_preferred(self) -> bool:
+        """Whether the aux losses count plain top-k's map (``aux_loss_map`` resolved: 'auto' is
+        'preferred' in node mode, 'constrained' elsewhere)."""
+        return self.aux_loss_map == "preferred" or (self.aux_loss_map == "auto" and self.mode == "node")
 
     def _check_relaxation(self) -> None:
         """The budgeted and soft rules' fields: with the anchored group / node rule only, one of

@@ -194,8 +194,8 @@ def test_node_score_router_with_the_preferred_aux_map_is_megatrons_node_limited_
     balancing, padding
 ):
     """c2r.aux_loss_map='preferred' counts the aux loss on plain top-k's map, as Megatron's
-    group-limited routing does: probs, map and gradients equal TopKRouter's; 'constrained'
-    (the default) gives the router weight a different gradient."""
+    group-limited routing does: probs, map and gradients equal TopKRouter's; so does 'auto' (the
+    default: preferred in node mode); 'constrained' gives the router weight a different gradient."""
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
     base = dict(num_moe_experts=E, moe_router_topk=K, hidden_size=H,
@@ -211,7 +211,7 @@ def test_node_score_router_with_the_preferred_aux_map_is_megatrons_node_limited_
     x = torch.randn(40, 2, H, generator=gen)
     mask = (torch.rand(40, 2, generator=gen) < 0.2) if padding else None
     outs = []
-    for aux_map in (None, "preferred", "constrained"):
+    for aux_map in (None, "preferred", "constrained", "auto"):
         if aux_map is None:
             router = stock
         else:
@@ -228,15 +228,27 @@ def test_node_score_router_with_the_preferred_aux_map_is_megatrons_node_limited_
             (probs * torch.arange(E, dtype=probs.dtype)).sum().backward()
         outs.append((probs.detach(), routing_map, router.weight.grad.clone()))
     clear_aux_losses_tracker()
-    (p0, m0, gw0), (p1, m1, gw1), (p2, m2, gw2) = outs
-    assert torch.equal(m0, m1) and torch.equal(p0, p1) and torch.equal(m0, m2)
+    (p0, m0, gw0), (p1, m1, gw1), (p2, m2, gw2), (p3, m3, gw3) = outs
+    assert torch.equal(m0, m1) and torch.equal(p0, p1) and torch.equal(m0, m2) and torch.equal(m0, m3)
     torch.testing.assert_close(gw0, gw1, rtol=1e-6, atol=1e-7)
+    assert torch.equal(gw1, gw3), "auto is the preferred map in node mode"
     assert not torch.allclose(gw0, gw2, rtol=1e-4, atol=1e-6), "the constrained map counts other loads"
 
 
-def test_aux_loss_map_must_be_one_of_the_two_names():
-    with pytest.raises(ValueError, match=r"c2r.aux_loss_map='top_k' must be one of constrained, preferred"):
+def test_aux_loss_map_must_be_one_of_its_names():
+    with pytest.raises(ValueError, match=r"c2r.aux_loss_map='top_k' must be one of auto, constrained, preferred"):
         C2RRouterConfig(mode="node", num_nodes=4, aux_loss_map="top_k")
+
+
+@pytest.mark.parametrize("mode", ["node", "group", "c2r", "group_balanced", "topk"])
+def test_auto_aux_loss_map_is_preferred_in_node_mode_only(mode):
+    """'auto' resolves by mode (node: Megatron's map, measured better with training; elsewhere
+    the constrained map); an explicit name wins in every mode."""
+    extra = dict(num_nodes=4) if mode == "node" else dict(top_t=3) if mode == "c2r" else {}
+    resolved = {m: C2RRouterConfig(mode=mode, aux_loss_map=m, **extra).aux_loss_counts_preferred
+                for m in ("auto", "constrained", "preferred")}
+    assert resolved == {"auto": mode == "node", "constrained": False, "preferred": True}
+    assert C2RRouterConfig(mode=mode, **extra).aux_loss_map == "auto"
 
 
 @pytest.mark.usefixtures("megatron_world1")
