@@ -463,6 +463,8 @@ HEAD_TO_HEAD = (
     # Issue 27: the budget spent adaptively vs the hard rules at the same rows.
     + [("node_B2.0", "megatron_nl_2"), ("node_B2.0", "node_M2"), ("node_B2.0_ramp", "node_B2.0"),
        ("node_B1.5_ramp", "node_B1.5"), ("node_B1.25_ramp", "node_B1.25"), ("node_soft2.0", "megatron_nl_2")]
+    # The soft bias against the hard rule and the budget at its target.
+    + [("node_soft2.0", "node_M2"), ("node_soft1.5", "node_B1.5_to2")]
     + [(f"node_B1.5_{v}", "node_B1.5") for v in ("to2", "best_outside", "entropy")]
     + [(f"node_B1.5_to2_{v}", "node_B1.5_to2") for v in ("best_outside", "entropy")]
     + [("node_B1.5_to2_ramp", "node_B1.5_to2"), ("node_B1.75_to2", "megatron_nl_2"), ("node_B1.75_to2", "node_M2")]
