@@ -121,6 +121,9 @@ BEST_OF = {
 # Our best-of rows choose only among gaps measured over this many seeds (a best of 1-seed gaps is
 # picked on noise); Megatron's best takes every measured M, so noise can only favour Megatron.
 BEST_OF_MIN_SEEDS = {"node_budget_best": 3, "node_M2_best": 3}
+# With --gap-steps N, our best-of rows choose only among gaps measured at N steps on a shape that
+# has N-step runs: a 600-step gap of a rule not rerun is no stand-in (docs/quality.md, 1,200
+# steps: the constrained map's gaps grew ~1.5 points from 600 to 1,200 steps).
 QUALITY_DATA = os.path.join(ROOT, "benchmarks", "data", "quality")
 
 
@@ -203,11 +206,13 @@ def build_study(data: str = DATA, gap_steps: int = STEPS, quality_data: str = QU
         for routing, (mean, sem, seeds) in measured_gaps(shape, quality_data).items():
             if seeds >= gaps.get(routing, (0, 0, 0))[2]:
                 gaps[routing] = (mean, sem, seeds, QUALITY_SOURCE)
+        steps = {routing: STEPS for routing in gaps}
         if gap_steps != STEPS:
             for routing, (mean, sem, seeds) in measured_gaps(shape, quality_data, gap_steps).items():
                 gaps[routing] = (mean, sem, seeds, f"{QUALITY_SOURCE}, {gap_steps}-step runs")
+                steps[routing] = gap_steps
         for routing, (mean, sem, seeds, source) in gaps.items():
-            entry["gaps"][routing] = dict(mean=mean, sem=sem, seeds=seeds, source=source)
+            entry["gaps"][routing] = dict(mean=mean, sem=sem, seeds=seeds, steps=steps[routing], source=source)
             cand = committed_curves(shape, routing, data)
             if base and cand:
                 te = token_efficiency(base, cand)
@@ -283,6 +288,9 @@ def table_rows(case: dict, study: dict, late: bool, overlap: bool) -> dict:
             gaps = study["shapes"][shape]["gaps"]
             enough = [r for r in BEST_OF[routing]
                       if gaps.get(ROUTINGS[r][1], {}).get("seeds", 0) >= BEST_OF_MIN_SEEDS.get(routing, 0)]
+            long = study.get("gap_steps", STEPS)
+            if routing in BEST_OF_MIN_SEEDS and any(g.get("steps") == long for g in gaps.values()):
+                enough = [r for r in enough if gaps.get(ROUTINGS[r][1], {}).get("steps", STEPS) == long]
             options = [by[(r, transport)] for r in enough if (r, transport) in by]
             if not options:
                 continue

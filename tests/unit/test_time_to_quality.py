@@ -324,6 +324,15 @@ def test_the_benchmark_on_the_committed_curves_has_the_zero_loss_row_and_the_phy
     assert bench.table_rows(case, study, True, False)["ours_M2_deepep"]["routing"] == "node_M2"
     study["shapes"]["128e8n8"]["gaps"]["node_M2_auxpref"]["seeds"] = 3
     assert bench.table_rows(case, study, True, False)["ours_M2_deepep"]["routing"] == "node_M2_auxpref"
+    # With --gap-steps 1200, our best budget comes from the 1,200-step runs where the shape has
+    # them: a better 600-step gap of a rule not rerun does not stand in for one.
+    gaps = study["shapes"]["128e8n8"]["gaps"]
+    study["gap_steps"] = 1200
+    gaps["node_B1.5_to2_auxpref"]["steps"] = 1200
+    gaps["node_B1.25_to2"].update(mean=-9.0, seeds=3, steps=600)
+    assert bench.table_rows(case, study, True, False)["ours_budget_deepep"]["routing"] == "node_B1.5_to2_auxpref"
+    gaps["node_B1.25_to2"]["steps"] = 1200
+    assert bench.table_rows(case, study, True, False)["ours_budget_deepep"]["routing"] == "node_B1.25_to2"
 
 
 def test_gaps_from_longer_runs_replace_only_the_routings_committed_at_that_length(tmp_path):
